@@ -1,0 +1,21 @@
+"""gradguard: watch, explain and fix exploding / vanishing gradients in PyTorch.
+
+    import gradguard as gg
+    guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0), on_nonfinite="skip")
+    ...
+    loss.backward()
+    report = guard.step(loss=loss)      # replaces optimizer.step()
+"""
+from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
+from .events import Event, NonFiniteGradientError
+from .guard import Guard, StepReport
+from .stats import GradStats, grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Guard", "StepReport", "GradStats", "grad_stats",
+    "ClipPolicy", "GlobalNorm", "PerTensorNorm", "Value", "PerLayer",
+    "clip_grad_norm_", "clip_grad_value_",
+    "Event", "NonFiniteGradientError",
+]

@@ -1,0 +1,55 @@
+"""What gradguard tells the user: events, and the error raised on request."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Event", "NonFiniteGradientError", "SEVERITIES"]
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass
+class Event:
+    """One finding at one step.
+
+    Attributes:
+        step: the guard step (0-based) the finding belongs to.
+        kind: what was found, e.g. ``"nonfinite"``, ``"spike"``, ``"exploding"``.
+        severity: ``"info"`` | ``"warning"`` | ``"critical"``.
+        layers: culprit parameter names, most responsible first.
+        message: one sentence with the numbers.
+        advice: concrete remedies, most specific first.
+        data: the numbers behind the message (JSON-serialisable).
+    """
+
+    step: int
+    kind: str
+    severity: str
+    layers: list[str]
+    message: str
+    advice: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Event":
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return f"[step {self.step}] {self.severity} {self.kind}: {self.message}"
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by ``Guard(on_nonfinite="raise")``; ``.layers`` names the tensors."""
+
+    def __init__(self, message: str, step: int, layers: list[str], event: Event | None = None):
+        super().__init__(message)
+        self.step = step
+        self.layers = layers
+        self.event = event

@@ -1,0 +1,400 @@
+"""The Guard: statistics -> clipping -> skip decision -> optimizer step -> record.
+
+``guard.step()`` replaces ``optimizer.step()`` the way ``GradScaler.step`` does.
+Per step it computes every layer's gradient statistics on the device, applies
+the clipping policy, and steps the optimizer unless a gradient (or the loss)
+holds NaN/Inf.  How a poisoned step is skipped depends on the optimizer:
+
+- fused Adam/AdamW/SGD (``fused=True``): the skip flag goes into the
+  optimizer's own ``found_inf`` tensor and a ``GlobalNorm`` coefficient into
+  its ``grad_scale`` (the attributes GradScaler uses): no host sync, and no
+  separate pass over the gradients for clipping.
+- any other optimizer: one host read of the flag per step, then
+  ``optimizer.step()`` is called or not.  Parameters and every optimizer-state
+  tensor stay bitwise unchanged on a skipped step.
+
+Per-step rows (loss, norms, coefficient, per-layer statistics) go to a device
+buffer that is read back once per ``flush_every`` steps; events are built from
+those rows (``detect.py``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .clip import ClipPolicy
+from .detect import nonfinite_event
+from .events import Event, NonFiniteGradientError
+from .record.buffer import StepBuffer
+from .stats import GradStats, compute_stats, named_parameters
+
+__all__ = ["Guard", "StepReport"]
+
+ON_NONFINITE = ("skip", "raise", "warn")
+STATE_VERSION = 1
+# Row layout in the step buffer: these global columns, then 2 per layer.
+GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef")
+_G = len(GLOBAL_COLS)
+
+
+@dataclass(eq=False)
+class StepReport:
+    """What ``guard.step()`` did.  Tensor-backed fields are read on access.
+
+    Attributes:
+        step: the 0-based step index (skipped steps count).
+        stats: the step's ``GradStats`` (device tensors, pre-clip).
+        global_norm: pre-clip global L2 norm (float).
+        clip_coef: smallest coefficient the policy applied (1.0 = untouched).
+        skipped: whether the optimizer step was withheld.
+    """
+
+    step: int
+    stats: GradStats
+    global_norm_t: Tensor = field(repr=False)
+    clip_coef_t: Tensor = field(repr=False)
+    skipped_t: Tensor = field(repr=False)
+    loss_t: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def global_norm(self) -> float:
+        return float(self.global_norm_t)  # host sync: only when the caller reads it
+
+    @property
+    def clip_coef(self) -> float:
+        return float(self.clip_coef_t)  # host sync: only when the caller reads it
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.skipped_t)  # host sync: only when the caller reads it
+
+    @property
+    def loss(self) -> float | None:
+        return None if self.loss_t is None else float(self.loss_t)  # host sync: on read
+
+    def __repr__(self) -> str:
+        return (f"StepReport(step={self.step}, global_norm={self.global_norm:.4g}, "
+                f"clip_coef={self.clip_coef:.4g}, skipped={self.skipped})")
+
+
+def _is_fused(optimizer) -> bool:
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
+                and optimizer.defaults.get("fused", False))
+
+
+class Guard:
+    """Watches, clips and protects every step of a PyTorch training loop.
+
+    Args:
+        model: an ``nn.Module`` or an iterable of ``(name, parameter)``.
+        optimizer: the ``torch.optim.Optimizer`` that trains those parameters.
+        clip: a ``ClipPolicy`` (``gg.GlobalNorm(1.0)``, ``gg.Value(0.5)``, ...) or None.
+        on_nonfinite: ``"skip"`` (default) withholds the optimizer step when a
+            gradient or the loss holds NaN/Inf; ``"raise"`` raises
+            ``NonFiniteGradientError`` naming the layers; ``"warn"`` warns and
+            steps anyway.
+        log_dir: where the run store is written (None: nothing is written).
+        scaler: a ``torch.amp.GradScaler``; the guard unscales, clips on the
+            unscaled gradients and calls ``scaler.step(optimizer)``.  You still
+            call ``scaler.update()``.
+        flush_every: steps between host reads of the recorded rows (default 1
+            on CPU, 32 on accelerators).  Events appear at flush time.
+        run_name: name of the run in the store.
+
+    Example:
+        >>> guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0))
+        >>> loss.backward(); report = guard.step(loss=loss)
+    """
+
+    def __init__(self, model, optimizer, clip: ClipPolicy | None = None, on_nonfinite: str = "skip",
+                 log_dir=None, *, scaler=None, flush_every: int | None = None,
+                 run_name: str | None = None):
+        pairs = named_parameters(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if clip is not None and not isinstance(clip, ClipPolicy):
+            raise TypeError(f"clip must be a gradguard ClipPolicy (e.g. gg.GlobalNorm(1.0)) or None, "
+                            f"got {type(clip).__name__}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, int)
+                                        or flush_every < 1):
+            raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
+        if scaler is not None and not hasattr(scaler, "unscale_"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+        self.names = [n for n, _ in pairs]
+        self.params = [p for _, p in pairs]
+        watched = {id(p) for p in self.params}
+        unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
+        if unseen:
+            raise ValueError(f"optimizer holds {len(unseen)} parameter(s) the guard does not watch "
+                             f"(shapes {unseen[:3]}); clipping would silently miss them. Pass the "
+                             "whole model, or every (name, parameter) the optimizer trains.")
+        self.optimizer = optimizer
+        self.clip = clip
+        if clip is not None:
+            clip.bind(self.names)
+        self.on_nonfinite = on_nonfinite
+        self.scaler = scaler
+        self.fused = _is_fused(optimizer)
+        devices = {p.device for p in self.params}
+        self.device = self.params[0].device
+        self.flush_every = flush_every or (1 if devices == {torch.device("cpu")} else 32)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._buffer = StepBuffer(_G + 2 * len(self.names), self.flush_every, self.device)
+        self._step = 0
+        self._skipped = 0
+        self._nonfinite = 0
+        self._events: list[Event] = []
+        self._last_grads: list[tuple[int, int]] | None = None
+        self.last_report: StepReport | None = None
+        self.recorder = None
+        if log_dir is not None:
+            from .record import open_recorder  # the run store; lazy so the core stays light
+
+            self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
+                                          config=self.config())
+
+    # ------------------------------------------------------------------ info
+    def _layer_info(self) -> list[dict]:
+        return [{"name": n, "shape": list(p.shape), "order": i}
+                for i, (n, p) in enumerate(zip(self.names, self.params))]
+
+    def config(self) -> dict:
+        return {"clip": self.clip.config() if self.clip is not None else None,
+                "on_nonfinite": self.on_nonfinite, "optimizer": type(self.optimizer).__name__,
+                "fused": self.fused, "flush_every": self.flush_every,
+                "amp": self.scaler is not None}
+
+    @property
+    def steps(self) -> int:
+        """Number of ``step()`` calls so far (skipped ones included)."""
+        return self._step
+
+    @property
+    def skipped_steps(self) -> int:
+        self.flush()
+        return self._skipped
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event so far (flushes pending rows first)."""
+        self.flush()
+        return self._events
+
+    # ------------------------------------------------------------------ step
+    def _gather(self):
+        names, params, grads, missing = [], [], [], []
+        for n, p in zip(self.names, self.params):
+            if p.grad is None:
+                missing.append(n)
+            else:
+                names.append(n)
+                params.append(p)
+                grads.append(p.grad)
+        if not grads:
+            raise RuntimeError("guard.step(): no watched parameter has a gradient; "
+                               "call loss.backward() before guard.step()")
+        sig = [(id(g), g._version) for g in grads]
+        if sig == self._last_grads:
+            raise RuntimeError("guard.step() called twice on the same gradients: run a new "
+                               "backward (and zero the gradients) between steps")
+        return names, params, grads, missing
+
+    def _scaler_active(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def step(self, loss: Tensor | float | None = None) -> StepReport:
+        """Statistics, clipping, and the optimizer step unless the step is poisoned.
+
+        Args:
+            loss: this step's loss (tensor or float).  A NaN/Inf loss counts as
+                a poisoned step even when the gradients are finite.
+        Returns:
+            StepReport for this step.
+        """
+        scaler_on = self._scaler_active()
+        if scaler_on:
+            from torch.amp.grad_scaler import OptState
+
+            state = self.scaler._per_optimizer_states[id(self.optimizer)]
+            if state["stage"] is OptState.READY:
+                self.scaler.unscale_(self.optimizer)
+        names, params, grads, missing = self._gather()
+        stats = compute_stats(names, grads, missing)
+        dev = stats.device
+
+        bad = stats.bad
+        loss_t = None
+        if loss is not None:
+            loss_t = (loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss)))
+            loss_t = loss_t.to(dev, torch.float32, non_blocking=True)
+            if loss_t.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss_t.shape)}")
+            loss_t = loss_t.reshape(())
+            bad = bad | ~torch.isfinite(loss_t)
+
+        # Clipping: fold into the fused optimizer's grad_scale when possible.
+        grad_scale = None
+        one = torch.ones((), device=dev)
+        if self.clip is None:
+            coef = one
+        else:
+            if self.fused:
+                grad_scale = self.clip.fused_scale(params, grads, stats)
+            if grad_scale is not None:
+                coef = 1.0 / grad_scale
+            else:
+                coefs = self.clip.clip_(params, grads, stats)
+                coef = coefs.min().float() if coefs.numel() else one
+
+        if self.on_nonfinite == "raise" and bool(bad):  # host sync: "raise" needs to know now
+            ev = self._nonfinite_event(self._step, stats, loss_t, skipped=True, scaler_on=scaler_on)
+            self._events.append(ev)
+            self._nonfinite += 1
+            self._last_grads = [(id(g), g._version) for g in grads]
+            self._step += 1
+            raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
+
+        skip = self.on_nonfinite == "skip"
+        skipped = bad if skip else torch.zeros((), dtype=torch.bool, device=dev)
+        self._optimizer_step(skipped, grad_scale, scaler_on, skip)
+
+        self._last_grads = [(id(g), g._version) for g in grads]
+        self._record(stats, bad, skipped, loss_t, coef)
+        report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
+        self.last_report = report
+        self._step += 1
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+        return report
+
+    def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
+                        skip: bool) -> None:
+        opt = self.optimizer
+        if scaler_on:
+            # GradScaler sums its found_inf tensors to decide; ours joins them.
+            found = self.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+            if skip and found:
+                t = next(iter(found.values()))
+                t.add_(skipped.to(t.device, t.dtype, non_blocking=True))
+            if grad_scale is not None:
+                opt.grad_scale = grad_scale  # kept by GradScaler when grads are already unscaled
+            self.scaler.step(opt)
+            return
+        if self.fused:
+            had = {a: getattr(opt, a) for a in ("grad_scale", "found_inf") if hasattr(opt, a)}
+            opt.grad_scale = grad_scale
+            opt.found_inf = skipped.float()
+            try:
+                opt.step()
+            finally:
+                for a in ("grad_scale", "found_inf"):
+                    if a in had:
+                        setattr(opt, a, had[a])
+                    else:
+                        delattr(opt, a)
+            return
+        if skip and bool(skipped):  # host sync: the one read per step for non-fused optimizers
+            return
+        opt.step()
+
+    # ------------------------------------------------------------- recording
+    def _record(self, stats: GradStats, bad: Tensor, skipped: Tensor, loss_t, coef: Tensor) -> None:
+        dev = stats.device
+        nan = torch.full((), math.nan, device=dev)
+        loss_bad = (~torch.isfinite(loss_t)).float() if loss_t is not None else nan.new_zeros(())
+        head = torch.stack([bad.float(), skipped.float(),
+                            loss_t if loss_t is not None else nan, loss_bad,
+                            stats.global_norm.float(), coef.float().reshape(())])
+        if len(stats.names) == len(self.names):
+            per_layer = torch.cat([stats.norms.float(), stats.max_abs.float()])
+        else:
+            # Layers without a gradient this step are recorded as NaN norm, 0 max|g|.
+            norms = torch.full((len(self.names),), math.nan, device=dev)
+            max_abs = torch.zeros(len(self.names), device=dev)
+            idx = torch.as_tensor([self._index[n] for n in stats.names], device=dev)
+            norms.index_copy_(0, idx, stats.norms.float())
+            max_abs.index_copy_(0, idx, stats.max_abs.float())
+            per_layer = torch.cat([norms, max_abs])
+        self._buffer.push(self._step, torch.cat([head, per_layer]))
+
+    def _nonfinite_event(self, step, stats: GradStats, loss_t, skipped: bool, scaler_on: bool) -> Event:
+        max_abs = np.zeros(len(self.names))
+        for n, v in zip(stats.names, stats.max_abs.double().cpu().numpy()):  # host sync: bad step only
+            max_abs[self._index[n]] = v
+        loss = float(loss_t) if loss_t is not None else math.nan  # host sync: bad step only
+        return nonfinite_event(step, self.names, max_abs, loss, not math.isfinite(loss) and loss_t is not None,
+                               float(stats.global_norm), skipped, amp=scaler_on)  # host sync: bad step
+
+    def flush(self) -> None:
+        """Read pending rows back (one copy), build events, hand rows to the store."""
+        steps, rows = self._buffer.drain()
+        if not steps:
+            return
+        n = len(self.names)
+        scaler_on = self._scaler_active()
+        for step, row in zip(steps, rows):
+            if row[0] > 0:
+                self._nonfinite += 1
+                self._skipped += int(row[1] > 0)
+                ev = nonfinite_event(step, self.names, row[_G + n:_G + 2 * n].astype(np.float64),
+                                     float(row[2]), bool(row[3] > 0), float(row[4]),
+                                     bool(row[1] > 0), amp=scaler_on)
+                self._events.append(ev)
+                if self.on_nonfinite == "warn":
+                    warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=2)
+        if self.recorder is not None:
+            self.recorder.write_steps(steps, rows, GLOBAL_COLS)
+
+    def close(self) -> None:
+        """Flush pending rows and close the run store."""
+        self.flush()
+        if self.recorder is not None:
+            self.recorder.write_events(self._events)
+            self.recorder.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        self.flush()
+        return {
+            "version": STATE_VERSION,
+            "names": list(self.names),
+            "step": self._step,
+            "skipped": self._skipped,
+            "nonfinite": self._nonfinite,
+            "clip": self.clip.state_dict() if self.clip is not None else None,
+            "events": [e.to_dict() for e in self._events],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "version" not in state_dict:
+            raise TypeError("state_dict must be a dict made by Guard.state_dict()")
+        if state_dict["version"] > STATE_VERSION:
+            raise ValueError(f"state_dict has version {state_dict['version']}; this gradguard reads "
+                             f"up to {STATE_VERSION}: upgrade gradguard")
+        if list(state_dict["names"]) != self.names:
+            theirs = set(state_dict["names"])
+            diff = sorted(theirs.symmetric_difference(self.names))[:3]
+            raise ValueError(f"state_dict was saved for another model (parameter names differ, "
+                             f"e.g. {diff})")
+        self.flush()
+        self._step = int(state_dict["step"])
+        self._skipped = int(state_dict["skipped"])
+        self._nonfinite = int(state_dict["nonfinite"])
+        if self.clip is not None and state_dict.get("clip") is not None:
+            self.clip.load_state_dict(state_dict["clip"])
+        self._events = [Event.from_dict(e) for e in state_dict["events"]]
+        self._last_grads = None
