@@ -38,7 +38,7 @@ __all__ = ["Guard", "StepReport"]
 ON_NONFINITE = ("skip", "raise", "warn")
 STATE_VERSION = 1
 # Row layout in the step buffer: these global columns, then 2 per layer.
-GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef")
+GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr")
 _G = len(GLOBAL_COLS)
 
 
@@ -105,6 +105,10 @@ class Guard:
         flush_every: steps between host reads of the recorded rows (default 1
             on CPU, 32 on accelerators).  Events appear at flush time.
         run_name: name of the run in the store.
+        detectors: objects with ``bind(guard)``, ``update(steps, rows, guard)
+            -> list[Event]``, ``state_dict()`` / ``load_state_dict()``.  They
+            read the rows drained from the device buffer (layout: ``GLOBAL_COLS``,
+            then per-layer norms, then per-layer max |g|).
 
     Example:
         >>> guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0))
@@ -113,7 +117,7 @@ class Guard:
 
     def __init__(self, model, optimizer, clip: ClipPolicy | None = None, on_nonfinite: str = "skip",
                  log_dir=None, *, scaler=None, flush_every: int | None = None,
-                 run_name: str | None = None):
+                 run_name: str | None = None, detectors: list | None = None):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -153,6 +157,11 @@ class Guard:
         self._nonfinite = 0
         self._events: list[Event] = []
         self._last_grads: list[tuple[int, int]] | None = None
+        # Detectors read the drained rows (host numpy) at each flush; the
+        # non-finite check above is built in and always on.
+        self.detectors = list(detectors) if detectors is not None else []
+        for det in self.detectors:
+            det.bind(self)
         self.last_report: StepReport | None = None
         self.recorder = None
         if log_dir is not None:
@@ -310,9 +319,11 @@ class Guard:
         dev = stats.device
         nan = torch.full((), math.nan, device=dev)
         loss_bad = (~torch.isfinite(loss_t)).float() if loss_t is not None else nan.new_zeros(())
+        lr = self.optimizer.param_groups[0].get("lr", math.nan)
+        lr_t = lr.detach().float().to(dev).reshape(()) if isinstance(lr, Tensor) else nan.new_full((), float(lr))
         head = torch.stack([bad.float(), skipped.float(),
                             loss_t if loss_t is not None else nan, loss_bad,
-                            stats.global_norm.float(), coef.float().reshape(())])
+                            stats.global_norm.float(), coef.float().reshape(()), lr_t])
         if len(stats.names) == len(self.names):
             per_layer = torch.cat([stats.norms.float(), stats.max_abs.float()])
         else:
@@ -340,6 +351,7 @@ class Guard:
             return
         n = len(self.names)
         scaler_on = self._scaler_active()
+        new_events: list[Event] = []
         for step, row in zip(steps, rows):
             if row[0] > 0:
                 self._nonfinite += 1
@@ -347,17 +359,21 @@ class Guard:
                 ev = nonfinite_event(step, self.names, row[_G + n:_G + 2 * n].astype(np.float64),
                                      float(row[2]), bool(row[3] > 0), float(row[4]),
                                      bool(row[1] > 0), amp=scaler_on)
-                self._events.append(ev)
+                new_events.append(ev)
                 if self.on_nonfinite == "warn":
                     warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=2)
+        for det in self.detectors:
+            new_events += det.update(steps, rows, self)
+        new_events.sort(key=lambda e: e.step)
+        self._events += new_events
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
+            self.recorder.write_events(new_events)
 
     def close(self) -> None:
         """Flush pending rows and close the run store."""
         self.flush()
         if self.recorder is not None:
-            self.recorder.write_events(self._events)
             self.recorder.close()
 
     def __enter__(self):
@@ -377,6 +393,7 @@ class Guard:
             "nonfinite": self._nonfinite,
             "clip": self.clip.state_dict() if self.clip is not None else None,
             "events": [e.to_dict() for e in self._events],
+            "detectors": [d.state_dict() for d in self.detectors],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -397,4 +414,10 @@ class Guard:
         if self.clip is not None and state_dict.get("clip") is not None:
             self.clip.load_state_dict(state_dict["clip"])
         self._events = [Event.from_dict(e) for e in state_dict["events"]]
+        dets = state_dict.get("detectors", [])
+        if len(dets) != len(self.detectors):
+            raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
+                             f"{len(self.detectors)} detectors")
+        for d, sd in zip(self.detectors, dets):
+            d.load_state_dict(sd)
         self._last_grads = None
