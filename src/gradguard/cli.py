@@ -1,27 +1,41 @@
-"""The ``gradguard`` command line."""
+"""The ``gradguard`` command line: one subcommand per concern.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)``
+and ``run(args) -> int``; modules are imported only when their subcommand
+runs (the dashboard's web stack is not loaded for ``gradguard demo``).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "SUBCOMMANDS"]
 
-
-def _demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(steps=args.steps, seed=args.seed)
+# name -> (module, help).  The module must define add_arguments() and run().
+SUBCOMMANDS = {
+    "demo": ("gradguard.demo", "train a task unguarded and guarded, side by side"),
+    "dashboard": ("gradguard.dashboard", "serve the live dashboard over a log dir"),
+    "report": ("gradguard.report", "write a self-contained HTML report of a run"),
+    "diagnose": ("gradguard.diagnose", "check a model's gradient flow before training"),
+    "replay": ("gradguard.replay", "re-run a flight-recorder dump under anomaly detection"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradguard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gradguard",
+                                     description="Watch, explain and fix exploding/vanishing gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a task unguarded and guarded, side by side")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":
