@@ -117,8 +117,9 @@ def _total_norm(grads: list[Tensor], stats: GradStats, norm_type: float) -> Tens
     if math.isinf(norm_type):
         return stats.max_abs.max()
     norms = []
-    for (device, _), idx in _by_device_dtype(grads).items():
-        norms += torch._foreach_norm([grads[i] for i in idx], norm_type, dtype=torch.float32)
+    for (device, dtype), idx in _by_device_dtype(grads).items():
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+        norms += torch._foreach_norm([grads[i] for i in idx], norm_type, dtype=acc)
     total = torch.linalg.vector_norm(
         torch.stack([n.to(stats.device, torch.float64) for n in norms]), norm_type)
     return total.to(stats.global_norm.dtype)
@@ -192,13 +193,13 @@ class Value(ClipPolicy):
 
     def clip_(self, params, grads, stats):
         bad = stats.bad
-        inf = torch.tensor(math.inf, device=stats.device)
-        hi = torch.where(bad, inf, torch.tensor(self.clip_value, device=stats.device))
         bounds = {}
         for g in grads:
             key = (g.device, g.dtype)
             if key not in bounds:
-                h = hi.to(g.device, g.dtype, non_blocking=True)
+                # Built in the grad's dtype from the Python float: exactly torch's bound.
+                v = torch.full((), self.clip_value, dtype=g.dtype, device=g.device)
+                h = torch.where(bad.to(g.device, non_blocking=True), torch.full_like(v, math.inf), v)
                 bounds[key] = (-h, h)
             lo_b, hi_b = bounds[key]
             g.clamp_(min=lo_b, max=hi_b)
