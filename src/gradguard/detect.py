@@ -23,6 +23,11 @@ NONFINITE_ADVICE = [
 ]
 
 
+def _num(x: float):
+    """A JSON-safe number: non-finite values become the strings 'NaN', 'Inf', '-Inf'."""
+    return float(x) if math.isfinite(x) else _fmt(x)
+
+
 def _fmt(x: float) -> str:
     if math.isnan(x):
         return "NaN"
@@ -64,6 +69,6 @@ def nonfinite_event(step: int, names: list[str], max_abs: np.ndarray, loss: floa
                      "GradScaler found Inf/NaN in the scaled gradients (normal while it calibrates "
                      "its scale); " + message[0].lower() + message[1:],
                      ["Nothing to do unless this happens on most steps; then check the loss for NaN."],
-                     {"loss": loss, "global_norm": global_norm, "skipped": skipped})
+                     {"loss": _num(loss), "global_norm": _num(global_norm), "skipped": skipped})
     return Event(step, "nonfinite", "critical", layers, message, list(NONFINITE_ADVICE),
-                 {"loss": loss, "global_norm": global_norm, "skipped": skipped})
+                 {"loss": _num(loss), "global_norm": _num(global_norm), "skipped": skipped})

@@ -147,6 +147,7 @@ class Guard:
         self.on_nonfinite = on_nonfinite
         self.scaler = scaler
         self.fused = _is_fused(optimizer)
+        self._state_len, self._state_ready = -1, False
         devices = {p.device for p in self.params}
         self.device = self.params[0].device
         self.flush_every = flush_every or (1 if devices == {torch.device("cpu")} else 32)
@@ -287,15 +288,23 @@ class Guard:
     def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
                         skip: bool) -> None:
         opt = self.optimizer
+        # A fused optimizer skipped through found_inf before its state exists
+        # is left broken (torch's fused SGD keeps an uninitialised momentum
+        # buffer), so until the state is there the skip is decided on the host.
+        host_skip = skip and self.fused and not self._fused_state_ready()
         if scaler_on:
             # GradScaler sums its found_inf tensors to decide; ours joins them.
             found = self.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
             if skip and found:
                 t = next(iter(found.values()))
                 t.add_(skipped.to(t.device, t.dtype, non_blocking=True))
+                if host_skip and sum(float(v) for v in found.values()) > 0:  # host sync: first steps only
+                    return  # scaler.update() still backs off: it reads the same found_inf
             if grad_scale is not None:
                 opt.grad_scale = grad_scale  # kept by GradScaler when grads are already unscaled
             self.scaler.step(opt)
+            return
+        if host_skip and bool(skipped):  # host sync: fused optimizer's first steps only
             return
         if self.fused:
             had = {a: getattr(opt, a) for a in ("grad_scale", "found_inf") if hasattr(opt, a)}
@@ -313,6 +322,16 @@ class Guard:
         if skip and bool(skipped):  # host sync: the one read per step for non-fused optimizers
             return
         opt.step()
+
+    def _fused_state_ready(self) -> bool:
+        """Whether every parameter the optimizer trains has its state (checked when it grows)."""
+        state = self.optimizer.state
+        if len(state) != self._state_len:
+            self._state_len = len(state)
+            self._state_ready = all(
+                p.grad is None or len(state.get(p, ())) > 0
+                for g in self.optimizer.param_groups for p in g["params"])
+        return self._state_ready
 
     # ------------------------------------------------------------- recording
     def _record(self, stats: GradStats, bad: Tensor, skipped: Tensor, loss_t, coef: Tensor) -> None:

@@ -1,0 +1,397 @@
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+
+from conftest import no_host_sync
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd_momentum_wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "sgd_fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, fused=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, weight_decay=0.01),
+}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)
+
+
+def _state(model, opt):
+    """Everything a skipped step must leave bitwise unchanged."""
+    out = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    for i, (p, st) in enumerate(opt.state.items()):
+        for k, v in st.items():
+            out[f"state:{i}:{k}"] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+    return out
+
+
+def _assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]) or (a[k].isnan() == b[k].isnan()).all() and torch.equal(
+                a[k].nan_to_num(), b[k].nan_to_num()), k
+        else:
+            assert a[k] == b[k], k
+
+
+POISON = {2: "nan_grad", 4: "inf_loss", 5: "neg_inf_grad"}
+
+
+def _poison(model, step, kind):
+    if kind == "nan_grad":
+        model[2].weight.grad[1, 3] = math.nan
+    elif kind == "neg_inf_grad":
+        model[4].bias.grad[0] = -math.inf
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("clip", [None, "global"])
+def test_skip_matrix_bitwise(opt_name, clip):
+    """good, good, NaN, good, Inf-loss, -Inf, good...: skipped steps change nothing, and the
+    good steps match a run that never saw the poisoned batches (the same optimizer)."""
+    model = _model()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    policy = gg.GlobalNorm(0.5) if clip else None
+    guard = gg.Guard(model, opt, clip=policy)
+
+    ref_model = _model()
+    ref_opt = OPTIMIZERS[opt_name](ref_model.parameters())
+    ref_guard = gg.Guard(ref_model, ref_opt, clip=gg.GlobalNorm(0.5) if clip else None)
+
+    for i in range(8):
+        x, y = _batch(i)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        kind = POISON.get(i)
+        _poison(model, i, kind)
+        if kind == "inf_loss":
+            loss = loss * math.inf
+        before = _state(model, opt)
+        report = guard.step(loss=loss)
+        assert report.step == i
+        if kind:
+            assert report.skipped
+            after = _state(model, opt)
+            if i == 0:
+                continue
+            _assert_bitwise(before, after)
+        else:
+            assert not report.skipped
+            ref_opt.zero_grad()
+            nn.functional.mse_loss(ref_model(x), y).backward()
+            ref_guard.step()
+            for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+                assert torch.equal(p, q), (i, n)
+    assert guard.skipped_steps == 3
+    kinds = [(e.step, e.kind, e.severity) for e in guard.events]
+    assert kinds == [(2, "nonfinite", "critical"), (4, "nonfinite", "critical"), (5, "nonfinite", "critical")]
+    assert guard.events[0].layers == ["2.weight"]
+    assert guard.events[1].layers == [] and "loss" in guard.events[1].message
+    assert guard.events[2].layers[0] == "4.bias"
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw_foreach", "adamw_fused", "sgd_fused"])
+def test_first_step_skipped_then_trajectory_unchanged(opt_name):
+    model, ref = _model(), _model()
+    opt, ref_opt = OPTIMIZERS[opt_name](model.parameters()), OPTIMIZERS[opt_name](ref.parameters())
+    guard = gg.Guard(model, opt)
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = math.nan
+    assert guard.step().skipped
+    for i in range(1, 4):
+        x, y = _batch(i)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        guard.step()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_guard_global_norm_equals_clip_then_step(fused, max_norm):
+    model, ref = _model(), _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(max_norm))
+    assert guard.fused is fused
+    for i in range(5):
+        x, y = _batch(i)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        ref_opt.step()
+        report = guard.step()
+        assert report.global_norm == pytest.approx(total.item(), rel=1e-6)
+        assert report.clip_coef == pytest.approx(min(1.0, max_norm / (total.item() + 1e-6)), rel=1e-6)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_path_has_no_host_sync():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), flush_every=16)
+    for i in range(5):
+        x, y = _batch(i)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i == 3:
+            model[0].bias.grad[0] = math.nan
+        if i == 0:  # the optimizer's state does not exist yet: one host read (see guard.py)
+            guard.step(loss=loss)
+            continue
+        with no_host_sync():
+            guard.step(loss=loss)
+    assert guard.skipped_steps == 1 and guard.events[0].step == 3
+
+
+def test_on_nonfinite_raise_names_layers():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_nonfinite="raise")
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    model[2].weight.grad[0, 0] = math.inf
+    before = _state(model, opt)
+    with pytest.raises(gg.NonFiniteGradientError, match="2.weight") as info:
+        guard.step()
+    assert info.value.layers == ["2.weight"] and info.value.step == 0
+    _assert_bitwise(before, _state(model, opt))
+
+
+def test_on_nonfinite_warn_steps_anyway():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_nonfinite="warn")
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    model[4].bias.grad[1] = math.nan
+    with pytest.warns(RuntimeWarning, match="4.bias"):
+        report = guard.step()
+    assert not report.skipped
+    assert math.isnan(model[4].bias[1].item())  # the user asked for it
+
+
+def test_nan_origin_named_first():
+    """NaN made in the last layer flows back to every earlier layer; the culprit is listed first."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    x, y = _batch(0)
+    h = model[:4](x)
+    out = model[4](h)
+    (out * torch.tensor([math.nan, 1.0])).sum().backward()  # NaN enters at the output layer
+    guard.step()
+    ev = guard.events[0]
+    assert ev.layers[0] in ("4.bias", "4.weight")
+    assert set(ev.layers) >= {"0.weight", "2.weight", "4.weight"}
+
+
+def test_step_report_and_counters():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1e-3))
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    r = guard.step(loss=loss)
+    assert r.step == 0 and not r.skipped and r.loss == pytest.approx(loss.item())
+    assert r.clip_coef < 1 and r.global_norm > 1e-3
+    assert r.stats.names == [n for n, _ in model.named_parameters()]
+    assert "StepReport(step=0" in repr(r)
+    assert guard.steps == 1 and guard.last_report is r
+
+
+def test_frozen_parameters_are_known_but_skipped():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    guard = gg.Guard(model, opt)
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    r = guard.step()
+    assert "0.weight" in r.stats.missing and "0.weight" not in r.stats.names
+
+
+def test_state_dict_round_trip():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, clip=gg.PerLayer({"4.*": gg.GlobalNorm(5.0)}, default=gg.GlobalNorm(1.0)))
+    for i in range(3):
+        x, y = _batch(i)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if i == 1:
+            model[0].bias.grad[0] = math.nan
+        guard.step()
+    sd = guard.state_dict()
+    other = gg.Guard(model, opt, clip=gg.PerLayer({"4.*": gg.GlobalNorm(5.0)}, default=gg.GlobalNorm(1.0)))
+    other.load_state_dict(sd)
+    assert other.state_dict() == sd
+    assert other.steps == 3 and other.skipped_steps == 1 and other.events[0].step == 1
+    # survives torch.save / torch.load (what users do with checkpoints)
+    import io
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False) == sd
+    opt.zero_grad()
+    nn.functional.mse_loss(model(_batch(9)[0]), _batch(9)[1]).backward()
+    assert other.step().step == 3
+
+
+def test_load_state_dict_from_another_model():
+    a = gg.Guard(_model(), torch.optim.SGD(_model().parameters(), lr=0.1) if False else None, clip=None) \
+        if False else None
+    model = _model()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    other_model = nn.Linear(3, 3)
+    other = gg.Guard(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="another model"):
+        other.load_state_dict(guard.state_dict())
+    with pytest.raises(TypeError, match="state_dict"):
+        other.load_state_dict({"step": 1})
+    future = dict(guard.state_dict(), version=99)
+    with pytest.raises(ValueError, match="upgrade"):
+        guard.load_state_dict(future)
+    assert a is None
+
+
+def test_errors_name_the_argument():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        gg.Guard(model, opt, on_nonfinite="ignore")
+    with pytest.raises(TypeError, match="clip"):
+        gg.Guard(model, opt, clip=1.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        gg.Guard(model, "sgd")
+    with pytest.raises(ValueError, match="no parameters"):
+        gg.Guard([], opt)
+    with pytest.raises(ValueError, match="flush_every"):
+        gg.Guard(model, opt, flush_every=0)
+    stray = nn.Parameter(torch.zeros(3, 2))
+    opt2 = torch.optim.SGD(list(model.parameters()) + [stray], lr=0.1)
+    with pytest.raises(ValueError, match=r"does not watch .*\(3, 2\)"):
+        gg.Guard(model, opt2)
+
+
+def test_step_misuse():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    with pytest.raises(RuntimeError, match="backward"):
+        guard.step()
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    guard.step()
+    with pytest.raises(RuntimeError, match="twice"):
+        guard.step()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    guard.step()  # a new backward makes it legal again
+    with pytest.raises(ValueError, match="scalar"):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        guard.step(loss=torch.ones(3))
+
+
+def test_named_parameter_iterable_and_per_layer_guard():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(list(model.named_parameters()), opt, clip=gg.Value(0.01))
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    guard.step()
+    assert all(p.grad.abs().max().item() <= 0.01 + 1e-9 for p in model.parameters())
+
+
+def test_training_converges_like_plain_clipping():
+    """A real small regression problem: the guard's run tracks plain clip_grad_norm_ + SGD."""
+    torch.manual_seed(0)
+    X = torch.randn(256, 6)
+    W = torch.randn(6, 2)
+    Y = torch.tanh(X @ W)
+
+    def run(use_guard):
+        model = _model(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0)) if use_guard else None
+        losses = []
+        for step in range(150):
+            idx = torch.arange(step * 16, step * 16 + 16) % 256
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(X[idx]), Y[idx])
+            loss.backward()
+            if guard:
+                guard.step(loss=loss)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            losses.append(loss.item())
+        return model, losses
+
+    m1, l1 = run(True)
+    m2, l2 = run(False)
+    assert l1[-1] < 0.2 * l1[0]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_composition(fused):
+    """guard.step() replaces scaler.step(optimizer): unscale, clip, skip, step."""
+    model, ref = _model(), _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(0.1), scaler=scaler)
+    for i in range(4):
+        x, y = _batch(i)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        ref_scaler.scale(nn.functional.mse_loss(ref(x), y)).backward()
+        if i == 2:  # NaN loss with finite grads: the scaler alone would step
+            loss = loss * math.nan
+        before = _state(model, opt)
+        r = guard.step(loss=loss)
+        scaler.update()
+        if i == 2:
+            assert r.skipped
+            _assert_bitwise(before, _state(model, opt))
+            ref_scaler.update(ref_scaler.get_scale() / 2)  # mirror the back-off our skip caused
+            continue
+        ref_scaler.unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert [e.kind for e in guard.events] == ["amp_overflow"]
