@@ -1,0 +1,88 @@
+"""The on-disk layout of a run: one SQLite file (WAL mode) per run directory.
+
+``LOG_DIR/<run>/gradguard.sqlite`` holds
+
+- ``meta``: key/value strings (schema version, run name, config JSON, start
+  and end time, status, writer pid/host, global column names).
+- ``layers``: one row per watched parameter (name, shape JSON, order).
+- ``chunks``: raw per-step rows, a few hundred steps per row, each statistic
+  one little-endian BLOB: ``steps`` int64[n], ``glob`` float32[n, G],
+  ``norms`` / ``maxabs`` float32[n, L].  1M steps x 300 layers is ~2.4 GB,
+  one INSERT per chunk instead of 300M rows.
+- ``summary``: a min/max pyramid over the same rows.  Level ``k`` bucket
+  ``b`` aggregates rows ``[b*8^k, (b+1)*8^k)`` in write order: count, first
+  and last step, per-global min and max, per-layer max/min norm, max |g|
+  and non-finite count.  Queries read the finest level that has at most a
+  few thousand buckets in range, so an overview of 1M steps touches a few MB.
+- ``events``: one row per ``Event`` (lists and dicts as JSON).
+
+A store whose ``schema_version`` is newer than ``SCHEMA_VERSION`` is refused
+with a clear error rather than misread.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+__all__ = ["SCHEMA_VERSION", "DB_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
+           "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "gradguard.sqlite"
+FACTOR_BITS = 3           # pyramid factor 8 between levels
+LEVELS = 6                # bucket sizes 8 .. 262144 rows
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS layers (idx INTEGER PRIMARY KEY, name TEXT NOT NULL,
+    shape TEXT NOT NULL, ord INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (seq0 INTEGER PRIMARY KEY, n INTEGER NOT NULL,
+    step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
+    steps BLOB NOT NULL, glob BLOB NOT NULL, norms BLOB NOT NULL, maxabs BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_step ON chunks (step_hi, step_lo);
+CREATE TABLE IF NOT EXISTS summary (level INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
+    gmin BLOB, gmax BLOB, nmax BLOB, nmin BLOB, xmax BLOB, nfc BLOB,
+    PRIMARY KEY (level, bucket)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS summary_step ON summary (level, step_hi, step_lo);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER NOT NULL,
+    kind TEXT NOT NULL, severity TEXT NOT NULL, layers TEXT NOT NULL, message TEXT NOT NULL,
+    advice TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_step ON events (step);
+"""
+
+# Aggregate fields of a bucket and how two partial aggregates combine.
+# fmin/fmax skip NaN (a layer without a gradient), keep +-inf.
+AGG_FIELDS = {
+    "n": np.add, "step_lo": np.minimum, "step_hi": np.maximum,
+    "gmin": np.fmin, "gmax": np.fmax, "nmax": np.fmax, "nmin": np.fmin,
+    "xmax": np.fmax, "nfc": np.add,
+}
+
+
+def check_run_name(name) -> str:
+    if not isinstance(name, str) or not RUN_NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(f"run_name must be 1-128 characters of letters, digits, '.', '_', '+', '-' "
+                         f"starting with a letter or digit, got {name!r}")
+    return name
+
+
+def reduce_groups(agg: dict, starts: np.ndarray) -> dict:
+    """Combine consecutive aggregates: group i spans ``starts[i]:starts[i+1]``."""
+    return {k: AGG_FIELDS[k].reduceat(v, starts, axis=0) for k, v in agg.items()}
+
+
+def raw_aggregates(steps: np.ndarray, glob: np.ndarray, norms: np.ndarray, maxabs: np.ndarray) -> dict:
+    """Per-row aggregates (each row a bucket of one)."""
+    return {"n": np.ones(len(steps), np.int64), "step_lo": steps, "step_hi": steps,
+            "gmin": glob, "gmax": glob, "nmax": norms, "nmin": norms, "xmax": maxabs,
+            "nfc": (~np.isfinite(maxabs)).astype(np.float32)}
+
+
+def level_aggregates(ids: np.ndarray, agg: dict, shift: int) -> tuple[np.ndarray, dict]:
+    """Group aggregates whose ids (bucket ids one level down) share ``ids >> shift``."""
+    parent = ids >> shift
+    starts = np.flatnonzero(np.r_[True, parent[1:] != parent[:-1]])
+    return parent[starts], reduce_groups(agg, starts)

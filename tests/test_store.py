@@ -1,0 +1,238 @@
+"""Run store: real SQLite files under tmp_path, written by a real Guard and by the recorder."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import gradguard as gg
+from gradguard.guard import GLOBAL_COLS
+from gradguard.record import RunNotFound, RunStore, open_recorder
+from gradguard.record.schema import DB_NAME
+
+G = len(GLOBAL_COLS)
+
+
+def _layers(n):
+    return [{"name": f"layer{i}", "shape": [i + 1, 2], "order": i} for i in range(n)]
+
+
+def _rows(steps, L, rng):
+    k = len(steps)
+    rows = np.empty((k, G + 2 * L), np.float32)
+    rows[:, :G] = rng.random((k, G))
+    rows[:, G:G + L] = rng.lognormal(0, 1, (k, L))
+    rows[:, G + L:] = rows[:, G:G + L] / 3
+    return rows
+
+
+def test_guard_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(0.5), log_dir=tmp_path, run_name="rt")
+    ref_norms, ref_max, ref_loss = [], [], []
+    for i in range(40):
+        opt.zero_grad()
+        loss = ((model(torch.randn(8, 3)) - 1) ** 2).mean()
+        if i == 17:
+            loss = loss * math.inf
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        ref_norms.append([torch.linalg.vector_norm(g.double()).item() for g in grads])
+        ref_max.append([g.abs().max().item() for g in grads])
+        ref_loss.append(loss.item())
+        guard.step(loss=loss)
+    guard.close()
+
+    store = RunStore(tmp_path)
+    (run,) = store.runs()
+    assert run["name"] == "rt" and run["status"] == "finished" and run["last_step"] == 39
+    assert run["config"]["clip"]["max_norm"] == 0.5
+    assert [l["name"] for l in store.layers("rt")] == [n for n, _ in model.named_parameters()]
+    assert store.layers("rt")[0]["shape"] == [5, 3]
+
+    s = store.steps("rt")
+    np.testing.assert_array_equal(s["step"], np.arange(40))
+    np.testing.assert_allclose(s["loss"], ref_loss, rtol=1e-6)
+    fin = np.isfinite(np.array(ref_norms)).all(1)
+    ref_global = np.sqrt((np.array(ref_norms) ** 2).sum(1))
+    np.testing.assert_allclose(s["global_norm"][fin], ref_global[fin], rtol=1e-5)
+    assert s["skipped"][17] == 1 and s["skipped"].sum() == 1
+    np.testing.assert_allclose(s["clip_coef"][fin], np.minimum(1, 0.5 / (ref_global[fin] + 1e-6)), rtol=1e-4)
+    ln = store.layer_norms("rt")
+    np.testing.assert_allclose(ln["norm"][fin], np.array(ref_norms)[fin], rtol=1e-5)
+    np.testing.assert_allclose(ln["max_abs"], np.array(ref_max), rtol=1e-6)
+    # json: NaN in event data compares equal as text
+    assert json.dumps([e.to_dict() for e in store.events("rt")]) == json.dumps([e.to_dict() for e in guard.events])
+    assert store.events("rt")[0].step == 17
+
+
+@pytest.mark.parametrize("awkward", [math.nan, math.inf, -math.inf, 1e30, 1e-30])
+def test_downsampling_keeps_min_max_per_bucket(tmp_path, awkward):
+    rng = np.random.default_rng(1)
+    L, n = 7, 5000
+    steps = np.arange(n) * 2 + 10          # non-unit stride: buckets must follow steps, not rows
+    rows = _rows(steps, L, rng)
+    rows[1888, G + 3] = awkward            # one layer's norm
+    rows[1888, G + L + 3] = awkward        # ... and its max |g|
+    rows[3001, GLOBAL_COLS.index("global_norm")] = awkward
+    rec = open_recorder(tmp_path, run_name="ds", layers=_layers(L), config={})
+    for a in range(0, n, 37):              # uneven flushes
+        rec.write_steps(steps[a:a + 37], rows[a:a + 37], GLOBAL_COLS)
+    rec.close()
+    assert rec.failures == {}
+    store = RunStore(tmp_path)
+
+    s = store.steps("ds", max_points=100)
+    assert 2 < len(s["step"]) <= 100
+    gn = rows[:, GLOBAL_COLS.index("global_norm")].astype(np.float64)
+    got = s["global_norm"].astype(np.float64)
+    for lo, hi, vmin, vmax in zip(s["step"][0::2], s["step"][1::2], got[0::2], got[1::2]):
+        sel = gn[(steps >= lo) & (steps <= hi)]
+        np.testing.assert_equal([vmin, vmax], np.float32([np.fmin.reduce(sel), np.fmax.reduce(sel)]))
+    np.testing.assert_array_equal(np.concatenate([s["step"][0::2], [steps[-1] + 1]])[1:] >
+                                  s["step"][1::2], True)
+    if not math.isnan(awkward):
+        assert np.float32(awkward) in s["global_norm"]  # the spike survives
+
+    ln = store.layer_norms("ds", max_points=40)
+    assert ln["norm"].shape[1] == L and 2 < ln["norm"].shape[0] <= 40
+    norms, maxabs = rows[:, G:G + L], rows[:, G + L:]
+    for i, (lo, hi) in enumerate(zip(ln["step"], ln["step_hi"])):
+        m = (steps >= lo) & (steps <= hi)
+        np.testing.assert_array_equal(ln["norm"][i], np.fmax.reduce(norms[m], 0))
+        np.testing.assert_array_equal(ln["norm_min"][i], np.fmin.reduce(norms[m], 0))
+        np.testing.assert_array_equal(ln["max_abs"][i], np.fmax.reduce(maxabs[m], 0))
+        np.testing.assert_array_equal(ln["nonfinite"][i], (~np.isfinite(maxabs[m])).sum(0))
+    assert ln["nonfinite"].sum() == (0 if math.isfinite(awkward) else 1)
+    summary = store.layer_summary("ds")
+    assert summary[3]["nonfinite"] == (0 if math.isfinite(awkward) else 1)
+    assert summary[0]["max"] == pytest.approx(float(norms[:, 0].max()))
+    assert summary[0]["latest"] == pytest.approx(float(norms[-1, 0]))
+
+
+def test_range_query_is_raw_and_exact(tmp_path):
+    rng = np.random.default_rng(2)
+    rec = open_recorder(tmp_path, run_name="r", layers=_layers(3))
+    steps = np.arange(3000)
+    rows = _rows(steps, 3, rng)
+    rec.write_steps(steps, rows, GLOBAL_COLS)
+    rec.close()
+    s = RunStore(tmp_path).steps("r", start=1000, end=1100, max_points=500)
+    np.testing.assert_array_equal(s["step"], np.arange(1000, 1101))
+    np.testing.assert_array_equal(s["loss"], rows[1000:1101, 2])
+    full = RunStore(tmp_path).steps("r", max_points=500)
+    assert len(full["step"]) <= 500 and full["step"][0] == 0 and full["step"][-1] == 2999
+
+
+def test_reader_while_writer_writes(tmp_path):
+    rng = np.random.default_rng(3)
+    L = 20
+    rec = open_recorder(tmp_path, run_name="live", layers=_layers(L))
+    store = RunStore(tmp_path)
+    done = threading.Event()
+
+    def train():
+        for a in range(0, 4000, 8):
+            st = np.arange(a, a + 8)
+            rec.write_steps(st, _rows(st, L, rng), GLOBAL_COLS)
+        rec.close()
+        done.set()
+
+    t = threading.Thread(target=train)
+    t.start()
+    seen, statuses = [], set()
+    while not done.is_set() or len(seen) < 2:
+        s = store.steps("live")
+        n = len(s["step"])
+        np.testing.assert_array_equal(s["step"], np.arange(n))      # committed prefix, never torn
+        ds = store.layer_norms("live", max_points=30)
+        assert ds["norm"].shape[1] == L
+        statuses.add(store.info("live")["status"])
+        seen.append(n)
+        if done.is_set():
+            break
+    t.join()
+    assert seen == sorted(seen)
+    assert len(store.steps("live")["step"]) == 4000
+    assert store.info("live")["status"] == "finished"
+    assert "running" in statuses or seen[0] == 4000
+
+
+def test_run_names_unique_and_validated(tmp_path):
+    a = open_recorder(tmp_path, run_name="x", layers=_layers(1))
+    b = open_recorder(tmp_path, run_name="x", layers=_layers(1))
+    c = open_recorder(tmp_path, layers=_layers(1))
+    d = open_recorder(tmp_path, layers=_layers(1))
+    assert a.run_name == "x" and b.run_name == "x-2" and c.run_name != d.run_name
+    for r in (a, b, c, d):
+        r.close()
+    assert {r["name"] for r in RunStore(tmp_path).runs()} == {"x", "x-2", c.run_name, d.run_name}
+    for bad in ["../x", "a/b", "", ".", "..", "x" * 200, "<script>", 3]:
+        with pytest.raises(ValueError, match="run_name"):
+            open_recorder(tmp_path, run_name=bad, layers=_layers(1))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="log_dir"):
+        open_recorder(tmp_path / "afile", layers=_layers(1))
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "/etc/passwd", "x/../../y", "nope", "", "..%2F", None])
+def test_unknown_or_traversal_names_not_found(tmp_path, name):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / DB_NAME).write_bytes(b"")          # a store just outside the log dir
+    rec = open_recorder(tmp_path / "logs", run_name="ok", layers=_layers(1))
+    rec.close()
+    store = RunStore(tmp_path / "logs")
+    with pytest.raises(RunNotFound):
+        store.steps(name)
+    assert store.layers("ok")[0]["name"] == "layer0"
+
+
+def test_newer_schema_is_refused(tmp_path):
+    rec = open_recorder(tmp_path, run_name="new", layers=_layers(1))
+    rec.close()
+    con = sqlite3.connect(tmp_path / "new" / DB_NAME)
+    con.execute("PRAGMA user_version=99")
+    con.commit()
+    con.close()
+    with pytest.raises(ValueError, match="schema v99.*upgrade"):
+        RunStore(tmp_path).steps("new")
+    assert RunStore(tmp_path).runs() == []          # listings skip it rather than fail
+
+
+class _BrokenSink:
+    name = "broken"
+
+    def __init__(self):
+        self.events = 0
+
+    def write_steps(self, steps, rows, cols):
+        raise OSError("disk full")
+
+    def write_events(self, events):
+        self.events += len(events)
+
+
+def test_failing_sink_and_bad_rows_never_raise(tmp_path, caplog):
+    sink = _BrokenSink()
+    rec = open_recorder(tmp_path, run_name="f", layers=_layers(2), sinks=[sink])
+    with caplog.at_level(logging.WARNING, logger="gradguard.record"):
+        for i in range(5):
+            rec.write_steps([i], np.ones((1, G + 4), np.float32), GLOBAL_COLS)
+        rec.write_steps([9], np.ones((1, 3), np.float32), GLOBAL_COLS)     # wrong width: store fails
+        rec.write_steps([1, 2], np.ones((1, G + 4), np.float32), GLOBAL_COLS)  # wrong rows: rejected
+        rec.write_events([gg.Event(3, "spike", "warning", ["layer1"], "m")])
+        rec.close()
+    assert rec.failures["broken"] >= 1 and rec.failures["store"] == 1 and rec.failures["recorder"] == 1
+    assert sum("broken failed" in r.message for r in caplog.records) == 1   # warned once
+    assert sink.events == 1
+    store = RunStore(tmp_path)
+    np.testing.assert_array_equal(store.steps("f")["step"], np.arange(5))
+    assert store.events("f")[0].layers == ["layer1"]
