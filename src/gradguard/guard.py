@@ -28,17 +28,19 @@ import torch
 from torch import Tensor
 
 from .clip import ClipPolicy
-from .detect import nonfinite_event
+from .act import Remedies
+from .detect import default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
-from .stats import GradStats, compute_stats, named_parameters
+from .stats import GradStats, compute_stats, local_grads, named_parameters
 
 __all__ = ["Guard", "StepReport"]
 
 ON_NONFINITE = ("skip", "raise", "warn")
 STATE_VERSION = 1
 # Row layout in the step buffer: these global columns, then 2 per layer.
-GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr")
+# "param_norm": total parameter L2 norm, every `param_norm_every` steps (NaN in between).
+GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr", "param_norm")
 _G = len(GLOBAL_COLS)
 
 
@@ -99,6 +101,8 @@ class Guard:
             ``NonFiniteGradientError`` naming the layers; ``"warn"`` warns and
             steps anyway.
         log_dir: where the run store is written (None: nothing is written).
+            Under torch.distributed only rank ``log_rank`` writes (``"all"``:
+            every rank, as runs named ``NAME-rankR``).
         scaler: a ``torch.amp.GradScaler``; the guard unscales, clips on the
             unscaled gradients and calls ``scaler.step(optimizer)``.  You still
             call ``scaler.update()``.
@@ -108,7 +112,13 @@ class Guard:
         detectors: objects with ``bind(guard)``, ``update(steps, rows, guard)
             -> list[Event]``, ``state_dict()`` / ``load_state_dict()``.  They
             read the rows drained from the device buffer (layout: ``GLOBAL_COLS``,
-            then per-layer norms, then per-layer max |g|).
+            then per-layer norms, then per-layer max |g|).  None (default): the
+            standard set (``detect.default_detectors()``); ``[]``: none.
+        remedies: what to do per event kind or severity, e.g.
+            ``{"exploding": "lr_backoff", "spike": gg.Rollback(every=50),
+            "critical": gg.FlightRecorder("dumps/")}`` (see ``act.py``).
+        param_norm_every: steps between measurements of the total parameter
+            norm (the ``param_norm`` column, read by weight_growth); 0: never.
 
     Example:
         >>> guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0))
@@ -117,7 +127,9 @@ class Guard:
 
     def __init__(self, model, optimizer, clip: ClipPolicy | None = None, on_nonfinite: str = "skip",
                  log_dir=None, *, scaler=None, flush_every: int | None = None,
-                 run_name: str | None = None, detectors: list | None = None):
+                 run_name: str | None = None, detectors: list | None = None,
+                 remedies: dict | None = None, param_norm_every: int = 10,
+                 process_group=None, log_rank: int | str = 0):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -132,6 +144,11 @@ class Guard:
         if scaler is not None and not hasattr(scaler, "unscale_"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
+        if isinstance(param_norm_every, bool) or not isinstance(param_norm_every, int) or param_norm_every < 0:
+            raise ValueError(f"param_norm_every must be an int >= 0, got {param_norm_every!r}")
+        self.param_norm_every = param_norm_every
+        self.model = model if isinstance(model, torch.nn.Module) else None  # for advice and rollback
+        self.hold_steps = 0  # next steps whose optimizer step is withheld (set by Rollback)
         self.names = [n for n, _ in pairs]
         self.params = [p for _, p in pairs]
         watched = {id(p) for p in self.params}
@@ -160,14 +177,30 @@ class Guard:
         self._last_grads: list[tuple[int, int]] | None = None
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
-        self.detectors = list(detectors) if detectors is not None else []
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
         for det in self.detectors:
             det.bind(self)
+        self.remedies = Remedies(remedies, self, log_dir)
         self.last_report: StepReport | None = None
+        # Distributed: decisions agree across ranks; one rank writes the store.
+        self.process_group = process_group
+        self._world, self.rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            import torch.distributed as dist
+
+            self._world = dist.get_world_size(process_group)
+            self.rank = dist.get_rank(process_group)
+            self._comm_device = (torch.device("cpu") if dist.get_backend(process_group) == "gloo"
+                                 else self.device)
+        if not (log_rank == "all" or (isinstance(log_rank, int) and not isinstance(log_rank, bool)
+                                      and 0 <= log_rank < self._world)):
+            raise ValueError(f"log_rank must be a rank in [0, {self._world}) or 'all', got {log_rank!r}")
         self.recorder = None
-        if log_dir is not None:
+        if log_dir is not None and (log_rank == "all" or log_rank == self.rank):
             from .record import open_recorder  # the run store; lazy so the core stays light
 
+            if log_rank == "all" and self._world > 1:
+                run_name = f"{run_name or 'run'}-rank{self.rank}"
             self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
                                           config=self.config())
 
@@ -220,12 +253,13 @@ class Guard:
     def _scaler_active(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def step(self, loss: Tensor | float | None = None) -> StepReport:
+    def step(self, loss: Tensor | float | None = None, batch=None) -> StepReport:
         """Statistics, clipping, and the optimizer step unless the step is poisoned.
 
         Args:
             loss: this step's loss (tensor or float).  A NaN/Inf loss counts as
                 a poisoned step even when the gradients are finite.
+            batch: this step's batch, kept (by reference) for a flight record.
         Returns:
             StepReport for this step.
         """
@@ -237,6 +271,8 @@ class Guard:
             if state["stage"] is OptState.READY:
                 self.scaler.unscale_(self.optimizer)
         names, params, grads, missing = self._gather()
+        if self.remedies:
+            self.remedies.on_step(self._step, batch)
         stats = compute_stats(names, grads, missing)
         dev = stats.device
 
@@ -249,6 +285,10 @@ class Guard:
                 raise ValueError(f"loss must be a scalar, got shape {tuple(loss_t.shape)}")
             loss_t = loss_t.reshape(())
             bad = bad | ~torch.isfinite(loss_t)
+        if self._world > 1:
+            bad = self._agree(bad)
+        # Clipping works on local shards (DTensor gradients under FSDP2 / TP).
+        params, grads = local_grads(params), local_grads(grads)
 
         # Clipping: fold into the fused optimizer's grad_scale when possible.
         grad_scale = None
@@ -270,10 +310,15 @@ class Guard:
             self._nonfinite += 1
             self._last_grads = [(id(g), g._version) for g in grads]
             self._step += 1
+            if self.remedies:
+                self.remedies.on_raise(self, ev)
             raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
 
         skip = self.on_nonfinite == "skip"
         skipped = bad if skip else torch.zeros((), dtype=torch.bool, device=dev)
+        if self.hold_steps > 0:  # a remedy (rollback) withholds the next batches
+            self.hold_steps -= 1
+            skipped, skip = torch.ones((), dtype=torch.bool, device=dev), True
         self._optimizer_step(skipped, grad_scale, scaler_on, skip)
 
         self._last_grads = [(id(g), g._version) for g in grads]
@@ -284,6 +329,14 @@ class Guard:
         if len(self._buffer) >= self.flush_every:
             self.flush()
         return report
+
+    def _agree(self, bad: Tensor) -> Tensor:
+        """Every rank skips if any rank must (a NaN loss is per rank): one tiny all-reduce."""
+        import torch.distributed as dist
+
+        flag = bad.to(self._comm_device, torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        return (flag[0] > 0).to(bad.device, non_blocking=True)
 
     def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
                         skip: bool) -> None:
@@ -342,7 +395,8 @@ class Guard:
         lr_t = lr.detach().float().to(dev).reshape(()) if isinstance(lr, Tensor) else nan.new_full((), float(lr))
         head = torch.stack([bad.float(), skipped.float(),
                             loss_t if loss_t is not None else nan, loss_bad,
-                            stats.global_norm.float(), coef.float().reshape(()), lr_t])
+                            stats.global_norm.float(), coef.float().reshape(()), lr_t,
+                            self._param_norm(dev, nan)])
         if len(stats.names) == len(self.names):
             per_layer = torch.cat([stats.norms.float(), stats.max_abs.float()])
         else:
@@ -354,6 +408,14 @@ class Guard:
             max_abs.index_copy_(0, idx, stats.max_abs.float())
             per_layer = torch.cat([norms, max_abs])
         self._buffer.push(self._step, torch.cat([head, per_layer]))
+
+    def _param_norm(self, dev, nan: Tensor) -> Tensor:
+        # Every K steps only: reading every parameter each step would double the memory traffic.
+        if not self.param_norm_every or self._step % self.param_norm_every:
+            return nan
+        with torch.no_grad():
+            norms = torch._foreach_norm([p.detach() for p in self.params])
+            return torch.linalg.vector_norm(torch.stack([x.float().to(dev) for x in norms]))
 
     def _nonfinite_event(self, step, stats: GradStats, loss_t, skipped: bool, scaler_on: bool) -> Event:
         max_abs = np.zeros(len(self.names))
@@ -372,9 +434,9 @@ class Guard:
         scaler_on = self._scaler_active()
         new_events: list[Event] = []
         for step, row in zip(steps, rows):
+            self._skipped += int(row[1] > 0)  # poisoned steps and steps held by a remedy
             if row[0] > 0:
                 self._nonfinite += 1
-                self._skipped += int(row[1] > 0)
                 ev = nonfinite_event(step, self.names, row[_G + n:_G + 2 * n].astype(np.float64),
                                      float(row[2]), bool(row[3] > 0), float(row[4]),
                                      bool(row[1] > 0), amp=scaler_on)
@@ -384,10 +446,13 @@ class Guard:
         for det in self.detectors:
             new_events += det.update(steps, rows, self)
         new_events.sort(key=lambda e: e.step)
+        alarm = self.remedies.after_flush(self, steps, rows, new_events) if self.remedies else None
         self._events += new_events
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
             self.recorder.write_events(new_events)
+        if alarm is not None:  # the "raise" remedy, once the events are recorded
+            raise alarm
 
     def close(self) -> None:
         """Flush pending rows and close the run store."""
@@ -413,6 +478,8 @@ class Guard:
             "clip": self.clip.state_dict() if self.clip is not None else None,
             "events": [e.to_dict() for e in self._events],
             "detectors": [d.state_dict() for d in self.detectors],
+            "remedies": self.remedies.state_dict(),
+            "hold_steps": self.hold_steps,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -439,4 +506,7 @@ class Guard:
                              f"{len(self.detectors)} detectors")
         for d, sd in zip(self.detectors, dets):
             d.load_state_dict(sd)
+        if "remedies" in state_dict:
+            self.remedies.load_state_dict(state_dict["remedies"])
+        self.hold_steps = int(state_dict.get("hold_steps", 0))
         self._last_grads = None
