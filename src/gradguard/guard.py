@@ -413,9 +413,8 @@ class Guard:
         # Every K steps only: reading every parameter each step would double the memory traffic.
         if not self.param_norm_every or self._step % self.param_norm_every:
             return nan
-        with torch.no_grad():
-            norms = torch._foreach_norm([p.detach() for p in self.params])
-            return torch.linalg.vector_norm(torch.stack([x.float().to(dev) for x in norms]))
+        # compute_stats: one pass, float64 sums, and full-tensor numbers for DTensor shards.
+        return compute_stats(self.names, [p.detach() for p in self.params]).global_norm.float().to(dev)
 
     def _nonfinite_event(self, step, stats: GradStats, loss_t, skipped: bool, scaler_on: bool) -> Event:
         max_abs = np.zeros(len(self.names))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import _kernel
 
-__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats"]
+__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -155,8 +155,34 @@ def _kernel_ok(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.dtype in _kernel.KERNEL_DTYPES and g.is_contiguous()
 
 
+def _dtensor_type():
+    """DTensor's class when torch.distributed is usable, else None (imported lazily)."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def local_grads(grads: list[Tensor]) -> list[Tensor]:
+    """The local shard of every DTensor gradient (a view: in-place ops reach the DTensor)."""
+    dt = _dtensor_type()
+    if dt is None:
+        return list(grads)
+    return [g.to_local() if isinstance(g, dt) else g for g in grads]
+
+
 def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | None = None) -> GradStats:
-    """``grad_stats`` on gradients already gathered (the guard's hot path)."""
+    """``grad_stats`` on gradients already gathered (the guard's hot path).
+
+    DTensor gradients (FSDP2, tensor parallel) are reduced to full-tensor
+    numbers with one collective for all tensors (see ``_reduce_shards``).
+    """
     missing = list(missing or [])
     if not grads:
         z = torch.zeros(0)
@@ -165,12 +191,14 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     for name, g in zip(names, grads):
         _check_grad(name, g)
     out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    main = grads[0].device
-    n = len(grads)
-
+    dt = _dtensor_type()
+    sharded = [i for i, g in enumerate(grads) if dt is not None and isinstance(g, dt)]
+    if sharded:
+        sumsq, maxabs = _local_sumsq_maxabs(local_grads(grads))
+        sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
+        return _finish(names, missing, out_dtype, sumsq, maxabs)
     use_kernel = _kernel.available()
-    kernel_idx = [i for i, g in enumerate(grads) if use_kernel and _kernel_ok(g)]
-    if len(kernel_idx) == n:
+    if use_kernel and all(_kernel_ok(g) for g in grads):
         # Fast path, all on CPU: the whole step is a few numpy ops.
         sumsq, maxabs = _kernel.cpu_stats(grads)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -183,7 +211,28 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
                 missing=missing,
                 sumsq=torch.from_numpy(sumsq),
             )
+    sumsq, maxabs = _local_sumsq_maxabs(grads)
+    return _finish(names, missing, out_dtype, sumsq, maxabs)
 
+
+def _finish(names, missing, out_dtype, sumsq: Tensor, maxabs: Tensor) -> GradStats:
+    return GradStats(
+        names=list(names),
+        norms=sumsq.sqrt().to(out_dtype),
+        max_abs=maxabs.to(out_dtype),
+        nonfinite=~torch.isfinite(maxabs),
+        global_norm=sumsq.sum().sqrt().to(out_dtype),
+        missing=missing,
+        sumsq=sumsq,
+    )
+
+
+def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(P,) float64 sums of squares and max |g| on the first gradient's device."""
+    main = grads[0].device
+    n = len(grads)
+    use_kernel = _kernel.available()
+    kernel_idx = [i for i, g in enumerate(grads) if use_kernel and _kernel_ok(g)]
     sumsq_all = torch.empty(n, dtype=torch.float64, device=main)
     maxabs_all = torch.empty(n, dtype=torch.float64, device=main)
     if kernel_idx:
@@ -210,12 +259,57 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
         idx = torch.as_tensor(idxs, device=main)
         sumsq_all.index_copy_(0, idx, torch.stack(norms).to(main, torch.float64, non_blocking=True).square())
         maxabs_all.index_copy_(0, idx, torch.stack(maxabs).to(main, torch.float64, non_blocking=True))
-    return GradStats(
-        names=list(names),
-        norms=sumsq_all.sqrt().to(out_dtype),
-        max_abs=maxabs_all.to(out_dtype),
-        nonfinite=~torch.isfinite(maxabs_all),
-        global_norm=sumsq_all.sum().sqrt().to(out_dtype),
-        missing=missing,
-        sumsq=sumsq_all,
-    )
+    return sumsq_all, maxabs_all
+
+
+def _reduce_shards(grads, sharded: list[int], sumsq: Tensor, maxabs: Tensor, names) -> tuple[Tensor, Tensor]:
+    """Full-tensor sums of squares and max |g| from per-rank shards, in ONE collective.
+
+    Every rank all-gathers its (2, P) vector of local sums of squares and max |g|,
+    then sums the squares over the ranks that hold distinct shards and takes the
+    max over all.  A tensor replicated over a mesh dimension is counted once
+    (divided by the replication factor); a NaN on any rank's shard reaches every
+    rank, so every rank takes the same decision.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    mesh = grads[sharded[0]].device_mesh
+    for i in sharded:
+        g = grads[i]
+        if g.device_mesh != mesh:
+            raise ValueError(f"gradient {names[i]!r} lives on another device mesh; gradguard reduces "
+                             "statistics over one mesh per guard")
+        for pl in g.placements:
+            if isinstance(pl, Partial):
+                raise ValueError(f"gradient {names[i]!r} has a Partial placement (not yet reduced); "
+                                 "run the guard after the gradient reduction")
+            if not isinstance(pl, (Shard, Replicate)):
+                raise ValueError(f"gradient {names[i]!r} has an unsupported placement {pl}")
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+    elif mesh.size() == dist.get_world_size():
+        group = None  # the whole world is the mesh
+    else:
+        raise ValueError("gradguard reduces statistics over 1-D meshes or a mesh spanning all ranks")
+    world = dist.get_world_size(group)
+    # Replication factor of each tensor over the mesh (1 for plain FSDP2 shards).
+    repl = torch.ones(len(grads), dtype=torch.float64, device=sumsq.device)
+    sharded_set = set(sharded)
+    for i in range(len(grads)):
+        if i in sharded_set:
+            f = 1
+            for d, pl in enumerate(grads[i].placements):
+                if isinstance(pl, Replicate):
+                    f *= mesh.size(d)
+            repl[i] = f
+        else:
+            repl[i] = world  # a plain tensor is the same on every rank (e.g. DDP-averaged)
+    n = sumsq.numel()
+    comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else sumsq.device
+    local = torch.cat([sumsq, maxabs]).to(comm_device)
+    gathered = torch.empty(world * 2 * n, dtype=local.dtype, device=comm_device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
+    gathered = gathered.view(world, 2, n).to(sumsq.device, non_blocking=True)
+    return gathered[:, 0].sum(0) / repl, gathered[:, 1].amax(0)
