@@ -1,0 +1,180 @@
+"""GradGuardCallback inside a real lightning.pytorch Trainer (CPU, tiny model)."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import gradguard as gg  # noqa: E402
+from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
+
+BAD_STEP = 7
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, bad_steps=(), poison="loss", opt="adam", lr=0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.bad_steps, self.poison, self.opt, self.lr = set(bad_steps), poison, opt, lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self.net(x) - y) ** 2).mean()
+        if self.global_step in self.bad_steps:
+            loss = loss * (math.nan if self.poison == "loss" else math.inf)
+        return loss
+
+    def configure_optimizers(self):
+        if self.opt == "adam":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loader(n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n * 4, 4, generator=g)
+    y = x.sum(1, keepdim=True) * 3
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+def trainer(tmp_path, callbacks, steps=20, **kw):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
+                      log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=callbacks, **kw)
+
+
+class Snapshot(pl.Callback):
+    """Weights and optimizer state around the poisoned step."""
+
+    def __init__(self, step):
+        self.step, self.before, self.after = step, None, None
+
+    @staticmethod
+    def _take(trainer, module):
+        opt = trainer.optimizers[0]
+        return ([p.detach().clone() for p in module.parameters()],
+                [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                 for p in module.parameters()])
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = self._take(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self.after = self._take(trainer, module)
+
+
+@pytest.mark.parametrize("poison", ["loss", "inf"])
+def test_fit_skips_poisoned_step_bitwise(tmp_path, poison):
+    torch.manual_seed(0)
+    model = Tiny(bad_steps={BAD_STEP}, poison=poison)
+    cb, snap = GradGuardCallback(clip=gg.GlobalNorm(1.0)), Snapshot(BAD_STEP)
+    trainer(tmp_path, [cb, snap]).fit(model, loader())
+
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    guard = cb.guard
+    assert guard.steps == 20 and guard.skipped_steps == 1
+    ev = [e for e in guard.events if e.kind == "nonfinite"]
+    assert [e.step for e in ev] == [BAD_STEP]
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    for a, b in zip(w0, w1):
+        assert torch.equal(a, b)
+    for a, b in zip(s0, s1):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    # The steps around it did train: Adam's step counter advanced on every other step.
+    opt = trainer  # noqa: F841
+    steps = {float(st["step"]) for st in model.trainer.optimizers[0].state.values()}
+    assert steps == {19.0}
+
+
+def test_metrics_reach_the_logger(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(bad_steps={3})
+    cb = GradGuardCallback(clip=gg.GlobalNorm(0.5))
+    t = trainer(tmp_path, [cb], steps=6)
+    t.fit(model, loader())
+    import csv
+
+    rows = list(csv.DictReader(open(t.logger.log_dir + "/metrics.csv")))
+    skipped = [r["gradguard/skipped"] for r in rows if r.get("gradguard/skipped")]
+    assert [float(s) for s in skipped] == [0, 0, 0, 1, 0, 0]
+    coefs = [float(r["gradguard/clip_coef"]) for r in rows if r.get("gradguard/clip_coef")]
+    assert min(coefs) < 1.0 and max(coefs) <= 1.0
+    norms = [float(r["gradguard/global_norm"]) for r in rows if r.get("gradguard/global_norm")]
+    assert math.isnan(norms[3]) and all(math.isfinite(n) and n > 0 for i, n in enumerate(norms) if i != 3)
+
+
+def test_clipping_matches_torch_reference(tmp_path):
+    """Same run by hand with clip_grad_norm_: the callback clips before the step."""
+    torch.manual_seed(1)
+    model = Tiny(opt="sgd", lr=0.1)
+    ref = Tiny(opt="sgd", lr=0.1)
+    ref.load_state_dict(model.state_dict())
+    trainer(tmp_path, [GradGuardCallback(clip=gg.GlobalNorm(0.25))], steps=5).fit(model, loader())
+
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(loader()):
+        if i == 5:
+            break
+        opt.zero_grad()
+        ((ref.net(x) - y) ** 2).mean().backward()
+        total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.25)
+        assert total > 0.25  # the threshold really bites
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_state_round_trips_through_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(bad_steps={BAD_STEP})
+    cb = GradGuardCallback(clip=gg.GlobalNorm(1.0))
+    t = trainer(tmp_path, [cb])
+    t.fit(model, loader())
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+    saved = cb.guard.state_dict()
+
+    cb2 = GradGuardCallback(clip=gg.GlobalNorm(1.0))
+    model2 = Tiny(bad_steps={22})
+    t2 = trainer(tmp_path, [cb2], steps=25)
+    t2.fit(model2, loader(n=40), ckpt_path=ckpt)
+    g = cb2.guard
+    assert g.steps == 25
+    assert g.skipped_steps == 2
+    assert [e.step for e in g.events if e.kind == "nonfinite"] == [BAD_STEP, 22]
+    assert g.state_dict()["events"][0] == saved["events"][0]
+
+
+def test_warns_about_gradient_clip_val(tmp_path):
+    model = Tiny()
+    with pytest.warns(UserWarning, match="gradient_clip_val"):
+        trainer(tmp_path, [GradGuardCallback(clip=gg.GlobalNorm(1.0))], steps=2,
+                gradient_clip_val=1.0).fit(model, loader())
+
+
+def test_no_warning_without_gradient_clip_val(tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_clip_val.*")
+        trainer(tmp_path, [GradGuardCallback()], steps=2).fit(Tiny(), loader())
+
+
+def test_raise_mode_stops_fit(tmp_path):
+    with pytest.raises(gg.NonFiniteGradientError):
+        trainer(tmp_path, [GradGuardCallback(on_nonfinite="raise")], steps=5).fit(
+            Tiny(bad_steps={2}), loader())
+
+
+@pytest.mark.parametrize("bad, exc", [({"clip": 1.0}, TypeError), ({"on_nonfinite": "ignore"}, ValueError),
+                                      ({"scaler": object()}, TypeError)])
+def test_bad_arguments(bad, exc):
+    with pytest.raises(exc):
+        GradGuardCallback(**bad)
