@@ -1,0 +1,206 @@
+"""The dashboard's HTTP side: a read-only JSON API over ``RunStore`` and the page.
+
+Routes (all GET):
+    /                              the page
+    /static/{app.js,app.css}       the page's code
+    /static/plotly.min.js          from the installed ``plotly`` package
+    /api/runs                      ``RunStore.runs()``
+    /api/runs/{run}/steps          ``?start=&end=&max_points=`` global series
+    /api/runs/{run}/heatmap        ``?start=&end=&max_points=`` per-layer norms (log10)
+    /api/runs/{run}/layers         ``RunStore.layer_summary()``
+    /api/runs/{run}/events         events with messages and advice
+
+Unknown runs and anything that is not a run of the log dir answer 404.
+Non-finite numbers are sent as ``null`` (JSON has no NaN).
+"""
+from __future__ import annotations
+
+import math
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..record import RunNotFound, RunStore
+
+__all__ = ["create_app", "serve", "start_server", "api_payload", "STATIC"]
+
+STATIC = Path(__file__).parent / "static"
+STEPS_POINTS = 2000
+HEAT_POINTS = 400
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _plotly_js() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+def _clean(a: np.ndarray) -> list:
+    """float array -> list with None for NaN/Inf (JSON has neither)."""
+    a = np.asarray(a, dtype=np.float64)
+    out = a.astype(object)
+    out[~np.isfinite(a)] = None
+    return out.tolist()
+
+
+def _clean_obj(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean_obj(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean_obj(v) for v in x]
+    return x
+
+
+def _int_arg(params, name):
+    v = params.get(name)
+    if v in (None, ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+
+
+def api_payload(store: RunStore, kind: str, run: str | None = None, start=None, end=None,
+                max_points=None):
+    """The JSON-ready answer of one API route (shared by the server and the report)."""
+    if kind == "runs":
+        return _clean_obj(store.runs())
+    if kind == "steps":
+        s = store.steps(run, start, end, max_points or STEPS_POINTS)
+        return {k: (v.tolist() if k == "step" else _clean(v)) for k, v in s.items()}
+    if kind == "heatmap":
+        h = store.layer_norms(run, start, end, max_points or HEAT_POINTS)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log10(h["norm"].astype(np.float64))
+        return {"step": h["step"].tolist(), "step_hi": h["step_hi"].tolist(),
+                "layers": [l["name"] for l in store.layers(run)],
+                "log10_norm": _clean(z.T), "nonfinite": h["nonfinite"].T.astype(int).tolist()}
+    if kind == "layers":
+        return _clean_obj(store.layer_summary(run))
+    if kind == "events":
+        return _clean_obj([e.to_dict() for e in store.events(run, start, end)])
+    raise ValueError(f"unknown API route {kind!r}")
+
+
+def create_app(log_dir, allowed_hosts: list[str] | None = None):
+    """The Starlette app serving ``log_dir`` read-only.
+
+    Args:
+        log_dir: directory of runs.
+        allowed_hosts: Host headers accepted (DNS-rebinding guard); None: any.
+    Returns:
+        a Starlette application.
+    """
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    store = RunStore(log_dir)
+    headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+    files = {"app.js": (STATIC / "app.js", "text/javascript"), "app.css": (STATIC / "app.css", "text/css"),
+             "plotly.min.js": (_plotly_js(), "text/javascript")}
+
+    def index(request):
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=headers)
+
+    def static(request):
+        name = request.path_params["name"]
+        if name not in files:  # a fixed set: no path from the URL reaches the disk
+            return PlainTextResponse("not found", 404, headers=headers)
+        path, media = files[name]
+        return FileResponse(path, media_type=media, headers={**headers, "Cache-Control": "max-age=3600"})
+
+    def api(kind):
+        def endpoint(request):
+            q = request.query_params
+            try:
+                body = api_payload(store, kind, request.path_params.get("run"), _int_arg(q, "start"),
+                                   _int_arg(q, "end"), _int_arg(q, "max_points"))
+            except RunNotFound:
+                return JSONResponse({"error": "run not found"}, 404, headers=headers)
+            except (ValueError, TypeError) as e:
+                return JSONResponse({"error": str(e)}, 400, headers=headers)
+            return JSONResponse(body, headers=headers)
+        return endpoint
+
+    routes = [Route("/", index), Route("/static/{name}", static), Route("/api/runs", api("runs"))]
+    routes += [Route(f"/api/runs/{{run}}/{k}", api(k)) for k in ("steps", "heatmap", "layers", "events")]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def _allowed_hosts(host: str) -> list[str] | None:
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return ["127.0.0.1", "localhost", "[::1]", "::1"]
+    return None
+
+
+class DashboardServer:
+    """A uvicorn server on a background thread (tests, notebooks). ``.url``, ``.stop()``."""
+
+    def __init__(self, server, thread, sock):
+        self._server, self._thread, self._sock = server, thread, sock
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def _server(log_dir, host, port):
+    import uvicorn
+
+    sock = _bind(host, port)
+    config = uvicorn.Config(create_app(log_dir, _allowed_hosts(host)), log_level="warning",
+                            access_log=False, lifespan="off")
+    return uvicorn.Server(config), sock
+
+
+def start_server(log_dir, host: str = "127.0.0.1", port: int = 0) -> DashboardServer:
+    """Serve ``log_dir`` on a thread; port 0 picks a free port. Returns a ``DashboardServer``.
+
+    Example:
+        >>> srv = start_server("runs"); print(srv.url); srv.stop()
+    """
+    import time
+
+    server, sock = _server(log_dir, host, port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return DashboardServer(server, thread, sock)
+
+
+def serve(log_dir, host: str = "127.0.0.1", port: int = 6060) -> None:
+    """Serve until interrupted (what ``gradguard dashboard`` runs)."""
+    server, sock = _server(log_dir, host, port)
+    h, p = sock.getsockname()[:2]
+    print(f"gradguard dashboard: http://{h}:{p}/  (log dir {Path(log_dir).resolve()}; Ctrl+C stops)",
+          flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
