@@ -1,0 +1,145 @@
+"""GradGuardCallback inside a real transformers.Trainer on a tiny random GPT-2 (no hub access)."""
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import gradguard as gg  # noqa: E402
+from gradguard.integrations.transformers import GradGuardCallback  # noqa: E402
+
+BAD_STEP = 4  # optimizer step (0-based) whose forward returns NaN logits
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 40, (n, 12), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def poison_at(model, step):
+    """Forward hook making the logits NaN at one forward call (batch = optimizer step here)."""
+    calls = {"n": 0}
+
+    def hook(mod, inp, out):
+        calls["n"] += 1
+        return out * math.nan if calls["n"] == step + 1 else out
+
+    model.lm_head.register_forward_hook(hook)
+
+
+class Snapshot(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step, self.before, self.after = step, None, None
+
+    @staticmethod
+    def _take(model, optimizer):
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        return ([p.detach().clone() for p in model.parameters()],
+                [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        if state.global_step == self.step:
+            self.before = self._take(model, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        if state.global_step == self.step + 1:
+            self.after = self._take(model, optimizer)
+
+
+def make_trainer(tmp_path, model, callbacks, steps=10, max_grad_norm=0.0):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, logging_steps=2,
+        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=max_grad_norm, report_to=[],
+        save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    return transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks)
+
+
+def test_train_skips_poisoned_step_and_logs(tmp_path):
+    model = tiny_model()
+    poison_at(model, BAD_STEP)
+    cb, snap = GradGuardCallback(clip=gg.GlobalNorm(0.5)), Snapshot(BAD_STEP)
+    tr = make_trainer(tmp_path, model, [cb, snap])
+    tr.train()
+
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    g = cb.guard
+    assert g.steps == 10 and g.skipped_steps == 1
+    ev = [e for e in g.events if e.kind == "nonfinite"]
+    assert [e.step for e in ev] == [BAD_STEP]
+    assert ev[0].layers  # the culprit tensors are named (Trainer did not clip first)
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    for a, b in zip(s0, s1):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    train_logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(train_logs) == 5
+    for h in train_logs:
+        assert h["gradguard/steps"] == 2
+        assert h["gradguard/global_norm_max"] > 0 and math.isfinite(h["gradguard/global_norm_mean"])
+        assert 0 < h["gradguard/clip_coef_min"] <= 1
+    assert [h["gradguard/skipped"] for h in train_logs] == [0, 0, 1, 0, 0]
+    assert [h["gradguard/skipped_total"] for h in train_logs] == [0, 0, 1, 1, 1]
+    # The policy clipped: pre-clip norms of a fresh GPT-2 are far above 0.5.
+    assert min(h["gradguard/clip_coef_min"] for h in train_logs) < 1
+
+
+def test_clipping_matches_trainer_max_grad_norm(tmp_path):
+    """gradguard's GlobalNorm(c) with max_grad_norm=0 trains the same weights as max_grad_norm=c."""
+    m1, m2 = tiny_model(1), tiny_model(1)
+    make_trainer(tmp_path / "a", m1, [GradGuardCallback(clip=gg.GlobalNorm(0.3))], steps=4).train()
+    make_trainer(tmp_path / "b", m2, [], steps=4, max_grad_norm=0.3).train()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    m3 = tiny_model(1)
+    make_trainer(tmp_path / "c", m3, [], steps=4).train()  # unclipped: must differ
+    assert any(not torch.allclose(a, c, rtol=1e-4) for a, c in zip(m1.parameters(), m3.parameters()))
+
+
+def test_delegated_clipping_still_skips(tmp_path):
+    model = tiny_model()
+    poison_at(model, 2)
+    cb = GradGuardCallback(clip=None)
+    make_trainer(tmp_path, model, [cb], steps=5, max_grad_norm=1.0).train()
+    assert cb.guard.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_warns_when_both_clip(tmp_path):
+    with pytest.warns(UserWarning, match="max_grad_norm"):
+        make_trainer(tmp_path, tiny_model(), [GradGuardCallback(clip=gg.GlobalNorm(1.0))], steps=1,
+                     max_grad_norm=1.0).train()
+
+
+def test_guard_state_round_trip(tmp_path):
+    model = tiny_model()
+    poison_at(model, 1)
+    cb = GradGuardCallback()
+    make_trainer(tmp_path, model, [cb], steps=3).train()
+    cb2 = GradGuardCallback()
+    make_trainer(tmp_path, tiny_model(), [cb2], steps=1).train()
+    cb2.guard.load_state_dict(cb.guard.state_dict())
+    assert cb2.guard.state_dict() == cb.guard.state_dict()
+
+
+@pytest.mark.parametrize("bad, exc", [({"clip": 0.5}, TypeError), ({"on_nonfinite": "nan"}, ValueError)])
+def test_bad_arguments(bad, exc):
+    with pytest.raises(exc):
+        GradGuardCallback(**bad)
