@@ -101,7 +101,7 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
-    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     store = RunStore(log_dir)
@@ -133,7 +133,7 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
             return JSONResponse(body, headers=headers)
         return endpoint
 
-    routes = [Route("/", index), Route("/static/{name}", static), Route("/api/runs", api("runs"))]
+    routes = [Route("/", index), Route("/favicon.ico", lambda r: Response(status_code=204)), Route("/static/{name}", static), Route("/api/runs", api("runs"))]
     routes += [Route(f"/api/runs/{{run}}/{k}", api(k)) for k in ("steps", "heatmap", "layers", "events")]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)
