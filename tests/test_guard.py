@@ -394,4 +394,22 @@ def test_grad_scaler_composition(fused):
         ref_scaler.update()
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert [e.kind for e in guard.events] == ["amp_overflow"]
+    assert [e.kind for e in guard.events] == ["nonfinite"]  # a NaN loss is not a scaler overflow
+
+
+def test_grad_scaler_overflow_is_an_info_event():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    guard = gg.Guard(model, opt, scaler=scaler)
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    model[0].weight.grad[0, 0] = math.inf  # what an fp16 overflow of the scaled gradient leaves
+    before = _state(model, opt)
+    assert guard.step(loss=loss).skipped
+    scaler.update()
+    _assert_bitwise(before, _state(model, opt))
+    assert scaler.get_scale() < 2.0 ** 16  # the scaler backed off
+    (ev,) = guard.events
+    assert (ev.kind, ev.severity) == ("amp_overflow", "info")

@@ -82,7 +82,7 @@ def nonfinite_event(step: int, names: list[str], max_abs: np.ndarray, loss: floa
     else:
         message = (f"global grad norm overflowed to {_fmt(global_norm)} although every gradient is "
                    f"finite; step {what}.")
-    if amp:
+    if amp and not loss_bad:  # the scaler's own overflow; a NaN loss is a real problem
         return Event(step, "amp_overflow", "info", layers,
                      "GradScaler found Inf/NaN in the scaled gradients (normal while it calibrates "
                      "its scale); " + message[0].lower() + message[1:],
@@ -780,9 +780,11 @@ class WeightGrowthDetector(Detector):
     def _layer_norms(self) -> np.ndarray:
         import torch
 
-        with torch.no_grad():
-            ns = [torch.linalg.vector_norm(p.detach().float()) for p in self._params]
-            return torch.stack([n.cpu() for n in ns]).double().numpy()  # host sync: bind / event only
+        from .stats import compute_stats  # full-tensor norms, DTensor shards included
+
+        names = [str(i) for i in range(len(self._params))]
+        norms = compute_stats(names, [p.detach() for p in self._params]).norms
+        return norms.double().cpu().numpy()  # host sync: bind / event only
 
     def _row(self, step, row):
         pn = float(row[self.col["param_norm"]])
