@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "report": ("gradguard.report", "write a self-contained HTML report of a run"),
     "diagnose": ("gradguard.diagnose", "check a model's gradient flow before training"),
     "replay": ("gradguard.replay", "re-run a flight-recorder dump under anomaly detection"),
+    "bench": ("gradguard.bench", "run the overhead benchmark suite"),
 }
 
 
