@@ -178,3 +178,13 @@ def test_raise_mode_stops_fit(tmp_path):
 def test_bad_arguments(bad, exc):
     with pytest.raises(exc):
         GradGuardCallback(**bad)
+
+
+def test_importing_gradguard_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, gradguard, gradguard.integrations; "
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'keras') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
