@@ -58,7 +58,10 @@ class _StoreWriter:
 
     def create(self, run_name: str, layers: list[dict], config: dict) -> None:
         con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Big pages: per-layer BLOBs are ~300 KB per chunk; 4 KB pages would chain 75 overflow pages.
+        con.execute("PRAGMA page_size=65536")
         con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA wal_autocheckpoint=256")   # pages (16 MB) between checkpoints
         con.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: durable at checkpoints, fast
         con.executescript(DDL)
         con.execute("BEGIN")
