@@ -1,0 +1,79 @@
+"""`gradguard demo` end to end: short mode writes a readable store; the default rescues."""
+import io
+import math
+
+import pytest
+from rich.console import Console
+
+from gradguard.cli import main
+from gradguard.demo import run_demo, top_events
+from gradguard.events import Event
+
+pytest.importorskip("sklearn")
+
+
+def test_demo_cli_short_mode_writes_both_runs(tmp_path, capsys):
+    log_dir = tmp_path / "runs"
+    assert main(["demo", "--steps", "30", "--log-dir", str(log_dir), "--seed", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "unguarded" in out and "guarded" in out and "test accuracy" in out
+    assert out.rstrip().splitlines()[-1].strip() == f"gradguard dashboard {log_dir}"
+
+    from gradguard.record import RunStore  # the run store: read back what the demo wrote
+    store = RunStore(log_dir)
+    runs = store.runs()
+    assert len(runs) == 2
+    by_kind = {("unguarded" if "unguarded" in r["name"] else "guarded"): r for r in runs}
+    assert set(by_kind) == {"unguarded", "guarded"}
+    for kind, r in by_kind.items():
+        steps = store.steps(r["name"])
+        assert list(steps["step"]) == list(range(30))
+        assert all(math.isfinite(v) for v in steps["loss"])
+        assert isinstance(store.events(r["name"]), list)
+    assert by_kind["guarded"]["config"]["clip"] is not None
+    assert by_kind["unguarded"]["config"]["clip"] is None
+    assert by_kind["unguarded"]["config"]["on_nonfinite"] == "warn"
+
+
+def _quiet():
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_demo_is_deterministic_per_seed():
+    a = run_demo(steps=30, seed=1, log_dir=None, console=_quiet(), show_progress=False)
+    b = run_demo(steps=30, seed=1, log_dir=None, console=_quiet(), show_progress=False)
+    c = run_demo(steps=30, seed=2, log_dir=None, console=_quiet(), show_progress=False)
+    for x, y in zip(a, b):
+        assert (x.loss, x.accuracy, x.max_train_loss, x.clipped) == (y.loss, y.accuracy, y.max_train_loss, y.clipped)
+    assert a[0].loss != c[0].loss
+
+
+def test_default_demo_shows_a_rescue():
+    # The claim `make demo` makes: same seed, same init; unguarded fails, guarded learns.
+    ung, gua = run_demo(log_dir=None, console=_quiet(), show_progress=False)
+    assert ung.accuracy < 0.3 and not (ung.loss < 5)          # chance level, loss blown up (or NaN)
+    assert gua.accuracy > 0.8 and gua.loss < 1.0
+    assert gua.clipped > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--steps", "0"], "steps must be a positive int"),
+    (["--clip", "-1"], "clip must be a positive"),
+    (["--clip", "nan"], "clip must be a positive"),
+    (["--task", "fashion"], "needs --data"),
+])
+def test_demo_bad_arguments_exit_2(argv, needle, tmp_path, capsys):
+    assert main(["demo", "--log-dir", str(tmp_path), "--no-progress", *argv]) == 2
+    assert needle in capsys.readouterr().out
+
+
+def test_demo_missing_data_dir(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nope"), "--no-progress", "--log-dir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_top_events_orders_by_severity_and_dedups():
+    evs = [Event(5, "spike", "warning", [], "a"), Event(2, "nonfinite", "critical", [], "b"),
+           Event(1, "spike", "warning", [], "c"), Event(9, "info_thing", "info", [], "d")]
+    assert [(e.kind, e.step) for e in top_events(evs)] == [("nonfinite", 2), ("spike", 1), ("info_thing", 9)]
+    assert len(top_events(evs, n=1)) == 1
