@@ -17,11 +17,21 @@ Keras optimizer argument   gradguard policy
 =========================  ===========================
 
 Backend: ``KERAS_BACKEND=torch`` (the gradients are torch tensors, and the
-Guard is gradguard's torch core).  Other backends raise a clear error.
+Guard is gradguard's torch core); importing this module before Keras sets it
+when unset.  Other backends raise a clear error.
 """
 from __future__ import annotations
 
-import keras
+import os
+import sys
+
+# The guard is gradguard's torch core, so this integration needs Keras' torch backend.
+# If Keras is not imported yet and no backend was chosen, choose torch (Keras' own
+# default, TensorFlow, is then not needed); an explicit other choice gets a clear error.
+if "keras" not in sys.modules:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import keras  # noqa: E402
 
 from ..guard import Guard
 from ._common import DecisionOptimizer, LogWindow, check_on_nonfinite
