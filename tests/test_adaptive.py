@@ -533,3 +533,21 @@ def test_inside_perlayer_uses_the_subset(name):
     clone = gg.PerLayer({"0.*": make()}, default=None)
     clone.load_state_dict(per_layer.state_dict())
     assert str(clone.state_dict()) == str(per_layer.state_dict())
+
+
+@pytest.mark.parametrize("name", ["AutoClip", "ZClip", "AdaGC", "AdaGC-warm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_match_float32(name, dtype):
+    make = _policies()[name]
+    low, ref = make(), make()
+    gen = torch.Generator().manual_seed(0)
+    for t in range(30):
+        scale = 50.0 if t in (12, 25) else 1.0
+        g_low = [(torch.randn(8, 4, generator=gen) * scale).to(dtype), torch.randn(4, generator=gen).to(dtype)]
+        g_ref = [g.float() for g in g_low]  # the same values, exactly
+        c_low = low.clip_([None, None], g_low, compute_stats(["w", "b"], g_low))
+        c_ref = ref.clip_([None, None], g_ref, compute_stats(["w", "b"], g_ref))
+        torch.testing.assert_close(c_low, c_ref, rtol=1e-6, atol=0)
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        for a, b in zip(g_low, g_ref):
+            torch.testing.assert_close(a.float(), b.to(dtype).float(), rtol=tol, atol=1e-6)
