@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["deep_mlp", "exploding_mlp", "vanishing_mlp", "regression_batch"]
+__all__ = ["deep_mlp", "exploding_mlp", "vanishing_mlp", "regression_batch", "vanishing_case",
+           "exploding_case", "healthy_case"]
 
 
 def deep_mlp(depth: int, width: int, activation: str, gain: float, in_features: int = 16,
@@ -77,3 +78,20 @@ def regression_batch(batch_size: int = 64, in_features: int = 16,
 
 def mse(out: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(out, y)
+
+
+# Factories for `gradguard diagnose MODULE:FACTORY`: each returns (model, batch, loss_fn).
+def vanishing_case():
+    """``gradguard diagnose gradguard.tasks.deep:vanishing_case``"""
+    return vanishing_mlp(), regression_batch(), mse
+
+
+def exploding_case():
+    """``gradguard diagnose gradguard.tasks.deep:exploding_case``"""
+    return exploding_mlp(), regression_batch(), mse
+
+
+def healthy_case():
+    """A 4-layer ReLU MLP with He init: nothing critical to report."""
+    model = deep_mlp(4, 64, "relu", math.sqrt(2.0), generator=torch.Generator().manual_seed(0))
+    return model, regression_batch(), mse

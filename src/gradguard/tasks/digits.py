@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["read_idx", "load_fashion_mnist", "load_digits", "SequenceClassifier", "FASHION_FILES"]
+__all__ = ["read_idx", "load_fashion_mnist", "load_digits", "SequenceClassifier", "FASHION_FILES", "irnn_case"]
 
 # IDX type codes -> numpy big-endian dtypes (the format of LeCun's MNIST files).
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -155,3 +155,14 @@ class SequenceClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)
         return self.head(out[:, -1])
+
+
+def irnn_case(length: int = 100):
+    """``gradguard diagnose gradguard.tasks.digits:irnn_case``: an IRNN on the addition problem."""
+    import torch.nn.functional as F
+
+    from .pascanu import addition
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(2, 50, 1, "irnn")
+    return model, addition(20, length, torch.Generator().manual_seed(0)), F.mse_loss
