@@ -6,6 +6,7 @@
     loss.backward()
     report = guard.step(loss=loss)      # replaces optimizer.step()
 """
+from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
 from .events import Event, NonFiniteGradientError
 from .guard import Guard, StepReport
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Guard", "StepReport", "GradStats", "grad_stats",
     "ClipPolicy", "GlobalNorm", "PerTensorNorm", "Value", "PerLayer",
+    "AutoClip", "AGC", "ZClip", "AdaGC",
     "clip_grad_norm_", "clip_grad_value_",
     "Event", "NonFiniteGradientError",
 ]
