@@ -85,6 +85,7 @@ def test_dead_relus_and_saturated_tanh():
                  F.mse_loss)
     dead = kinds(d)["dead_relu"]
     assert dead.severity == "critical" and dead.layers == ["1"] and dead.data["fractions"]["1"] == 1.0
+    assert d.layers[0].dead == 1.0 and d.layers[1].dead is None   # attributed to the Linear before it
     tanh_net = deep_mlp(3, 32, "tanh", 20.0, generator=torch.Generator().manual_seed(0))
     d2 = diagnose(tanh_net, regression_batch(), F.mse_loss)
     sat = kinds(d2)["saturation"]

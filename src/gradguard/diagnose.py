@@ -311,12 +311,12 @@ def diagnose(model: nn.Module, batch, loss_fn) -> Diagnosis:
             info.weight_std = float(w.detach().float().std())  # host sync: one-off
         if name in act:
             info.saturated, info.dead = act[name]
-        else:
-            nxt = [a for a in act_names if order.get(a, -1) > order.get(name, 1 << 30)]
-            if nxt and (not layers or True):
-                later_owner = [o for o, _ in owners if order.get(o, -1) > order.get(name, 1 << 30)]
-                if not later_owner or order[nxt[0]] < order.get(later_owner[0], 1 << 30):
-                    info.saturated, info.dead = act[nxt[0]]
+        elif name in order:
+            # The first activation run after this layer and before the next one describes its output.
+            nxt_owner = min((order[o] for o, _ in owners if order.get(o, -1) > order[name]), default=1 << 30)
+            after = [a for a in act_names if order[name] < order[a] < nxt_owner]
+            if after:
+                info.saturated, info.dead = act[after[0]]
         layers.append(info)
 
     depth = sum(isinstance(m, _WEIGHTED) for m in model.modules())
