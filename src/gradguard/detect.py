@@ -451,9 +451,10 @@ class ExplodingDetector(Detector):
     Four rules, all on PRE-clip numbers:
 
     - absurd: global norm >= ``absurd`` (critical; no history needed).
-    - trend: over the last ``trend_window`` finite steps the log norm rose by
-      at least ``trend_growth``x, at an average rate of at least
-      ``min_rate``x per step, and the current step is the highest.
+    - trend: over the last ``trend_window`` finite steps the norm rose by at
+      least ``trend_growth``x, at a fitted rate of at least ``min_rate``x per
+      step, rising on >= 75% of the steps, and (after ``warmup``) it is
+      ``trend_growth``x above its median too.
     - level: the norm has been >= ``level_ratio`` x its own median (over
       ``history`` steps, after ``warmup``) for ``level_steps`` consecutive steps.
     - depth: weight-matrix norms (parameters with >= 2 dims, model order)
@@ -491,7 +492,7 @@ class ExplodingDetector(Detector):
         self.depth_monotone = float(depth_monotone)
         self.depth_min_layers = _check_int("depth_min_layers", depth_min_layers, 2)
         self.depth_every = _check_int("depth_every", depth_every, 1)
-        self._recent: deque = deque(maxlen=self.trend_window)   # (log norm, log per-layer norms)
+        self._recent: deque = deque(maxlen=self.trend_window - 1)  # (log norm, log per-layer norms)
         self._hist: deque = deque(maxlen=self.history)
         self._above = 0
         self._seen = 0
@@ -514,15 +515,17 @@ class ExplodingDetector(Detector):
                      f"global grad norm {g:.3g} is above the absurd limit {self.absurd:.3g}.",
                      {"rule": "absurd", "global_norm": g, "shares": shares})
 
-        if found is None and len(self._recent) == self.trend_window - 1:
+        if found is None and len(self._recent) == self._recent.maxlen:
             logs = np.array([r[0] for r in self._recent] + [lg])
-            rise = lg - logs.min()
+            rise = lg - logs[0]
             x = np.arange(len(logs), dtype=np.float64)
             slope = float(np.polyfit(x, logs, 1)[0])
-            if lg >= logs.max() and rise >= math.log(self.trend_growth) and slope >= math.log(self.min_rate):
-                start = self._recent[int(np.argmin(logs[:-1]))][1] if np.argmin(logs) < len(logs) - 1 \
-                    else self._recent[0][1]
-                layers, shares = _jump_culprits(self.names, norms, start)
+            rising = float(np.mean(np.diff(logs) > 0))
+            # far above the usual level too, so a dip and a recovery is not a trend
+            above = len(self._hist) < self.warmup or lg - _robust(self._hist)[0] >= math.log(self.trend_growth)
+            if (rise >= math.log(self.trend_growth) and slope >= math.log(self.min_rate)
+                    and rising >= 0.75 and above):
+                layers, shares = _jump_culprits(self.names, norms, self._recent[0][1])
                 top = f"; {shares[0]:.0%} of the growth from {layers[0]}" if layers else ""
                 found = ("warning", layers,
                          f"global grad norm grew {math.exp(rise):.0f}x in {len(logs) - 1} steps "
@@ -573,7 +576,7 @@ class ExplodingDetector(Detector):
     def load_state_dict(self, sd):
         self._load_base(sd)
         self._recent = deque([(float(a), _from_list(b)) for a, b in sd["recent"]],
-                             maxlen=self.trend_window)
+                             maxlen=self.trend_window - 1)
         self._hist = deque(sd["hist"], maxlen=self.history)
         self._above = int(sd["above"])
         self._seen = int(sd["seen"])
@@ -582,30 +585,41 @@ class ExplodingDetector(Detector):
 class LossSpikeDetector(Detector):
     """The loss jumping against its robust baseline (median / MAD of the last ``window`` losses).
 
-    Fires when ``loss > median + max(z * MAD_sigma, rel * |median|, abs_min)``
-    after ``warmup`` finite losses.  A spike enters the baseline clipped to the
-    threshold.  Culprits: layers whose gradient norm jumped most at that step.
+    While every loss in the window is positive the baseline is taken on
+    log(loss): loss distributions near convergence are skewed (a batch at 5x
+    the median loss is ordinary when the median is 0.02), and a jump in a
+    large loss (2.5 -> 4 for a language model) is still many MADs.  Otherwise
+    (losses <= 0) it works on the raw values.  Fires when the value exceeds
+    ``median + max(z * MAD_sigma, min_jump)`` after ``warmup`` finite losses,
+    where ``min_jump`` is ``log(ratio)`` in log space or ``abs_min`` raw.  A
+    spike enters the baseline clipped to the threshold.  Culprits: layers whose
+    gradient norm jumped most at that step.
 
     Args:
         window: losses in the baseline (default 100).
         warmup: finite losses before any verdict (default 20).
-        z: robust z-score threshold (default 6).
-        rel: minimum jump relative to |median| (default 0.5, i.e. +50%).
-        abs_min: minimum absolute jump (default 1e-6).
+        z: robust z-score threshold (default 12; heavy-tailed batch losses near
+            convergence reach z 9 in healthy runs).
+        ratio: minimum loss / median ratio for positive losses (default 1.5).
+        abs_min: minimum absolute jump for non-positive losses (default 1e-6).
+        min_scale: floor of the spread (log space; default 0.02).
         cooldown: steps between two events (default 10).
     """
 
     kind = "loss_spike"
 
-    def __init__(self, window: int = 100, warmup: int = 20, z: float = 6.0, rel: float = 0.5,
-                 abs_min: float = 1e-6, cooldown: int = 10):
+    def __init__(self, window: int = 100, warmup: int = 20, z: float = 12.0, ratio: float = 1.5,
+                 abs_min: float = 1e-6, min_scale: float = 0.02, cooldown: int = 10):
         super().__init__(cooldown)
         self.window = _check_int("window", window, 2)
         self.warmup = _check_int("warmup", warmup, 1)
         self.z = _check_pos("z", z)
-        self.rel = _check_pos("rel", rel, allow_zero=True)
+        self.ratio = _check_pos("ratio", ratio)
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {ratio!r}")
         self.abs_min = _check_pos("abs_min", abs_min, allow_zero=True)
-        self._hist: deque = deque(maxlen=self.window)
+        self.min_scale = _check_pos("min_scale", min_scale, allow_zero=True)
+        self._hist: deque = deque(maxlen=self.window)  # raw finite losses
         self._layers = _LayerRing(self.window)
 
     def _row(self, step, row):
@@ -613,22 +627,29 @@ class LossSpikeDetector(Detector):
         if row[self.col["loss_bad"]] > 0 or not math.isfinite(loss):
             return None
         ev = None
+        keep = loss
         if len(self._hist) >= self.warmup:
-            med, mad = _robust(self._hist)
-            thr = med + max(self.z * mad, self.rel * abs(med), self.abs_min)
-            if loss > thr:
+            hist = np.asarray(self._hist, np.float64)
+            logspace = loss > 0 and bool(np.all(hist > 0))
+            vals = np.log(hist) if logspace else hist
+            x = math.log(loss) if logspace else loss
+            med, mad = _robust(vals)
+            scale = max(mad, self.min_scale if logspace else 0.0)
+            thr = med + max(self.z * scale, math.log(self.ratio) if logspace else self.abs_min)
+            if x > thr:
                 layers, shares = [], []
                 if self._ok(row):
                     layers, shares = _jump_culprits(self.names, self._norms(row), self._layers.median())
-                zs = (loss - med) / mad if mad > 0 else math.inf
-                rel = f"{loss / med:.1f}x its median" if med > 0 else f"{loss - med:.3g} above its median"
+                zs = (x - med) / scale if scale > 0 else math.inf
+                med_loss = math.exp(med) if logspace else med
+                rel = f"{loss / med_loss:.1f}x its median" if logspace else f"{loss - med:.3g} above its median"
                 top = f"; largest grad-norm jump in {layers[0]}" if layers else ""
                 ev = self._emit(step, "warning", layers,
-                                f"loss {loss:.4g} jumped to {rel} {med:.4g} over the last "
+                                f"loss {loss:.4g} jumped to {rel} {med_loss:.4g} over the last "
                                 f"{len(self._hist)} steps (robust z {zs:.0f}){top}.",
-                                {"loss": loss, "median_loss": med, "z": zs, "shares": shares})
-                loss = thr
-        self._hist.append(loss)
+                                {"loss": loss, "median_loss": med_loss, "z": zs, "shares": shares})
+                keep = math.exp(thr) if logspace else thr
+        self._hist.append(keep)
         if self._ok(row):
             self._layers.push(_log(self._norms(row)))
         return ev
@@ -704,9 +725,13 @@ class VanishingDetector(Detector):
         if len(stuck):
             idx = stuck
             lo = int(idx[np.argmin(w[idx])])
-            msg = (f"{len(idx)} of {len(w)} weight layers have had grad norms below {self.rel:g}x the "
-                   f"largest ({top:.3g}) for {self.patience}+ steps; smallest {w[lo]:.3g} at "
-                   f"{self.names[self.weight_idx[lo]]}.")
+            if top <= self.floor:
+                msg = (f"all {len(w)} weight layers have had grad norms below {self.floor:g} for "
+                       f"{self.patience}+ steps (largest {top:.3g}): no layer is learning (dead units?).")
+            else:
+                msg = (f"{len(idx)} of {len(w)} weight layers have had grad norms below {self.rel:g}x "
+                       f"the largest ({top:.3g}) for {self.patience}+ steps; smallest {w[lo]:.3g} at "
+                       f"{self.names[self.weight_idx[lo]]}.")
             data = {"rule": "tiny", "largest": top, "smallest": float(w[lo])}
         elif self._depth >= self.patience:
             r = w[-1] / max(w[0], 1e-300)
@@ -808,7 +833,7 @@ class WeightGrowthDetector(Detector):
         if step - self._last_step < self.cooldown and _SEV[sev] <= self._last_sev:
             return None
         layers, ratios = self._culprits()
-        top = f"; {layers[0]} grew {ratios[0]:.1f}x since the start" if layers else ""
+        top = f"; {layers[0]} grew {ratios[0]:.3g}x since the start" if layers else ""
         return self._emit(step, sev, layers, msg + top + ".",
                           {"rms": rms, "param_norm": pn, "growth": rms / lo if lo > 0 else math.inf})
 
