@@ -363,7 +363,8 @@ class FlightRecorder(Action):
             "version": DUMP_VERSION, "step": event.step, "event": event.to_dict(),
             "names": list(guard.names), "global_cols": list(GLOBAL_COLS),
             "steps": list(self._steps),
-            "rows": torch.from_numpy(np.asarray(list(self._rows), np.float32).reshape(len(self._rows), -1)),
+            "rows": torch.from_numpy(np.asarray(list(self._rows), np.float32).reshape(
+                len(self._rows), len(GLOBAL_COLS) + 2 * len(guard.names))),
             "state_step": guard.steps, "exact": exact,
             "batch": self._batch_of(event.step), **capture_state(guard),
             "model_pickle": None, "loss_fn": None,

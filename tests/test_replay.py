@@ -1,0 +1,102 @@
+"""Flight recorder dumps and `gradguard replay`: the op and module that made the first NaN are named."""
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import cli
+from gradguard.act import FlightRecorder
+from gradguard.replay import replay
+
+
+class LogLayer(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN for negative inputs
+
+
+class DivLayer(nn.Module):
+    def forward(self, x):
+        return x / (x - x)  # division by zero
+
+
+class SqrtLayer(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x.abs() * 0)  # finite forward, Inf gradient at 0 -> NaN downstream
+
+
+def make(bad):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), bad, nn.Linear(4, 1))
+
+
+def mse(model, batch):  # module level: pickles into the dump
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _dump(model, tmp_path, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = FlightRecorder(tmp_path, loss_fn=mse, **kw)
+    guard = gg.Guard(model, opt, remedies={"critical": rec}, detectors=[])
+    batch = (torch.randn(8, 4), torch.randn(8, 1))
+    loss = mse(model, batch)
+    loss.backward()
+    guard.step(loss, batch=batch)
+    guard.flush()
+    assert len(rec.dumps) == 1, guard.events
+    ev = guard.events[0]
+    assert ev.kind == "nonfinite" and any("flight record" in a for a in ev.data["actions"])
+    return rec.dumps[0]
+
+
+def test_replay_names_log_of_negative(tmp_path, capsys):
+    path = _dump(make(LogLayer()), tmp_path)
+    res = replay(path)
+    assert res["phase"] == "forward" and res["op"] == "log" and res["module"] == "1"
+    assert res["module_type"] == "LogLayer"
+    assert cli.main(["replay", path]) == 1
+    out = capsys.readouterr().out
+    assert "op log in module 1 (LogLayer)" in out
+
+
+def test_replay_names_division_by_zero(tmp_path):
+    res = replay(_dump(make(DivLayer()), tmp_path))
+    assert res["phase"] == "forward" and res["module_type"] == "DivLayer"
+    assert res["op"] in ("div", "__truediv__")
+
+
+def test_replay_backward_only_nan(tmp_path):
+    res = replay(_dump(make(SqrtLayer()), tmp_path))
+    # sqrt'(0) = Inf, times the 0 of the product: NaN in the backward of SqrtLayer's ops
+    assert res["phase"] == "backward" and res["op"] in ("MulBackward0", "SqrtBackward0")
+    assert res["module"] == "1" and res["module_type"] == "SqrtLayer"
+
+
+def test_dump_contents(tmp_path):
+    model = make(LogLayer())
+    path = _dump(model, tmp_path, keep=3)
+    d = torch.load(path, weights_only=False)
+    assert d["step"] == 0 and d["exact"] is True and d["rows"].shape[0] == 1
+    assert d["names"] == [n for n, _ in model.named_parameters()]
+    for k, v in model.state_dict().items():
+        assert torch.equal(d["model"][k], v)
+    assert isinstance(d["batch"], tuple) and d["batch"][0].shape == (8, 4)
+    assert d["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_replay_clean_step_and_missing_batch(tmp_path, capsys):
+    model = nn.Sequential(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = FlightRecorder(tmp_path)
+    guard = gg.Guard(model, opt, detectors=[])
+    from gradguard.act import Remedies
+    guard.remedies = Remedies({"critical": rec}, guard)
+    batch = torch.randn(3, 4)
+    from gradguard.events import Event
+    rec.on_step(0, batch)
+    rec(Event(0, "spike", "critical", [], "m"), guard)
+    res = replay(rec.dumps[0])
+    assert res["phase"] is None and "no NaN" in str(res)
+    rec2 = FlightRecorder(tmp_path / "b")
+    rec2.bind(guard)
+    rec2(Event(1, "spike", "critical", [], "m"), guard)
+    assert cli.main(["replay", rec2.dumps[0]]) == 2
