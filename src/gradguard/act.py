@@ -282,7 +282,9 @@ class Rollback(Action):
                 f"{self.skip_batches} batches")
 
     def state_dict(self):
-        return {"snapshot_step": self.snapshot_step, "rollbacks": self.rollbacks}
+        # A memory snapshot does not survive a checkpoint; a disk one does.
+        return {"snapshot_step": self.snapshot_step if self.to is not None else None,
+                "rollbacks": self.rollbacks}
 
     def load_state_dict(self, sd):
         # The snapshot itself is not part of the state (it is a model copy);
