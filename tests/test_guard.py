@@ -413,3 +413,16 @@ def test_grad_scaler_overflow_is_an_info_event():
     assert scaler.get_scale() < 2.0 ** 16  # the scaler backed off
     (ev,) = guard.events
     assert (ev.kind, ev.severity) == ("amp_overflow", "info")
+
+
+def test_reused_grad_address_is_not_mistaken_for_a_double_step():
+    """zero_grad(set_to_none=True) frees the grads; the next ones may reuse their id()."""
+    model = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gg.Guard(model, opt, detectors=[])
+    x = torch.ones(2, 4)
+    for _ in range(50):
+        opt.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        guard.step()  # never raises "called twice"
+    assert guard.steps == 50

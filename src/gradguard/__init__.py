@@ -8,7 +8,12 @@
 """
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
+from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
+from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
+                     VanishingDetector, WeightGrowthDetector, default_detectors)
 from .events import Event, NonFiniteGradientError
+from .record import RunStore
+from .remedies import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
 from .stats import GradStats, grad_stats
 
@@ -20,4 +25,8 @@ __all__ = [
     "AutoClip", "AGC", "ZClip", "AdaGC",
     "clip_grad_norm_", "clip_grad_value_",
     "Event", "NonFiniteGradientError",
+    "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
+    "WeightGrowthDetector", "OverClippingDetector", "default_detectors",
+    "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
+    "penalty", "tbptt", "detach_hidden", "RunStore",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +83,10 @@ class StepReport:
     def __repr__(self) -> str:
         return (f"StepReport(step={self.step}, global_norm={self.global_norm:.4g}, "
                 f"clip_coef={self.clip_coef:.4g}, skipped={self.skipped})")
+
+
+def _grad_signature(grads: list[Tensor]) -> list:
+    return [(weakref.ref(g), g._version) for g in grads]
 
 
 def _is_fused(optimizer) -> bool:
@@ -174,7 +179,7 @@ class Guard:
         self._skipped = 0
         self._nonfinite = 0
         self._events: list[Event] = []
-        self._last_grads: list[tuple[int, int]] | None = None
+        self._last_grads: list | None = None
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
         self.detectors = list(detectors) if detectors is not None else default_detectors()
@@ -244,8 +249,11 @@ class Guard:
         if not grads:
             raise RuntimeError("guard.step(): no watched parameter has a gradient; "
                                "call loss.backward() before guard.step()")
-        sig = [(id(g), g._version) for g in grads]
-        if sig == self._last_grads:
+        # Same tensor objects (weak references: a freed gradient's id() can be
+        # reused by the next one) at the same version counter: no backward ran.
+        last = self._last_grads
+        if (last is not None and len(last) == len(grads)
+                and all(ref() is g and v == g._version for (ref, v), g in zip(last, grads))):
             raise RuntimeError("guard.step() called twice on the same gradients: run a new "
                                "backward (and zero the gradients) between steps")
         return names, params, grads, missing
@@ -308,7 +316,7 @@ class Guard:
             ev = self._nonfinite_event(self._step, stats, loss_t, skipped=True, scaler_on=scaler_on)
             self._events.append(ev)
             self._nonfinite += 1
-            self._last_grads = [(id(g), g._version) for g in grads]
+            self._last_grads = _grad_signature(grads)
             self._step += 1
             if self.remedies:
                 self.remedies.on_raise(self, ev)
@@ -321,7 +329,7 @@ class Guard:
             skipped, skip = torch.ones((), dtype=torch.bool, device=dev), True
         self._optimizer_step(skipped, grad_scale, scaler_on, skip)
 
-        self._last_grads = [(id(g), g._version) for g in grads]
+        self._last_grads = _grad_signature(grads)
         self._record(stats, bad, skipped, loss_t, coef)
         report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
         self.last_report = report
