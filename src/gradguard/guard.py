@@ -327,15 +327,20 @@ class Guard:
         if self.hold_steps > 0:  # a remedy (rollback) withholds the next batches
             self.hold_steps -= 1
             skipped, skip = torch.ones((), dtype=torch.bool, device=dev), True
-        self._optimizer_step(skipped, grad_scale, scaler_on, skip)
+        # The row is recorded before the optimizer step so that, when this step
+        # ends a flush interval (every step on CPU), the one copy to the host
+        # also carries the skip decision: no second read for non-fused optimizers.
+        self._record(stats, bad, skipped, loss_t, coef)
+        drained = self._buffer.drain() if len(self._buffer) >= self.flush_every else None
+        host_skipped = bool(drained[1][-1][1] > 0) if drained is not None else None
+        self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_skipped)
 
         self._last_grads = _grad_signature(grads)
-        self._record(stats, bad, skipped, loss_t, coef)
         report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
         self.last_report = report
         self._step += 1
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
+        if drained is not None:
+            self._process(*drained)
         return report
 
     def _agree(self, bad: Tensor) -> Tensor:
@@ -347,7 +352,8 @@ class Guard:
         return (flag[0] > 0).to(bad.device, non_blocking=True)
 
     def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
-                        skip: bool) -> None:
+                        skip: bool, host_skipped: bool | None = None) -> None:
+        """Step, or withhold the step.  ``host_skipped``: the decision already on the host."""
         opt = self.optimizer
         # A fused optimizer skipped through found_inf before its state exists
         # is left broken (torch's fused SGD keeps an uninitialised momentum
@@ -365,7 +371,8 @@ class Guard:
                 opt.grad_scale = grad_scale  # kept by GradScaler when grads are already unscaled
             self.scaler.step(opt)
             return
-        if host_skip and bool(skipped):  # host sync: fused optimizer's first steps only
+        if host_skip and (host_skipped if host_skipped is not None
+                          else bool(skipped)):  # host sync: fused optimizer's first steps only
             return
         if self.fused:
             had = {a: getattr(opt, a) for a in ("grad_scale", "found_inf") if hasattr(opt, a)}
@@ -380,7 +387,8 @@ class Guard:
                     else:
                         delattr(opt, a)
             return
-        if skip and bool(skipped):  # host sync: the one read per step for non-fused optimizers
+        if skip and (host_skipped if host_skipped is not None
+                     else bool(skipped)):  # host sync: one read per step for non-fused optimizers
             return
         opt.step()
 
@@ -434,7 +442,10 @@ class Guard:
 
     def flush(self) -> None:
         """Read pending rows back (one copy), build events, hand rows to the store."""
-        steps, rows = self._buffer.drain()
+        self._process(*self._buffer.drain())
+
+    def _process(self, steps: list[int], rows: np.ndarray) -> None:
+        """Host side of a flush: events, detectors, remedies, the store."""
         if not steps:
             return
         n = len(self.names)
