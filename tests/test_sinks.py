@@ -73,3 +73,16 @@ def test_sink_without_store(tmp_path):
     rec.close()
     assert rec.path is None and rec.failures == {}
     assert [e.step for e in _load(tmp_path / "only").Scalars("gradguard/global_norm")] == [0, 2]
+
+
+def test_guard_sinks_argument_without_log_dir(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, sinks=[TensorBoardSink(tmp_path, top_k=1)], run_name="tbonly")
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        guard.step()
+    guard.close()
+    assert guard.recorder.path is None
+    assert [e.step for e in _load(tmp_path / "tbonly").Scalars("gradguard/global_norm")] == [0, 1, 2]

@@ -108,6 +108,8 @@ class Guard:
         log_dir: where the run store is written (None: nothing is written).
             Under torch.distributed only rank ``log_rank`` writes (``"all"``:
             every rank, as runs named ``NAME-rankR``).
+        sinks: extra sinks fed the same rows and events, e.g.
+            ``[gradguard.sinks.TensorBoardSink("runs/tb")]``; work without ``log_dir``.
         scaler: a ``torch.amp.GradScaler``; the guard unscales, clips on the
             unscaled gradients and calls ``scaler.step(optimizer)``.  You still
             call ``scaler.update()``.
@@ -134,7 +136,7 @@ class Guard:
                  log_dir=None, *, scaler=None, flush_every: int | None = None,
                  run_name: str | None = None, detectors: list | None = None,
                  remedies: dict | None = None, param_norm_every: int = 10,
-                 process_group=None, log_rank: int | str = 0):
+                 process_group=None, log_rank: int | str = 0, sinks: list | None = None):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -201,13 +203,13 @@ class Guard:
                                       and 0 <= log_rank < self._world)):
             raise ValueError(f"log_rank must be a rank in [0, {self._world}) or 'all', got {log_rank!r}")
         self.recorder = None
-        if log_dir is not None and (log_rank == "all" or log_rank == self.rank):
+        if (log_dir is not None or sinks) and (log_rank == "all" or log_rank == self.rank):
             from .record import open_recorder  # the run store; lazy so the core stays light
 
             if log_rank == "all" and self._world > 1:
                 run_name = f"{run_name or 'run'}-rank{self.rank}"
             self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
-                                          config=self.config())
+                                          config=self.config(), sinks=sinks)
 
     # ------------------------------------------------------------------ info
     def _layer_info(self) -> list[dict]:
