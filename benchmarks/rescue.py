@@ -2,7 +2,8 @@
 
 For each task x length x seed, the same tanh RNN (50 units, the paper's size) from the same
 initialisation and the same batches is trained twice: plain SGD, and SGD under
-``gg.Guard(clip=gg.GlobalNorm(1.0), on_nonfinite="skip")``.  Success = under 1% errors on
+``gg.Guard(clip=gg.GlobalNorm(1.0), on_nonfinite="skip")`` (``--methods`` adds the adaptive
+policies of ``gradguard.adaptive`` with their papers' defaults).  Success = under 1% errors on
 10,000 fresh sequences (addition: squared error > 0.04 is an error).
 
 The paper trains for up to 5M updates; this machine gets a fixed budget of ``--steps``
@@ -28,12 +29,29 @@ import gradguard as gg
 from gradguard.tasks import SequenceClassifier, get_task
 
 
-def train(task, length, seed, steps, lr, guarded, hidden=50, batch=20):
+def make_policy(method):
+    """None for plain SGD, else the clipping policy named ``method``."""
+    if method == "sgd":
+        return None
+    if method == "globalnorm":
+        return gg.GlobalNorm(1.0)
+    from gradguard import adaptive  # the adaptive family, with each paper's defaults
+
+    return {"autoclip": adaptive.AutoClip, "zclip": adaptive.ZClip, "agc": adaptive.AGC,
+            "adagc": adaptive.AdaGC}[method]()
+
+
+LABELS = {"sgd": "SGD", "globalnorm": "SGD + GlobalNorm(1.0)", "autoclip": "SGD + AutoClip(p=10)",
+          "zclip": "SGD + ZClip", "agc": "SGD + AGC", "adagc": "SGD + AdaGC"}
+
+
+def train(task, length, seed, steps, lr, method, hidden=50, batch=20):
     torch.manual_seed(seed)
     model = SequenceClassifier(task.input_size, hidden, task.output_size, "rnn")
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), on_nonfinite="skip",
-                     flush_every=100, detectors=[]) if guarded else None
+    policy = make_policy(method)
+    guard = gg.Guard(model, opt, clip=policy, on_nonfinite="skip",
+                     flush_every=100, detectors=[]) if policy is not None else None
     gen = torch.Generator().manual_seed(1000 + seed)
     diverged = None
     for step in range(steps):
@@ -65,6 +83,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--methods", nargs="+", default=["sgd", "globalnorm"], choices=sorted(LABELS))
     p.add_argument("--json", default=None, help="write raw results here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,10 +94,10 @@ def main(argv=None):
         task = get_task(name)
         for L in a.lengths:
             for seed in range(a.seeds):
-                for guarded in (False, True):
+                for method in a.methods:
                     t = time.time()
-                    r = train(task, L, seed, a.steps, a.lr, guarded)
-                    r.update(task=name, length=L, seed=seed, method="gradguard" if guarded else "sgd",
+                    r = train(task, L, seed, a.steps, a.lr, method)
+                    r.update(task=name, length=L, seed=seed, method=method,
                              seconds=round(time.time() - t, 1))
                     results.append(r)
                     print(json.dumps(r), flush=True, file=sys.stderr)
@@ -90,12 +109,12 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for name in a.tasks:
         for L in a.lengths:
-            for m in ("sgd", "gradguard"):
+            for m in a.methods:
                 rs = [r for r in results if r["task"] == name and r["length"] == L and r["method"] == m]
                 ok = sum(r["error_rate"] < 0.01 for r in rs)
                 med = statistics.median(r["error_rate"] for r in rs)
                 nan = sum(r["diverged_at"] is not None for r in rs)
-                label = "SGD" if m == "sgd" else "SGD + GlobalNorm(1.0)"
+                label = LABELS[m]
                 print(f"| {name} | {L} | {label} | {ok}/{len(rs)} | {100 * med:.1f}% | {nan}/{len(rs)} |")
 
 

@@ -87,6 +87,9 @@ def test_task_error_rules():
     assert add.errors(out, y).tolist() == [False, True]
     to = get_task("temporal-order")
     assert to.errors(torch.tensor([[0., 1, 0, 0], [1., 0, 0, 0]]), torch.tensor([1, 2])).tolist() == [False, True]
+    nan, inf = float("nan"), float("inf")
+    assert add.errors(torch.tensor([[nan], [inf], [0.5]]), torch.full((3, 1), 0.5)).tolist() == [True, True, False]
+    assert to.errors(torch.tensor([[nan, 9., 0, 0], [0., 9, 0, 0]]), torch.tensor([1, 1])).tolist() == [True, False]
     with pytest.raises(ValueError, match="task must be one of"):
         get_task("copy")
 

@@ -140,10 +140,15 @@ class PascanuTask:
         return F.cross_entropy(out, y) if self.classification else F.mse_loss(out, y)
 
     def errors(self, out: Tensor, y: Tensor) -> Tensor:
-        """(B,) bool: which answers count as errors under the paper's rule."""
+        """(B,) bool: which answers count as errors under the paper's rule.
+
+        A non-finite output is always an error (a diverged model must not score:
+        ``NaN > 0.04`` is False, and argmax over NaN picks an arbitrary class).
+        """
+        finite = torch.isfinite(out).all(-1)
         if self.classification:
-            return out.argmax(-1) != y
-        return ((out - y) ** 2).squeeze(-1) > ADD_ERROR
+            return (out.argmax(-1) != y) | ~finite
+        return ~(((out - y) ** 2).squeeze(-1) <= ADD_ERROR) | ~finite
 
 
 TASKS = {
