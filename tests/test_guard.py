@@ -426,3 +426,24 @@ def test_reused_grad_address_is_not_mistaken_for_a_double_step():
         model(x).sum().backward()
         guard.step()  # never raises "called twice"
     assert guard.steps == 50
+
+
+def test_nonfinite_advice_depends_on_the_module():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(3, 8, batch_first=True)
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    model(torch.randn(4, 5, 3)).sum().backward()
+    model.rnn.weight_hh_l0.grad[0, 0] = math.nan
+    guard.step()
+    (ev,) = [e for e in guard.events if e.kind == "nonfinite"]
+    assert ev.layers[0] == "rnn.weight_hh_l0"
+    assert any("LSTM" in a for a in ev.advice) and any("tbptt" in a for a in ev.advice)

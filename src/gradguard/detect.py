@@ -55,7 +55,8 @@ def _fmt(x: float) -> str:
 
 
 def nonfinite_event(step: int, names: list[str], max_abs: np.ndarray, loss: float, loss_bad: bool,
-                    global_norm: float, skipped: bool, amp: bool = False, advice: list | None = None) -> Event:
+                    global_norm: float, skipped: bool, amp: bool = False, advice: list | None = None,
+                    module_types: tuple | None = None) -> Event:
     """The event for a step with NaN/Inf in gradients, loss or global norm.
 
     ``max_abs`` is per watched layer (NaN where the layer had no gradient is
@@ -88,6 +89,8 @@ def nonfinite_event(step: int, names: list[str], max_abs: np.ndarray, loss: floa
                      "its scale); " + message[0].lower() + message[1:],
                      ["Nothing to do unless this happens on most steps; then check the loss for NaN."],
                      {"loss": _num(loss), "global_norm": _num(global_norm), "skipped": skipped})
+    if advice is None and module_types is not None:
+        advice = advice_for("nonfinite", layers, *module_types)
     return Event(step, "nonfinite", "critical", layers, message,
                  list(advice) if advice else list(NONFINITE_ADVICE),
                  {"loss": _num(loss), "global_norm": _num(global_norm), "skipped": skipped})
@@ -169,6 +172,10 @@ def advice_for(kind: str, layers: list[str], owner: dict[str, str], all_types: s
             out.append(L2_ADVICE)
     elif kind == "loss_spike":
         out += [BATCH_ADVICE, ROLLBACK_ADVICE, CLIP_ADVICE, LR_ADVICE]
+    elif kind == "nonfinite":
+        if rnn:
+            out += [RNN_ADVICE, TBPTT_ADVICE]
+        out += list(NONFINITE_ADVICE)
     elif kind == "vanishing":
         if rnn:
             out += [RNN_ADVICE, TBPTT_ADVICE]

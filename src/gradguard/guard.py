@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .clip import ClipPolicy
 from .act import Remedies
-from .detect import default_detectors, nonfinite_event
+from .detect import _module_types, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
 from .stats import GradStats, compute_stats, local_grads, named_parameters
@@ -157,6 +157,7 @@ class Guard:
         self.model = model if isinstance(model, torch.nn.Module) else None  # for advice and rollback
         self.hold_steps = 0  # next steps whose optimizer step is withheld (set by Rollback)
         self.names = [n for n, _ in pairs]
+        self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
         watched = {id(p) for p in self.params}
         unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
@@ -220,7 +221,9 @@ class Guard:
         return {"clip": self.clip.config() if self.clip is not None else None,
                 "on_nonfinite": self.on_nonfinite, "optimizer": type(self.optimizer).__name__,
                 "fused": self.fused, "flush_every": self.flush_every,
-                "amp": self.scaler is not None}
+                "amp": self.scaler is not None,
+                "detectors": [type(d).__name__ for d in getattr(self, "detectors", [])],
+                "world_size": getattr(self, "_world", 1)}
 
     @property
     def steps(self) -> int:
@@ -440,7 +443,8 @@ class Guard:
             max_abs[self._index[n]] = v
         loss = float(loss_t) if loss_t is not None else math.nan  # host sync: bad step only
         return nonfinite_event(step, self.names, max_abs, loss, not math.isfinite(loss) and loss_t is not None,
-                               float(stats.global_norm), skipped, amp=scaler_on)  # host sync: bad step
+                               float(stats.global_norm), skipped, amp=scaler_on,  # host sync: bad step
+                               module_types=self._module_types)
 
     def flush(self) -> None:
         """Read pending rows back (one copy), build events, hand rows to the store."""
@@ -459,7 +463,7 @@ class Guard:
                 self._nonfinite += 1
                 ev = nonfinite_event(step, self.names, row[_G + n:_G + 2 * n].astype(np.float64),
                                      float(row[2]), bool(row[3] > 0), float(row[4]),
-                                     bool(row[1] > 0), amp=scaler_on)
+                                     bool(row[1] > 0), amp=scaler_on, module_types=self._module_types)
                 new_events.append(ev)
                 if self.on_nonfinite == "warn":
                     warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=2)
