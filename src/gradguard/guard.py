@@ -19,6 +19,7 @@ those rows (``detect.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -300,6 +301,10 @@ class Guard:
             bad = bad | ~torch.isfinite(loss_t)
         if self._world > 1:
             bad = self._agree(bad)
+        held = self.hold_steps > 0  # a remedy (rollback) withholds the next batches
+        # Policies see the guard's verdict: a step that will not be applied (NaN
+        # loss, another rank's NaN, held) never enters their statistics.
+        stats = dataclasses.replace(stats, veto=bad | held if held else bad)
         # Clipping works on local shards (DTensor gradients under FSDP2 / TP).
         params, grads = local_grads(params), local_grads(grads)
 
@@ -329,7 +334,7 @@ class Guard:
 
         skip = self.on_nonfinite == "skip"
         skipped = bad if skip else torch.zeros((), dtype=torch.bool, device=dev)
-        if self.hold_steps > 0:  # a remedy (rollback) withholds the next batches
+        if held:
             self.hold_steps -= 1
             skipped, skip = torch.ones((), dtype=torch.bool, device=dev), True
         # The row is recorded before the optimizer step so that, when this step

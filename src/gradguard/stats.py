@@ -54,6 +54,10 @@ class GradStats:
     global_norm: Tensor
     missing: list[str] = field(default_factory=list)
     sumsq: Tensor | None = field(default=None, repr=False)  # (P,) float64, exact sub-norms
+    # () bool set by the guard when the step is poisoned for another reason (a
+    # NaN loss, another rank's NaN, a step withheld by a remedy): policies must
+    # not learn from a step that will not be applied.
+    veto: Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -64,8 +68,9 @@ class GradStats:
 
     @property
     def bad(self) -> Tensor:
-        """() bool: a gradient holds NaN/Inf, or the global norm overflowed."""
-        return self.nonfinite.any() | ~torch.isfinite(self.global_norm)
+        """() bool: a gradient holds NaN/Inf, the global norm overflowed, or the guard vetoed the step."""
+        bad = self.nonfinite.any() | ~torch.isfinite(self.global_norm)
+        return bad if self.veto is None else bad | self.veto
 
     def subset(self, index: list[int]) -> "GradStats":
         """The statistics of ``names[i] for i in index`` (global norm recomputed)."""
@@ -79,6 +84,7 @@ class GradStats:
             global_norm=sumsq.sum().sqrt().to(self.norms.dtype),
             missing=[],
             sumsq=sumsq,
+            veto=self.veto,
         )
 
     def _sumsq(self) -> Tensor:
