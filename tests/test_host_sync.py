@@ -28,9 +28,9 @@ TORCH_OPTIM = str(Path(torch.optim.__file__).resolve().parent)
 OPTIMIZER = "<torch.optim>"
 READERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 # Host reads per step on CPU for a non-fused optimizer (default flush_every=1),
-# documented in docs/benchmarks.md "Host reads per step": the skip decision
-# (guard.py) and the buffer drain (record/buffer.py).  Target: 1.
-CPU_READS_PER_STEP = 2
+# documented in docs/benchmarks.md "Host reads per step": the buffer drain
+# (record/buffer.py), which also carries the skip decision.
+CPU_READS_PER_STEP = 1
 
 
 class SyncCounter:
@@ -181,8 +181,6 @@ def test_nonfused_cpu_reads_per_step_bounded(monkeypatch, tmp_path, opt, log_dir
     assert guard.skipped_steps == 1
 
 
-@pytest.mark.xfail(strict=True, reason="today 2 reads per step on CPU (skip flag + buffer drain); "
-                   "the lead merges them into one (drain before the optimizer step)")
 def test_nonfused_cpu_one_read_per_step(monkeypatch, tmp_path):
     _, per_step = _run(monkeypatch, tmp_path, 20, _nonfused("sgd"), 4)
     assert all(len(sites) <= 1 for _, sites in per_step), _fmt(per_step)
