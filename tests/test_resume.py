@@ -1,0 +1,184 @@
+"""Resume: a run stopped at step N and resumed from a checkpoint equals the uninterrupted run.
+
+``guard.state_dict()`` is saved with the model and optimizer checkpoint (a plain
+``torch.save`` file, loadable with torch's default ``weights_only=True``).  After
+the resume everything is bitwise what the uninterrupted run has on CPU:
+weights, optimizer state, adaptive thresholds (AutoClip / ZClip / AdaGC; AGC is
+stateless), detector baselines, remedy state, counters and events.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.adaptive import AGC, AdaGC, AutoClip, ZClip
+from gradguard.record import RunStore
+
+TOTAL = 32
+POISON = {3: "nan", 9: "inf_loss", 21: "nan"}
+SPIKES = (26,)  # gradients x1e3: a spike event once the detectors are warm
+
+POLICIES = {
+    "none": lambda: None,
+    "global": lambda: gg.GlobalNorm(1.0),
+    "autoclip": lambda: AutoClip(percentile=25, history=7),  # the window wraps before the stop
+    "zclip": lambda: ZClip(warmup=4, z_thresh=1.5),
+    "adagc": lambda: AdaGC(warmup=3),
+    "agc": lambda: AGC(0.05),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons across two runs
+    yield
+    torch.set_num_threads(n)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 2))
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(7 + i)
+    return torch.randn(8, 5, generator=g), torch.randn(8, 2, generator=g)
+
+
+def _build(policy, log_dir=None, run_name=None):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    guard = gg.Guard(model, opt, clip=POLICIES[policy](), log_dir=log_dir, run_name=run_name,
+                     remedies={"nonfinite": gg.LRBackoff(patience=1, recover_every=5)},
+                     param_norm_every=3)
+    return model, opt, guard
+
+
+def _steps(model, opt, guard, start, stop):
+    for i in range(start, stop):
+        x, y = _batch(i)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if POISON.get(i) == "nan":
+            model[2].weight.grad[0, 0] = math.nan
+        elif POISON.get(i) == "inf_loss":
+            loss = loss + math.inf
+        if i in SPIKES:
+            for p in model.parameters():
+                p.grad.mul_(1e3)
+        guard.step(loss=loss)
+
+
+def _same(a, b, path="state"):
+    """Deep bitwise equality: tensors (NaN == NaN), numpy arrays, floats (NaN == NaN)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
+            a.nan_to_num(), b.nan_to_num()), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, set(a) ^ set(b))
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("stop", [1, 14, 23])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_stop_and_resume_equals_uninterrupted(policy, stop, tmp_path):
+    model, opt, guard = _build(policy)
+    _steps(model, opt, guard, 0, TOTAL)
+    ref = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+
+    model, opt, guard = _build(policy)
+    _steps(model, opt, guard, 0, stop)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}, ckpt)
+    del model, opt, guard  # the process is gone
+
+    state = torch.load(ckpt)  # torch's default: weights_only=True
+    model, opt, guard = _build(policy)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    guard.load_state_dict(state["guard"])
+    assert guard.steps == stop
+    _steps(model, opt, guard, stop, TOTAL)
+
+    _same(ref["model"], model.state_dict(), "model")
+    _same(ref["opt"], opt.state_dict(), "optimizer")
+    _same(ref["guard"], guard.state_dict(), "guard")
+    # the run did something worth resuming: skips, events, a learned threshold
+    assert guard.skipped_steps == len(POISON)
+    kinds = {e.kind for e in guard.events}
+    assert "nonfinite" in kinds and "spike" in kinds, kinds
+
+
+def test_state_dict_is_weights_only_loadable_and_round_trips(tmp_path):
+    """Every piece of guard state survives torch.save / torch.load(weights_only=True)."""
+    model, opt, guard = _build("autoclip")
+    _steps(model, opt, guard, 0, 24)
+    sd = guard.state_dict()
+    torch.save(sd, tmp_path / "g.pt")
+    back = torch.load(tmp_path / "g.pt")
+    _same(sd, back)
+    _, _, other = _build("autoclip")
+    other.load_state_dict(back)
+    _same(sd, other.state_dict())
+
+
+def test_resume_mid_flush_interval(tmp_path):
+    """state_dict() flushes: rows pending in the device buffer are not lost."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, flush_every=8, log_dir=tmp_path, run_name="r")
+    _steps(model, opt, guard, 0, 5)  # 5 rows pending, step 3 poisoned
+    sd = guard.state_dict()
+    assert sd["step"] == 5 and sd["skipped"] == 1 and [e["step"] for e in sd["events"]] == [3]
+    guard.close()
+    assert RunStore(tmp_path).steps("r")["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a resumed guard opens a new run (r-2) instead of "
+                   "continuing its run from the checkpoint step: the store holds duplicate steps "
+                   "(those written after the checkpoint) and the run is split (fix pending)")
+def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
+    # Uninterrupted reference run
+    model, opt, guard = _build("zclip", tmp_path / "ref", "r")
+    _steps(model, opt, guard, 0, TOTAL)
+    guard.close()
+    ref = RunStore(tmp_path / "ref")
+
+    # Checkpoint at 14, keep training (and logging) to 19, then the process dies.
+    log = tmp_path / "log"
+    model, opt, guard = _build("zclip", log, "r")
+    _steps(model, opt, guard, 0, 14)
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    _steps(model, opt, guard, 14, 19)
+    guard.recorder.flush()  # steps 14..18 reached the store before the crash
+    del model, opt, guard
+
+    model, opt, guard = _build("zclip", log, "r")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    guard.load_state_dict(ckpt["guard"])
+    _steps(model, opt, guard, 14, TOTAL)
+    guard.close()
+
+    store = RunStore(log)
+    assert [r["name"] for r in store.runs()] == ["r"]  # one run, continued
+    got, want = store.steps("r"), ref.steps("r")
+    assert got["step"].tolist() == list(range(TOTAL))  # no duplicates, no gaps
+    for col in want:
+        np.testing.assert_array_equal(got[col], want[col], err_msg=col)
+    assert [e.to_dict() for e in store.events("r")] == [e.to_dict() for e in ref.events("r")]
