@@ -11,6 +11,7 @@ from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_g
 from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
                      VanishingDetector, WeightGrowthDetector, default_detectors)
+from .diagnose import Diagnosis, Finding, diagnose
 from .events import Event, NonFiniteGradientError
 from .record import RunStore
 from .remedies import detach_hidden, penalty, tbptt
@@ -28,5 +29,5 @@ __all__ = [
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
     "WeightGrowthDetector", "OverClippingDetector", "default_detectors",
     "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
-    "penalty", "tbptt", "detach_hidden", "RunStore",
+    "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]

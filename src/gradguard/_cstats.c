@@ -24,6 +24,7 @@
 enum { GG_F32 = 0, GG_F64 = 1, GG_F16 = 2, GG_BF16 = 3 };
 
 #define CHUNK ((int64_t)1 << 16)
+#define MIN_PER_THREAD ((int64_t)1 << 20)
 
 typedef struct {
     const void *ptr;
@@ -151,9 +152,11 @@ int gg_grad_stats(int64_t ntensors, const uint64_t *ptrs, const int64_t *numels,
         for (int i = 0; i < 65536; i++) f16_table[i] = half_to_float((uint16_t)i);
         __atomic_store_n(&f16_ready, 1, __ATOMIC_RELEASE);
     }
-    int64_t nchunks = 0;
-    for (int64_t k = 0; k < ntensors; k++)
+    int64_t nchunks = 0, total = 0;
+    for (int64_t k = 0; k < ntensors; k++) {
         nchunks += numels[k] > 0 ? (numels[k] + CHUNK - 1) / CHUNK : 0;
+        total += numels[k] > 0 ? numels[k] : 0;
+    }
     chunk_t *chunks = malloc(sizeof(chunk_t) * (nchunks ? nchunks : 1));
     double *cs = malloc(sizeof(double) * (nchunks ? nchunks : 1));
     uint64_t *cm = malloc(sizeof(uint64_t) * (nchunks ? nchunks : 1));
@@ -175,6 +178,10 @@ int gg_grad_stats(int64_t ntensors, const uint64_t *ptrs, const int64_t *numels,
     work_t w = {chunks, nchunks, cs, cm, 0};
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > 64) nt = 64;
+    /* Starting a thread costs ~50 us (more on a busy machine): worth it only
+     * when each thread gets a few MB to read. */
+    if ((int64_t)nt > total / MIN_PER_THREAD) nt = (int)(total / MIN_PER_THREAD);
+    if (nt < 1) nt = 1;
     if ((int64_t)nt > nchunks) nt = nchunks > 0 ? (int)nchunks : 1;
     pthread_t th[64];
     int started = 0;

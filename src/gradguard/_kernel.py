@@ -49,6 +49,7 @@ def _load():
 
 
 _fn = _load()
+_layout_cache: dict = {}
 
 
 def available() -> bool:
@@ -63,17 +64,26 @@ def cpu_stats(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     float64 (as torch does on CPU), so finite values up to ~1e150 never overflow.
     """
     n = len(grads)
-    ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.uint64, count=n)
-    numels = np.fromiter((g.numel() for g in grads), dtype=np.int64, count=n)
-    codes = np.fromiter((KERNEL_DTYPES[g.dtype][0] for g in grads), dtype=np.int32, count=n)
+    ptrs = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
+    key = tuple((g.numel(), g.dtype) for g in grads)
+    cached = _layout_cache.get(key)
+    if cached is None:  # shapes and dtypes repeat every step: build these once
+        cached = (np.array([k[0] for k in key], dtype=np.int64),
+                  np.array([KERNEL_DTYPES[k[1]][0] for k in key], dtype=np.int32))
+        if len(_layout_cache) > 16:
+            _layout_cache.clear()
+        _layout_cache[key] = cached
+    numels, codes = cached
     sumsq = np.empty(n, np.float64)
     maxbits = np.empty(n, np.uint64)
     rc = _fn(n, ptrs.ctypes.data, numels.ctypes.data, codes.ctypes.data,
              torch.get_num_threads(), sumsq.ctypes.data, maxbits.ctypes.data)
     if rc != 0:
         raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
+    if all(k[1] is torch.float32 for k in key):
+        return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
     maxabs = np.empty(n, np.float64)
-    for dt in {g.dtype for g in grads}:
+    for dt in {k[1] for k in key}:
         sel = codes == KERNEL_DTYPES[dt][0]
         bits = maxbits[sel].astype(KERNEL_DTYPES[dt][1])
         if dt is torch.bfloat16:

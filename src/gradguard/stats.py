@@ -152,7 +152,7 @@ def grad_stats(named_params) -> GradStats:
 
 
 def _check_grad(name: str, g: Tensor) -> None:
-    if g.is_sparse or g.layout != torch.strided:
+    if g.layout != torch.strided:
         raise TypeError(f"parameter {name!r} has a sparse gradient ({g.layout}); "
                         "gradguard supports dense gradients only")
 
@@ -194,17 +194,25 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
         z = torch.zeros(0)
         return GradStats([], z, z.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(()),
                          missing, torch.zeros(0, dtype=torch.float64))
+    # One Python pass over the tensors (this is per step): layout, dtype, kernel eligibility.
+    strided, f64, all_kernel = torch.strided, torch.float64, _kernel.available()
+    kdtypes = _kernel.KERNEL_DTYPES
+    has_f64 = False
     for name, g in zip(names, grads):
-        _check_grad(name, g)
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        if g.layout != strided:
+            _check_grad(name, g)
+        dtype = g.dtype
+        has_f64 = has_f64 or dtype == f64
+        if all_kernel and not (dtype in kdtypes and g.device.type == "cpu" and g.is_contiguous()):
+            all_kernel = False
+    out_dtype = torch.float64 if has_f64 else torch.float32
     dt = _dtensor_type()
     sharded = [i for i, g in enumerate(grads) if dt is not None and isinstance(g, dt)]
     if sharded:
         sumsq, maxabs = _local_sumsq_maxabs(local_grads(grads))
         sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
         return _finish(names, missing, out_dtype, sumsq, maxabs)
-    use_kernel = _kernel.available()
-    if use_kernel and all(_kernel_ok(g) for g in grads):
+    if all_kernel:
         # Fast path, all on CPU: the whole step is a few numpy ops.
         sumsq, maxabs = _kernel.cpu_stats(grads)
         with np.errstate(over="ignore", invalid="ignore"):
