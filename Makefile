@@ -1,32 +1,39 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # torch==2.13.0 is installed explicitly and only when torch is missing: an
-# unpinned torch would pull a multi-GB CUDA build.
+# unpinned torch (or a dependency asking for one) would pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.gradguard-installed
+DEPS   := pyproject.toml setup.py src/gradguard/_cstats.c
 
 .PHONY: demo test bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml setup.py src/gradguard/_cstats.c
+$(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+# The demo needs the package and its dashboard; the tests need every extra.
+$(VENV)/.installed-demo: $(VENV)/.torch $(DEPS)
+	$(PY) -m pip install -q -e ".[dashboard]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.torch $(DEPS)
 	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed-test
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/gradguard demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench_overhead.py
+bench: $(VENV)/.installed-test
+	$(VENV)/bin/gradguard bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/gradguard/*.so
