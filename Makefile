@@ -33,6 +33,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(VENV)/bin/gradguard bench
 
 clean:
