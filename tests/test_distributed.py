@@ -65,6 +65,13 @@ def _worker(rank, mode, port, out_dir):
             s = gg.grad_stats(m)
             res["stats"] = (s.names, s.norms.clone(), s.max_abs.clone(), s.global_norm.clone())
 
+            # AGC's whole-tensor units cannot be clipped shard by shard: refused clearly.
+            try:
+                gg.Guard(m, torch.optim.SGD(m.parameters(), lr=0.1), clip=gg.AGC(0.01))
+                res["agc"] = "accepted"
+            except ValueError as e:
+                res["agc"] = str(e)
+
             # 2. guarded steps with clipping, a NaN in rank 1's shard, a NaN loss on rank 0 only
             m = build()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -166,6 +173,7 @@ def test_fsdp2_matches_single_process(tmp_path):
         layers_step1 = next(layers for s, k, layers in res["events"] if s == 1)
         assert layers_step1[0] in ("2.weight", "2.bias")
     assert results[0]["params"][0].equal(results[1]["params"][0])
+    assert all("AGC is not supported with sharded" in r["agc"] for r in results)
 
 
 def test_ddp_matches_single_process_and_plain_ddp(tmp_path):

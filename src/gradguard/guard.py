@@ -86,6 +86,26 @@ class StepReport:
                 f"clip_coef={self.clip_coef:.4g}, skipped={self.skipped})")
 
 
+def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
+    """AGC's whole-tensor units (biases, norms) would be clipped per shard under FSDP2."""
+    from .adaptive import AGC
+    from .clip import PerLayer
+    from .stats import _dtensor_type
+
+    dt = _dtensor_type()
+    if dt is None or not any(isinstance(p, dt) for p in params):
+        return
+    stack = [clip]
+    while stack:
+        pol = stack.pop()
+        if isinstance(pol, AGC):
+            raise ValueError("clip: AGC is not supported with sharded (DTensor) parameters: its "
+                             "whole-tensor units (biases, norm weights) would be clipped shard by "
+                             "shard. Use GlobalNorm, AutoClip, ZClip or AdaGC under FSDP2.")
+        if isinstance(pol, PerLayer):
+            stack += list(pol.rules.values()) + ([pol.default] if pol.default is not None else [])
+
+
 def _grad_signature(grads: list[Tensor]) -> list:
     return [(weakref.ref(g), g._version) for g in grads]
 
@@ -170,6 +190,7 @@ class Guard:
         self.clip = clip
         if clip is not None:
             clip.bind(self.names)
+            _refuse_unitwise_on_shards(clip, self.params)
         self.on_nonfinite = on_nonfinite
         self.scaler = scaler
         self.fused = _is_fused(optimizer)
