@@ -6,7 +6,12 @@ them on its writer thread and counts (never raises) their failures.
 
     rec = guard.recorder                       # Guard(..., log_dir=...)
     rec.add_sink(TensorBoardSink("tb_logs"))
-"""
-from .tensorboard import TensorBoardSink
 
-__all__ = ["TensorBoardSink"]
+``WandbSink`` and ``MlflowSink`` need the ``wandb`` / ``mlflow`` extras; like
+TensorBoard, the framework is imported only when the sink opens.
+"""
+from .mlflow import MlflowSink
+from .tensorboard import TensorBoardSink
+from .wandb import WandbSink
+
+__all__ = ["TensorBoardSink", "WandbSink", "MlflowSink"]
