@@ -343,9 +343,6 @@ def test_failed_commit_leaves_no_phantom_rows(tmp_path):
 
 
 # ------------------------------------------------------------------ read-only
-@pytest.mark.xfail(strict=True, reason="BUG: Guard(log_dir=<read-only or full dir>) raises OSError / "
-                   "sqlite3.OperationalError from open_recorder instead of warning once and training "
-                   "without a store (fix pending)")
 @pytest.mark.parametrize("opts", ["ro,size=1m", "size=64k"], ids=["read_only", "full"])
 def test_unwritable_log_dir_at_start_warns_and_trains(tmp_path, opts):
     mnt = tmp_path / "fs"

@@ -10,7 +10,7 @@ from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
 from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
-                     VanishingDetector, WeightGrowthDetector, default_detectors)
+                     UnusedDetector, VanishingDetector, WeightGrowthDetector, default_detectors)
 from .diagnose import Diagnosis, Finding, diagnose
 from .events import Event, NonFiniteGradientError
 from .record import RunStore
@@ -27,7 +27,7 @@ __all__ = [
     "clip_grad_norm_", "clip_grad_value_",
     "Event", "NonFiniteGradientError",
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
-    "WeightGrowthDetector", "OverClippingDetector", "default_detectors",
+    "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "default_detectors",
     "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
     "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]

@@ -913,7 +913,7 @@ class OverClippingDetector(Detector):
     def _row(self, step, row):
         c = float(row[self.col["clip_coef"]])
         g = float(row[self.col["global_norm"]])
-        if not self._ok(row) or not math.isfinite(c):
+        if not self._ok(row) or not math.isfinite(c) or not math.isfinite(g):
             return None
         self._run = self._run + 1 if c < self.tiny else 0
         self._clipped.append(c < 1.0 - 1e-6)
@@ -948,7 +948,61 @@ class OverClippingDetector(Detector):
         self._gnorms = deque(sd["gnorms"], maxlen=self.window)
 
 
+class UnusedDetector(Detector):
+    """Trainable parameters that never received a gradient (an unused layer, a detached branch).
+
+    After ``patience`` steps, one warning event names every parameter with
+    ``requires_grad=True`` that had no gradient on any step so far (in the rows,
+    "no gradient" is a NaN norm).  Frozen parameters are not reported.
+    """
+
+    kind = "unused"
+
+    def __init__(self, patience: int = 100):
+        super().__init__(cooldown=0)
+        self.patience = _check_int("patience", patience, 1)
+        self._seen: np.ndarray | None = None
+        self._count = 0
+        self._done = False
+
+    def bind(self, guard):
+        super().bind(guard)
+        self._trainable = np.array([p.requires_grad for p in guard.params], dtype=bool)
+        if self._seen is None or len(self._seen) != self.n:
+            self._seen = np.zeros(self.n, dtype=bool)
+
+    def _row(self, step, row):
+        if self._done:
+            return None
+        self._seen |= ~np.isnan(self._norms(row))
+        self._count += 1
+        if self._count < self.patience:
+            return None
+        self._done = True
+        never = [self.names[i] for i in np.flatnonzero(self._trainable & ~self._seen)]
+        if not never:
+            return None
+        return Event(step, self.kind, "warning", never,
+                     f"{len(never)} trainable parameter(s) got no gradient in {self._count} steps "
+                     f"({_names_list(never)}): they are not trained.",
+                     ["Check that these layers are used in forward() and that no .detach() or "
+                      "torch.no_grad() cuts them off the loss.",
+                      "If they are meant to be frozen, set requires_grad_(False) (and leave them out "
+                      "of the optimizer)."],
+                     {"steps": self._count})
+
+    def state_dict(self):
+        return {"seen": self._seen.tolist() if self._seen is not None else None,
+                "count": self._count, "done": self._done}
+
+    def load_state_dict(self, sd):
+        if sd.get("seen") is not None:
+            self._seen = np.array(sd["seen"], dtype=bool)
+        self._count = int(sd["count"])
+        self._done = bool(sd["done"])
+
+
 def default_detectors() -> list[Detector]:
     """The detectors a ``Guard`` uses when ``detectors=None`` (pass ``[]`` for none)."""
     return [SpikeDetector(), ExplodingDetector(), LossSpikeDetector(), VanishingDetector(),
-            WeightGrowthDetector(), OverClippingDetector()]
+            WeightGrowthDetector(), OverClippingDetector(), UnusedDetector()]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sqlite3
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -231,8 +232,12 @@ class Guard:
 
             if log_rank == "all" and self._world > 1:
                 run_name = f"{run_name or 'run'}-rank{self.rank}"
-            self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
-                                          config=self.config(), sinks=sinks)
+            try:
+                self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
+                                              config=self.config(), sinks=sinks)
+            except (OSError, sqlite3.Error) as exc:  # a log sink never stops training
+                warnings.warn(f"gradguard: cannot write the run store in log_dir {log_dir} ({exc}); "
+                              "training continues without it", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ info
     def _layer_info(self) -> list[dict]:
@@ -314,6 +319,8 @@ class Guard:
         bad = stats.bad
         loss_t = None
         if loss is not None:
+            if not isinstance(loss, (Tensor, int, float)) or isinstance(loss, bool):
+                raise TypeError(f"loss must be a Tensor or a number, got {type(loss).__name__}")
             loss_t = (loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss)))
             loss_t = loss_t.to(dev, torch.float32, non_blocking=True)
             if loss_t.numel() != 1:
@@ -526,6 +533,7 @@ class Guard:
             "skipped": self._skipped,
             "nonfinite": self._nonfinite,
             "clip": self.clip.state_dict() if self.clip is not None else None,
+            "clip_config": self.clip.config() if self.clip is not None else None,
             "events": [e.to_dict() for e in self._events],
             "detectors": [d.state_dict() for d in self.detectors],
             "remedies": self.remedies.state_dict(),
@@ -543,6 +551,13 @@ class Guard:
             diff = sorted(theirs.symmetric_difference(self.names))[:3]
             raise ValueError(f"state_dict was saved for another model (parameter names differ, "
                              f"e.g. {diff})")
+        saved = state_dict.get("clip_config", state_dict.get("clip") and {"policy": "?"})
+        mine = self.clip.config() if self.clip is not None else None
+        if "clip_config" in state_dict and (saved or {}).get("policy") != (mine or {}).get("policy"):
+            def name(c):
+                return "None" if c is None else c.get("policy", "?")
+            raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
+                             f"clip={name(mine)}: its learned state would be lost or misread")
         self.flush()
         self._step = int(state_dict["step"])
         self._skipped = int(state_dict["skipped"])

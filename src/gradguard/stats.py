@@ -119,6 +119,9 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
     for name, p in pairs:
         if name in seen:
             raise ValueError(f"model: parameter name {name!r} appears twice")
+        if p.is_meta:
+            raise ValueError(f"model: parameter {name!r} is on the meta device: materialise the model "
+                             "(model.to_empty(device=...)) before building the guard")
         if not (p.is_floating_point()):
             raise TypeError(f"model: parameter {name!r} has dtype {p.dtype}; gradguard watches "
                             "real floating-point parameters only")
