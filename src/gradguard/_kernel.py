@@ -81,13 +81,15 @@ def cpu_stats(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     if rc != 0:
         raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
     if all(k[1] is torch.float32 for k in key):
-        return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling-NaN pattern widens to NaN, as it should
+            return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
     maxabs = np.empty(n, np.float64)
-    for dt in {k[1] for k in key}:
-        sel = codes == KERNEL_DTYPES[dt][0]
-        bits = maxbits[sel].astype(KERNEL_DTYPES[dt][1])
-        if dt is torch.bfloat16:
-            maxabs[sel] = (bits.astype(np.uint32) << 16).view(np.float32)
-        else:
-            maxabs[sel] = bits.view(_BITS_TO_FLOAT[dt])
+    with np.errstate(invalid="ignore"):  # signalling-NaN patterns widen to NaN, as they should
+        for dt in {k[1] for k in key}:
+            sel = codes == KERNEL_DTYPES[dt][0]
+            bits = maxbits[sel].astype(KERNEL_DTYPES[dt][1])
+            if dt is torch.bfloat16:  # bf16 is the top half of a float32
+                maxabs[sel] = (bits.astype(np.uint32) << 16).view(np.float32)
+            else:
+                maxabs[sel] = bits.view(_BITS_TO_FLOAT[dt])
     return sumsq, maxabs
