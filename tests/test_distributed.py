@@ -100,7 +100,8 @@ def _worker(rank, mode, port, out_dir):
             plain, guarded = DDP(_model()), DDP(_model())
             o1 = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
             o2 = torch.optim.SGD(guarded.parameters(), lr=0.05, momentum=0.9)
-            guard = gg.Guard(guarded.module, o2, clip=gg.GlobalNorm(1e6))
+            guard = gg.Guard(guarded.module, o2, clip=gg.GlobalNorm(1e6), detectors=[],
+                             log_dir=os.path.join(out_dir, "runs"), run_name="ddp")
             for step in range(5):
                 x, y = _data(step)
                 for m, o in ((plain, o1), (guarded, o2)):
@@ -114,6 +115,8 @@ def _worker(rank, mode, port, out_dir):
             res["same_as_plain_ddp"] = all(torch.equal(a, b) for a, b in
                                            zip(plain.parameters(), guarded.parameters()))
             res["skipped"] = guard.skipped_steps
+            res["writes_store"] = guard.recorder is not None
+            guard.close()
     finally:
         torch.save(res, os.path.join(out_dir, f"{mode}-{rank}.pt"))
         dist.destroy_process_group()
@@ -183,6 +186,11 @@ def test_ddp_matches_single_process_and_plain_ddp(tmp_path):
         _check_stats(res["stats"], ref)
         assert res["same_as_plain_ddp"]
         assert res["skipped"] == 0
+    # Only rank 0 writes the run store (log_rank=0, the default).
+    assert [r["writes_store"] for r in results] == [True, False]
+    store = gg.RunStore(tmp_path / "runs")
+    assert [r["name"] for r in store.runs()] == ["ddp"]
+    assert len(store.steps("ddp")["step"]) == 5
 
 
 def test_log_rank_validation():
