@@ -168,9 +168,6 @@ class _Tx:
         return getattr(self._con, name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Recorder._write commits a flush's rows and its events in "
-                   "two transactions: a reader (or a kill) between them sees a NaN step without its "
-                   "event (fix pending)")
 def test_rows_and_their_events_commit_together(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -248,9 +245,6 @@ def test_full_disk_training_continues_reported_once(tiny_fs, caplog):
     assert steps[:3] == [0, 1, 2] and steps == sorted(set(steps))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: on a full disk SQLite rolls the transaction back itself; "
-                   "_StoreWriter.write then runs ROLLBACK again and reports 'cannot rollback - no "
-                   "transaction is active', hiding 'database or disk is full' (fix pending)")
 def test_full_disk_warning_names_the_cause(tiny_fs, caplog):
     caplog.set_level(logging.WARNING)
     model = _model()
@@ -315,9 +309,6 @@ def test_store_write_failure_reported_once_and_recovers(tmp_path, caplog, messag
     assert len(_store_warnings(caplog)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _StoreWriter advances seq/acc (row count and min/max "
-                   "pyramid) before COMMIT; a failed commit leaves them counting rows that were never "
-                   "written (fix pending)")
 def test_failed_commit_leaves_no_phantom_rows(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -84,6 +84,9 @@ class _StoreWriter:
 
     def write(self, steps: np.ndarray, rows: np.ndarray, global_cols: tuple, events: list) -> None:
         con = self.con
+        # The row counter and the pyramid's partial buckets advance with the
+        # rows; a failed commit must take them back with the rows.
+        saved = (self.seq, list(self.acc), self.global_cols)
         con.execute("BEGIN")
         try:
             if len(steps):
@@ -97,7 +100,9 @@ class _StoreWriter:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('updated_time', ?)", (str(time.time()),))
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            self.seq, self.acc, self.global_cols = saved
+            if con.in_transaction:  # on a full disk SQLite has already rolled back
+                con.execute("ROLLBACK")
             raise
 
     def _write_rows(self, con, steps, rows, global_cols):
@@ -292,15 +297,23 @@ class Recorder:
             else:
                 events += it[1]
         merged = [(cols, np.concatenate(s), np.concatenate(r)) for cols, s, r in batches]
-        if events:  # own transaction: a bad batch of rows must not take the events with it
+        if not merged and events:
             merged.append(((), np.empty(0, np.int64), np.empty((0, 0), np.float32)))
         for i, (cols, steps, rows) in enumerate(merged):
+            # A flush's events commit with its rows (a reader never sees a NaN
+            # step without its event); if that fails, the events are retried
+            # alone so a bad batch of rows cannot take them down with it.
             ev = events if (events and i == len(merged) - 1) else []
             if self._store is not None:
                 try:
                     self._store.write(steps, rows, cols, ev)
                 except Exception as e:
                     self._fail("store", e)
+                    if ev and len(steps):
+                        try:
+                            self._store.write(np.empty(0, np.int64), np.empty((0, 0), np.float32), (), ev)
+                        except Exception as e2:
+                            self._fail("store", e2)
             for s in self._sinks:
                 if len(steps):
                     self._call(s, "write_steps", steps, rows, cols)
