@@ -6,6 +6,7 @@ the resume everything is bitwise what the uninterrupted run has on CPU:
 weights, optimizer state, adaptive thresholds (AutoClip / ZClip / AdaGC; AGC is
 stateless), detector baselines, remedy state, counters and events.
 """
+import copy
 import math
 
 import numpy as np
@@ -149,9 +150,6 @@ def test_resume_mid_flush_interval(tmp_path):
     assert RunStore(tmp_path).steps("r")["step"].tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a resumed guard opens a new run (r-2) instead of "
-                   "continuing its run from the checkpoint step: the store holds duplicate steps "
-                   "(those written after the checkpoint) and the run is split (fix pending)")
 def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
     # Uninterrupted reference run
     model, opt, guard = _build("zclip", tmp_path / "ref", "r")
@@ -163,7 +161,8 @@ def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
     log = tmp_path / "log"
     model, opt, guard = _build("zclip", log, "r")
     _steps(model, opt, guard, 0, 14)
-    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    # deepcopy: a state_dict shares storage with the live model, a checkpoint must not
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()})
     _steps(model, opt, guard, 14, 19)
     guard.recorder.flush()  # steps 14..18 reached the store before the crash
     del model, opt, guard

@@ -534,6 +534,7 @@ class Guard:
             "nonfinite": self._nonfinite,
             "clip": self.clip.state_dict() if self.clip is not None else None,
             "clip_config": self.clip.config() if self.clip is not None else None,
+            "run": self.recorder.run_name if self.recorder is not None and self.recorder.path else None,
             "events": [e.to_dict() for e in self._events],
             "detectors": [d.state_dict() for d in self.detectors],
             "remedies": self.remedies.state_dict(),
@@ -565,6 +566,10 @@ class Guard:
         if self.clip is not None and state_dict.get("clip") is not None:
             self.clip.load_state_dict(state_dict["clip"])
         self._events = [Event.from_dict(e) for e in state_dict["events"]]
+        if self.recorder is not None and state_dict.get("run"):
+            # Continue the checkpointed run in the store (dropping what it logged after the
+            # checkpoint) rather than starting a second, overlapping one.
+            self.recorder.resume(state_dict["run"], self._step)
         dets = state_dict.get("detectors", [])
         if len(dets) != len(self.detectors):
             raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "

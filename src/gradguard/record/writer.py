@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -80,6 +81,51 @@ class _StoreWriter:
                          for i, l in enumerate(layers)])
         con.execute("COMMIT")
         self.n_layers = len(layers)
+        self.con = con
+
+    def reopen(self, resume_at: int) -> None:
+        """Continue an existing run from step ``resume_at``: its rows and events at or after that
+        step are dropped (they were written after the checkpoint being resumed) and the min/max
+        pyramid is rebuilt.  Costs one pass over the run's rows."""
+        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            con.close()
+            raise ValueError(f"run store {self.path} has schema version {version}; this gradguard "
+                             f"writes {SCHEMA_VERSION}")
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA wal_autocheckpoint=1024")
+        con.execute("PRAGMA synchronous=NORMAL")
+        self.n_layers = con.execute("SELECT count(*) FROM layers").fetchone()[0]
+        gc = con.execute("SELECT value FROM meta WHERE key = 'global_cols'").fetchone()
+        cols = tuple(json.loads(gc[0])) if gc else ()
+        G, L = len(cols), self.n_layers
+        seqs = [r[0] for r in con.execute("SELECT seq0 FROM chunks ORDER BY seq0")]
+        self.seq, self.acc, self.global_cols = 0, [None] * (LEVELS + 1), None
+        con.execute("BEGIN")
+        try:
+            con.execute("DELETE FROM summary")
+            con.execute("DELETE FROM events WHERE step >= ?", (int(resume_at),))
+            for seq0 in seqs:  # in order: rewritten rows never overtake unread chunks
+                n, steps, glob, norms, maxabs = con.execute(
+                    "SELECT n, steps, glob, norms, maxabs FROM chunks WHERE seq0 = ?", (seq0,)).fetchone()
+                con.execute("DELETE FROM chunks WHERE seq0 = ?", (seq0,))
+                steps = np.frombuffer(steps, np.int64)
+                rows = np.concatenate([np.frombuffer(glob, np.float32).reshape(n, G),
+                                       np.frombuffer(norms, np.float32).reshape(n, L),
+                                       np.frombuffer(maxabs, np.float32).reshape(n, L)], axis=1)
+                keep = steps < resume_at
+                if keep.any():
+                    self._write_rows(con, steps[keep], rows[keep], cols)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(self.seq),))
+            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [("status", "running"), ("updated_time", str(time.time()))])
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            con.close()
+            raise
         self.con = con
 
     def write(self, steps: np.ndarray, rows: np.ndarray, global_cols: tuple, events: list) -> None:
@@ -234,6 +280,26 @@ class Recorder:
             self._pending.append(item)
             self._pending_bytes += nbytes
             self._cv.notify()
+
+    def resume(self, run_name: str, step: int) -> bool:
+        """Continue the earlier run ``run_name`` of this log dir from ``step`` instead of the run
+        this recorder created (which must still be empty: it is deleted).  Rows and events the
+        earlier run holds at or after ``step`` are dropped.  Returns False (and changes nothing)
+        when there is no such run or this recorder already wrote rows."""
+        if self._store is None or self.path is None or run_name == self.run_name:
+            return False
+        target = self.path.parent / check_run_name(run_name)
+        self.flush()
+        with self._cv:
+            if self._store.seq or not (target / DB_NAME).exists():
+                return False
+            store = _StoreWriter(target / DB_NAME)
+            store.reopen(step)
+            old_store, old_path = self._store, self.path
+            self._store, self.path, self.run_name = store, target, run_name
+        old_store.finish("discarded")
+        shutil.rmtree(old_path, ignore_errors=True)
+        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written. Returns False on timeout."""
