@@ -533,7 +533,7 @@ class AdaGC(ClipPolicy):
             raise ValueError(f"state_dict: AdaGC gamma has shape {tuple(gamma.shape)} for {len(names)} names")
         self._register(names)
         full = torch.full((len(self._names),), math.inf, dtype=gamma.dtype)
-        full[torch.as_tensor([self._slot[n] for n in names], dtype=torch.long)] = gamma.cpu()
+        full[torch.as_tensor([self._slot[n] for n in names], dtype=torch.long)] = gamma.cpu()  # host sync: load_state_dict only
         self._gamma = full.to(gamma.device)
         self._count = _load_tensor(state_dict, "count").to(torch.int64).reshape(())
         self._index_cache.clear()

@@ -212,7 +212,7 @@ def _log(x: np.ndarray) -> np.ndarray:
 def _to_list(a) -> list:
     """Array -> nested list with NaN as None (NaN != NaN would break state comparisons)."""
     a = np.asarray(a, np.float64)
-    return np.where(np.isnan(a), None, a).tolist()
+    return np.where(np.isnan(a), None, a).tolist()  # numpy, no host sync
 
 
 def _from_list(x) -> np.ndarray:
@@ -757,8 +757,8 @@ class VanishingDetector(Detector):
         return self._emit(step, "warning", layers, msg, data)
 
     def state_dict(self):
-        return {**self._base_state(), "count": None if self._count is None else self._count.tolist(),
-                "depth": self._depth}
+        count = None if self._count is None else self._count.tolist()  # numpy, no host sync
+        return {**self._base_state(), "count": count, "depth": self._depth}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -992,7 +992,7 @@ class UnusedDetector(Detector):
                      {"steps": self._count})
 
     def state_dict(self):
-        return {"seen": self._seen.tolist() if self._seen is not None else None,
+        return {"seen": self._seen.tolist() if self._seen is not None else None,  # numpy, no host sync
                 "count": self._count, "done": self._done}
 
     def load_state_dict(self, sd):

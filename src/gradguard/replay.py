@@ -48,7 +48,7 @@ class _Watch(TorchFunctionMode):
 def _describe(t: torch.Tensor) -> str:
     t = t.detach().float()
     fin = t[torch.isfinite(t)]
-    rng = f"min {fin.min().item():.3g}, max {fin.max().item():.3g}" if fin.numel() else "no finite values"
+    rng = f"min {fin.min().item():.3g}, max {fin.max().item():.3g}" if fin.numel() else "no finite values"  # host sync: replay tool, not training
     return (f"shape {tuple(t.shape)}: {int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf, "
             f"{rng}")
 

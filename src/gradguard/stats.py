@@ -141,7 +141,7 @@ def grad_stats(named_params) -> GradStats:
 
     Example:
         >>> s = gg.grad_stats(model)
-        >>> s.global_norm, dict(zip(s.names, s.norms.tolist()))
+        >>> s.global_norm, s.names, s.norms   # device tensors; read them when you need them
     """
     pairs = named_parameters(named_params)
     names, grads, missing = [], [], []
