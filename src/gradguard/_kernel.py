@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import operator
 import os
 
 import numpy as np
@@ -49,7 +50,8 @@ def _load():
 
 
 _fn = _load()
-_layout_cache: dict = {}
+_codes_cache: dict = {}
+_data_ptr, _numel, _dtype = torch.Tensor.data_ptr, torch.Tensor.numel, operator.attrgetter("dtype")
 
 
 def available() -> bool:
@@ -64,28 +66,28 @@ def cpu_stats(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     float64 (as torch does on CPU), so finite values up to ~1e150 never overflow.
     """
     n = len(grads)
-    ptrs = np.array([g.data_ptr() for g in grads], dtype=np.uint64)
-    key = tuple((g.numel(), g.dtype) for g in grads)
-    cached = _layout_cache.get(key)
-    if cached is None:  # shapes and dtypes repeat every step: build these once
-        cached = (np.array([k[0] for k in key], dtype=np.int64),
-                  np.array([KERNEL_DTYPES[k[1]][0] for k in key], dtype=np.int32))
-        if len(_layout_cache) > 16:
-            _layout_cache.clear()
-        _layout_cache[key] = cached
-    numels, codes = cached
+    ptrs = np.fromiter(map(_data_ptr, grads), np.uint64, n)
+    numels = np.fromiter(map(_numel, grads), np.int64, n)
+    dtypes = list(map(_dtype, grads))
+    key = (n, tuple(dtypes))
+    codes = _codes_cache.get(key)
+    if codes is None:  # dtypes repeat every step: build the code array once
+        codes = np.array([KERNEL_DTYPES[d][0] for d in dtypes], dtype=np.int32)
+        if len(_codes_cache) > 16:
+            _codes_cache.clear()
+        _codes_cache[key] = codes
     sumsq = np.empty(n, np.float64)
     maxbits = np.empty(n, np.uint64)
     rc = _fn(n, ptrs.ctypes.data, numels.ctypes.data, codes.ctypes.data,
              torch.get_num_threads(), sumsq.ctypes.data, maxbits.ctypes.data)
     if rc != 0:
         raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
-    if all(k[1] is torch.float32 for k in key):
+    if all(d is torch.float32 for d in dtypes):
         with np.errstate(invalid="ignore"):  # a signalling-NaN pattern widens to NaN, as it should
             return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
     maxabs = np.empty(n, np.float64)
     with np.errstate(invalid="ignore"):  # signalling-NaN patterns widen to NaN, as they should
-        for dt in {k[1] for k in key}:
+        for dt in set(dtypes):
             sel = codes == KERNEL_DTYPES[dt][0]
             bits = maxbits[sel].astype(KERNEL_DTYPES[dt][1])
             if dt is torch.bfloat16:  # bf16 is the top half of a float32

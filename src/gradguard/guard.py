@@ -181,6 +181,7 @@ class Guard:
         self.names = [n for n, _ in pairs]
         self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
+        self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
         watched = {id(p) for p in self.params}
         unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
         if unseen:
@@ -333,8 +334,8 @@ class Guard:
         # Policies see the guard's verdict: a step that will not be applied (NaN
         # loss, another rank's NaN, held) never enters their statistics.
         stats = dataclasses.replace(stats, veto=bad | held if held else bad)
-        # Clipping works on local shards (DTensor gradients under FSDP2 / TP).
-        params, grads = local_grads(params), local_grads(grads)
+        if self._sharded:  # clipping works on local shards (DTensor gradients under FSDP2 / TP)
+            params, grads = local_grads(params), local_grads(grads)
 
         # Clipping: fold into the fused optimizer's grad_scale when possible.
         grad_scale = None

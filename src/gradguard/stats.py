@@ -18,6 +18,7 @@ but its ``global_norm`` is Inf: ``GradStats.bad`` covers both.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -164,8 +165,9 @@ def _kernel_ok(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.dtype in _kernel.KERNEL_DTYPES and g.is_contiguous()
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_type():
-    """DTensor's class when torch.distributed is usable, else None (imported lazily)."""
+    """DTensor's class when torch.distributed is usable, else None (imported lazily, once)."""
     if not torch.distributed.is_available():
         return None
     try:
@@ -181,8 +183,8 @@ def _dtensor_type():
 def local_grads(grads: list[Tensor]) -> list[Tensor]:
     """The local shard of every DTensor gradient (a view: in-place ops reach the DTensor)."""
     dt = _dtensor_type()
-    if dt is None:
-        return list(grads)
+    if dt is None or not any(isinstance(g, dt) for g in grads):
+        return grads
     return [g.to_local() if isinstance(g, dt) else g for g in grads]
 
 
@@ -200,17 +202,19 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     # One Python pass over the tensors (this is per step): layout, dtype, kernel eligibility.
     strided, f64, all_kernel = torch.strided, torch.float64, _kernel.available()
     kdtypes = _kernel.KERNEL_DTYPES
+    dt = _dtensor_type()
     has_f64 = False
-    for name, g in zip(names, grads):
+    sharded = []
+    for i, (name, g) in enumerate(zip(names, grads)):
         if g.layout != strided:
             _check_grad(name, g)
         dtype = g.dtype
         has_f64 = has_f64 or dtype == f64
-        if all_kernel and not (dtype in kdtypes and g.device.type == "cpu" and g.is_contiguous()):
+        if dt is not None and isinstance(g, dt):
+            sharded.append(i)
+        elif all_kernel and not (dtype in kdtypes and g.device.type == "cpu" and g.is_contiguous()):
             all_kernel = False
     out_dtype = torch.float64 if has_f64 else torch.float32
-    dt = _dtensor_type()
-    sharded = [i for i, g in enumerate(grads) if dt is not None and isinstance(g, dt)]
     if sharded:
         sumsq, maxabs = _local_sumsq_maxabs(local_grads(grads))
         sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
