@@ -447,3 +447,16 @@ def test_nonfinite_advice_depends_on_the_module():
     (ev,) = [e for e in guard.events if e.kind == "nonfinite"]
     assert ev.layers[0] == "rnn.weight_hh_l0"
     assert any("LSTM" in a for a in ev.advice) and any("tbptt" in a for a in ev.advice)
+
+
+@pytest.mark.parametrize("clip", [None, gg.GlobalNorm(1e-3), gg.Value(1e-3)])
+def test_double_step_detected_after_clipping(clip):
+    """Clipping bumps the gradients' version counters; a second step must still be caught."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, clip=clip)
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    guard.step()
+    with pytest.raises(RuntimeError, match="twice"):
+        guard.step()

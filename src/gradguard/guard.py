@@ -334,6 +334,7 @@ class Guard:
         # Policies see the guard's verdict: a step that will not be applied (NaN
         # loss, another rank's NaN, held) never enters their statistics.
         stats = dataclasses.replace(stats, veto=bad | held if held else bad)
+        user_grads = grads  # the double-step check watches these, not local views
         if self._sharded:  # clipping works on local shards (DTensor gradients under FSDP2 / TP)
             params, grads = local_grads(params), local_grads(grads)
 
@@ -355,7 +356,7 @@ class Guard:
             ev = self._nonfinite_event(self._step, stats, loss_t, skipped=True, scaler_on=scaler_on)
             self._events.append(ev)
             self._nonfinite += 1
-            self._last_grads = _grad_signature(grads)
+            self._last_grads = _grad_signature(user_grads)
             self._step += 1
             if self.remedies:
                 self.remedies.on_raise(self, ev)
@@ -374,7 +375,7 @@ class Guard:
         host_skipped = bool(drained[1][-1][1] > 0) if drained is not None else None
         self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_skipped)
 
-        self._last_grads = _grad_signature(grads)
+        self._last_grads = _grad_signature(user_grads)
         report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
         self.last_report = report
         self._step += 1
