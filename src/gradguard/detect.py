@@ -197,11 +197,20 @@ def advice_for(kind: str, layers: list[str], owner: dict[str, str], all_types: s
 
 
 # ------------------------------------------------------------------ helpers
+def _median_sorted(a: list) -> float:
+    h = len(a) // 2
+    return a[h] if len(a) % 2 else (a[h - 1] + a[h]) / 2
+
+
 def _robust(values) -> tuple[float, float]:
-    """(median, MAD scaled to a standard deviation) of finite values."""
-    a = np.asarray(values, dtype=np.float64)
-    med = float(np.median(a))
-    return med, _MAD * float(np.median(np.abs(a - med)))
+    """(median, MAD scaled to a standard deviation) of finite values.
+
+    Plain sorted() on the (short) history: the same numbers as np.median, at a
+    third of the cost on ~100 values, which matters as it runs on every row.
+    """
+    a = sorted(float(v) for v in values)
+    med = _median_sorted(a)
+    return med, _MAD * _median_sorted(sorted(abs(v - med) for v in a))
 
 
 def _log(x: np.ndarray) -> np.ndarray:
@@ -523,13 +532,20 @@ class ExplodingDetector(Detector):
                      {"rule": "absurd", "global_norm": g, "shares": shares})
 
         if found is None and len(self._recent) == self._recent.maxlen:
-            logs = np.array([r[0] for r in self._recent] + [lg])
+            logs = [r[0] for r in self._recent] + [lg]
             rise = lg - logs[0]
-            x = np.arange(len(logs), dtype=np.float64)
-            slope = float(np.polyfit(x, logs, 1)[0])
-            rising = float(np.mean(np.diff(logs) > 0))
-            # far above the usual level too, so a dip and a recovery is not a trend
-            above = len(self._hist) < self.warmup or lg - _robust(self._hist)[0] >= math.log(self.trend_growth)
+            if rise >= math.log(self.trend_growth):  # cheap test first: this runs on every row
+                # least-squares slope of log-norm over the window (closed form of a degree-1 polyfit)
+                n = len(logs)
+                xm, ym = (n - 1) / 2, sum(logs) / n
+                slope = (sum((i - xm) * (y - ym) for i, y in enumerate(logs))
+                         / sum((i - xm) ** 2 for i in range(n)))
+                rising = sum(b > a for a, b in zip(logs, logs[1:])) / (n - 1)
+                # far above the usual level too, so a dip and a recovery is not a trend
+                above = (len(self._hist) < self.warmup
+                         or lg - _robust(self._hist)[0] >= math.log(self.trend_growth))
+            else:
+                slope, rising, above = 0.0, 0.0, False
             if (rise >= math.log(self.trend_growth) and slope >= math.log(self.min_rate)
                     and rising >= 0.75 and above):
                 layers, shares = _jump_culprits(self.names, norms, self._recent[0][1])
@@ -919,6 +935,9 @@ class OverClippingDetector(Detector):
         self._clipped.append(c < 1.0 - 1e-6)
         self._coefs.append(c)
         self._gnorms.append(g)
+        if self._run < self.tiny_steps and (len(self._clipped) < self.window
+                                            or sum(self._clipped) < self.frac * self.window):
+            return None  # the common case, decided without the medians below
         med_g = float(np.median(self._gnorms))
         data = {"clip_coef": c, "global_norm": g, "median_norm": med_g}
         if self._run >= self.tiny_steps:
