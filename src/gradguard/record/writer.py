@@ -31,6 +31,11 @@ __all__ = ["Recorder", "open_recorder", "CHUNK_ROWS", "MAX_PENDING_BYTES"]
 log = logging.getLogger("gradguard.record")
 CHUNK_ROWS = 256                     # raw rows per stored chunk
 MAX_PENDING_BYTES = 512 * 2 ** 20    # beyond this, rows are dropped (and counted), not queued
+# The writer gathers rows for up to this long before a commit: a transaction per
+# training step (every step on CPU) would cost more than the rows themselves.
+# flush() and close() cut the wait short; readers poll every ~2 s anyway.
+BATCH_SECONDS = 0.2
+BATCH_BYTES = 8 * 2 ** 20
 
 
 def _unique_run_dir(log_dir: Path, run_name: str | None) -> tuple[str, Path]:
@@ -305,11 +310,16 @@ class Recorder:
         """Wait until everything queued so far is written. Returns False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._pending or self._busy:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cv.wait(left)
+            self._flushing += 1
+            self._cv.notify_all()
+            try:
+                while self._pending or self._busy:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left)
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self) -> None:
@@ -330,6 +340,7 @@ class Recorder:
 
     # ------------------------------------------------------------ writer side
     _busy = False
+    _flushing = 0  # callers waiting in flush(): the writer commits at once
 
     def _loop(self) -> None:
         while True:
@@ -338,6 +349,12 @@ class Recorder:
                     self._cv.wait()
                 if not self._pending and self._closed:
                     return
+                until = time.monotonic() + BATCH_SECONDS
+                while not (self._closed or self._flushing or self._pending_bytes >= BATCH_BYTES):
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 items, self._pending, self._pending_bytes = self._pending, [], 0
                 self._busy = True
             try:
