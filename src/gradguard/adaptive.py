@@ -272,7 +272,7 @@ class AGC(ClipPolicy):
         one = torch.ones((), device=dev)
         coefs = []
         for name, p, g in zip(stats.names, params, grads):
-            if self._excluded(name):
+            if self._excluded(name) or g.numel() == 0:
                 coefs.append(one)
                 continue
             w_norm = _unit_norms(p.detach())
@@ -499,7 +499,9 @@ class AdaGC(ClipPolicy):
         norms = stats.norms.to(dt)
         ok = _ok(stats)
         gamma = self._gamma.index_select(0, idx)
-        seen = torch.isfinite(gamma)
+        # A zero norm (LoRA's A while B is still zero, a zero-initialised head) is "not seen
+        # yet": a gamma of 0 would clip that tensor to nothing forever.
+        seen = torch.isfinite(gamma) & (gamma > 0)
         # per-tensor rule (unseen tensors: h = 1, gamma initialised below)
         h = torch.where(seen, (self.ratio * gamma / norms).clamp(max=1.0), torch.ones_like(norms))
         h = torch.where(torch.isnan(h), torch.ones_like(h), h)  # 0/0 on a zero gradient
@@ -508,7 +510,7 @@ class AdaGC(ClipPolicy):
             warm = self._count < self.warmup
             hg = _norm_coef(self.warmup_max_norm, stats.global_norm.to(dt))
             h = torch.where(warm, hg.expand_as(h), h)
-            ema = torch.where(warm, torch.minimum(gamma, hg * norms), ema)
+            ema = torch.where(warm, torch.where(seen, torch.minimum(gamma, hg * norms), hg * norms), ema)
         h = torch.where(ok, h, torch.ones_like(h))
         self._gamma = self._gamma.index_copy(0, idx, torch.where(ok, ema, gamma))
         self._count = self._count + ok.to(torch.int64)

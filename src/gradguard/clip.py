@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -34,7 +35,7 @@ EPS = 1e-6  # torch's clip_grad_norm_ adds this to the total norm
 
 def check_threshold(name: str, value, *, allow_inf: bool = True) -> float:
     """A positive threshold, or a ValueError/TypeError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         if isinstance(value, Tensor) and value.numel() == 1:
             value = float(value)  # host sync: configuration time, not per step
         else:
@@ -172,7 +173,9 @@ class PerTensorNorm(ClipPolicy):
         self.max_norm = check_threshold("max_norm", max_norm)
 
     def clip_(self, params, grads, stats):
-        coefs = self.max_norm / stats.norms.clamp(min=self.max_norm)
+        norms = stats.norms
+        # where(), not max_norm / max(norm, max_norm): with max_norm = inf that is inf/inf = NaN
+        coefs = torch.where(norms > self.max_norm, self.max_norm / norms, torch.ones_like(norms))
         coefs = torch.where(stats.bad, torch.ones_like(coefs), coefs)
         _scale_each_(grads, coefs)
         return coefs

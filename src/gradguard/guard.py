@@ -19,6 +19,7 @@ those rows (``detect.py``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sqlite3
@@ -196,7 +197,7 @@ class Guard:
         self.on_nonfinite = on_nonfinite
         self.scaler = scaler
         self.fused = _is_fused(optimizer)
-        self._state_len, self._state_ready = -1, False
+        self._state_key, self._state_ready = None, False
         devices = {p.device for p in self.params}
         self.device = self.params[0].device
         self.flush_every = flush_every or (1 if devices == {torch.device("cpu")} else 32)
@@ -210,7 +211,12 @@ class Guard:
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
         self.detectors = list(detectors) if detectors is not None else default_detectors()
-        for det in self.detectors:
+        for i, det in enumerate(self.detectors):
+            missing_api = [m for m in ("bind", "update", "state_dict", "load_state_dict")
+                           if not callable(getattr(det, m, None))]
+            if missing_api:
+                raise TypeError(f"detectors[{i}] ({type(det).__name__}) lacks {', '.join(missing_api)}: "
+                                "a detector needs bind, update, state_dict and load_state_dict")
             det.bind(self)
         self.remedies = Remedies(remedies, self, log_dir)
         self.last_report: StepReport | None = None
@@ -236,6 +242,8 @@ class Guard:
             try:
                 self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
                                               config=self.config(), sinks=sinks)
+                # A guard dropped without close() still ends its writer thread and connection.
+                weakref.finalize(self, self.recorder.close)
             except (OSError, sqlite3.Error) as exc:  # a log sink never stops training
                 warnings.warn(f"gradguard: cannot write the run store in log_dir {log_dir} ({exc}); "
                               "training continues without it", RuntimeWarning, stacklevel=2)
@@ -294,13 +302,16 @@ class Guard:
     def _scaler_active(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def step(self, loss: Tensor | float | None = None, batch=None) -> StepReport:
+    def step(self, loss: Tensor | float | None = None, batch=None, closure=None) -> StepReport:
         """Statistics, clipping, and the optimizer step unless the step is poisoned.
 
         Args:
             loss: this step's loss (tensor or float).  A NaN/Inf loss counts as
                 a poisoned step even when the gradients are finite.
             batch: this step's batch, kept (by reference) for a flight record.
+            closure: passed to ``optimizer.step(closure)`` (LBFGS and other
+                optimizers that re-evaluate the loss).  The statistics and the
+                clipping apply to the gradients of the backward you ran before.
         Returns:
             StepReport for this step.
         """
@@ -334,7 +345,7 @@ class Guard:
         # Policies see the guard's verdict: a step that will not be applied (NaN
         # loss, another rank's NaN, held) never enters their statistics.
         stats = dataclasses.replace(stats, veto=bad | held if held else bad)
-        user_grads = grads  # the double-step check watches these, not local views
+        user_params, user_grads = params, grads  # the user's tensors, not local shard views
         if self._sharded:  # clipping works on local shards (DTensor gradients under FSDP2 / TP)
             params, grads = local_grads(params), local_grads(grads)
 
@@ -353,11 +364,13 @@ class Guard:
                 coef = coefs.min().float() if coefs.numel() else one
 
         if self.on_nonfinite == "raise" and bool(bad):  # host sync: "raise" needs to know now
-            ev = self._nonfinite_event(self._step, stats, loss_t, skipped=True, scaler_on=scaler_on)
-            self._events.append(ev)
-            self._nonfinite += 1
+            # The step is withheld and recorded like a skip (row, count, event, store), then raised.
+            step = self._step
+            self._record(stats, bad, torch.ones((), dtype=torch.bool, device=dev), loss_t, coef)
             self._last_grads = _grad_signature(user_grads)
             self._step += 1
+            self._process(*self._buffer.drain())
+            ev = next(e for e in reversed(self._events) if e.step == step and e.kind in ("nonfinite", "amp_overflow"))
             if self.remedies:
                 self.remedies.on_raise(self, ev)
             raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
@@ -373,7 +386,7 @@ class Guard:
         self._record(stats, bad, skipped, loss_t, coef)
         drained = self._buffer.drain() if len(self._buffer) >= self.flush_every else None
         host_skipped = bool(drained[1][-1][1] > 0) if drained is not None else None
-        self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_skipped)
+        self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_skipped, user_params, closure)
 
         self._last_grads = _grad_signature(user_grads)
         report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
@@ -392,13 +405,13 @@ class Guard:
         return (flag[0] > 0).to(bad.device, non_blocking=True)
 
     def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
-                        skip: bool, host_skipped: bool | None = None) -> None:
+                        skip: bool, host_skipped: bool | None, params: list[Tensor], closure=None) -> None:
         """Step, or withhold the step.  ``host_skipped``: the decision already on the host."""
         opt = self.optimizer
         # A fused optimizer skipped through found_inf before its state exists
         # is left broken (torch's fused SGD keeps an uninitialised momentum
         # buffer), so until the state is there the skip is decided on the host.
-        host_skip = skip and self.fused and not self._fused_state_ready()
+        host_skip = skip and self.fused and not self._fused_state_ready(params)
         if scaler_on:
             # GradScaler sums its found_inf tensors to decide; ours joins them.
             found = self.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
@@ -409,7 +422,7 @@ class Guard:
                     return  # scaler.update() still backs off: it reads the same found_inf
             if grad_scale is not None:
                 opt.grad_scale = grad_scale  # kept by GradScaler when grads are already unscaled
-            self.scaler.step(opt)
+            self.scaler.step(opt) if closure is None else self.scaler.step(opt, closure)
             return
         if host_skip and (host_skipped if host_skipped is not None
                           else bool(skipped)):  # host sync: fused optimizer's first steps only
@@ -419,7 +432,7 @@ class Guard:
             opt.grad_scale = grad_scale
             opt.found_inf = skipped.float()
             try:
-                opt.step()
+                opt.step() if closure is None else opt.step(closure)
             finally:
                 for a in ("grad_scale", "found_inf"):
                     if a in had:
@@ -430,16 +443,19 @@ class Guard:
         if skip and (host_skipped if host_skipped is not None
                      else bool(skipped)):  # host sync: one read per step for non-fused optimizers
             return
-        opt.step()
+        opt.step() if closure is None else opt.step(closure)
 
-    def _fused_state_ready(self) -> bool:
-        """Whether every parameter the optimizer trains has its state (checked when it grows)."""
+    def _fused_state_ready(self, params: list[Tensor]) -> bool:
+        """Whether every parameter stepped now already has optimizer state.
+
+        Cached on (state size, which parameters have gradients): a parameter
+        whose first gradient arrives late must be checked again.
+        """
         state = self.optimizer.state
-        if len(state) != self._state_len:
-            self._state_len = len(state)
-            self._state_ready = all(
-                p.grad is None or len(state.get(p, ())) > 0
-                for g in self.optimizer.param_groups for p in g["params"])
+        key = (len(state), tuple(map(id, params)))
+        if key != self._state_key:
+            self._state_key = key
+            self._state_ready = all(len(state.get(p, ())) > 0 for p in params)
         return self._state_ready
 
     # ------------------------------------------------------------- recording
@@ -514,10 +530,12 @@ class Guard:
             raise alarm
 
     def close(self) -> None:
-        """Flush pending rows and close the run store."""
-        self.flush()
-        if self.recorder is not None:
-            self.recorder.close()
+        """Flush pending rows and close the run store (even if the last flush raises)."""
+        try:
+            self.flush()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
 
     def __enter__(self):
         return self
@@ -561,24 +579,32 @@ class Guard:
                 return "None" if c is None else c.get("policy", "?")
             raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
                              f"clip={name(mine)}: its learned state would be lost or misread")
+        dets = state_dict.get("detectors", [])
+        if len(dets) != len(self.detectors):
+            raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
+                             f"{len(self.detectors)} detectors")
+        # Load into copies first: a state that fails half-way must leave this guard untouched.
+        clip = copy.deepcopy(self.clip)
+        if clip is not None and state_dict.get("clip") is not None:
+            clip.load_state_dict(state_dict["clip"])
+        keep = {id(p): p for p in self.params}  # never copy the model's tensors
+        for d, sd in zip(copy.deepcopy(self.detectors, keep), dets):
+            d.load_state_dict(sd)
+        events = [Event.from_dict(e) for e in state_dict["events"]]
         self.flush()
         self._step = int(state_dict["step"])
         self._skipped = int(state_dict["skipped"])
         self._nonfinite = int(state_dict["nonfinite"])
         if self.clip is not None and state_dict.get("clip") is not None:
             self.clip.load_state_dict(state_dict["clip"])
-        self._events = [Event.from_dict(e) for e in state_dict["events"]]
-        if self.recorder is not None and state_dict.get("run"):
-            # Continue the checkpointed run in the store (dropping what it logged after the
-            # checkpoint) rather than starting a second, overlapping one.
-            self.recorder.resume(state_dict["run"], self._step)
-        dets = state_dict.get("detectors", [])
-        if len(dets) != len(self.detectors):
-            raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
-                             f"{len(self.detectors)} detectors")
         for d, sd in zip(self.detectors, dets):
             d.load_state_dict(sd)
+        self._events = events
         if "remedies" in state_dict:
             self.remedies.load_state_dict(state_dict["remedies"])
         self.hold_steps = int(state_dict.get("hold_steps", 0))
         self._last_grads = None
+        if self.recorder is not None and state_dict.get("run"):
+            # Continue the checkpointed run in the store (dropping what it logged after the
+            # checkpoint) rather than starting a second, overlapping one.
+            self.recorder.resume(state_dict["run"], self._step)

@@ -117,9 +117,14 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
     if not pairs:
         raise ValueError("model: no parameters to watch")
     seen: dict[str, Tensor] = {}
+    by_id: dict[int, str] = {}
     for name, p in pairs:
         if name in seen:
             raise ValueError(f"model: parameter name {name!r} appears twice")
+        if id(p) in by_id:  # tied weights listed twice would be counted and clipped twice
+            raise ValueError(f"model: parameter {name!r} is the same tensor as {by_id[id(p)]!r}; "
+                             "list each tensor once (as model.named_parameters() does)")
+        by_id[id(p)] = name
         if p.is_meta:
             raise ValueError(f"model: parameter {name!r} is on the meta device: materialise the model "
                              "(model.to_empty(device=...)) before building the guard")
