@@ -233,8 +233,8 @@ def main(argv=None) -> int:
         f"on that round's gradients (order rotates); medians of paired differences. {machine()}.",
         "",
         "gradguard = `Guard(model, opt, clip=GlobalNorm(1.0), log_dir=...)`: statistics for every "
-        "tensor, the six default detectors (spike, exploding, loss spike, vanishing, weight growth, "
-        f"over-clipping), NaN/Inf skip, and every step's row written to the SQLite store "
+        "tensor, the seven default detectors (spike, exploding, loss spike, vanishing, weight growth, "
+        f"over-clipping, unused), NaN/Inf skip, and every step's row written to the SQLite store "
         f"({events} events raised, {dropped} rows dropped).",
         "",
         "| variant | full step ms | update ms (after backward) | overhead: update vs plain, % of a step | overhead: end to end |",

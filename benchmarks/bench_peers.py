@@ -9,7 +9,7 @@ Same model, same batches, same fused AdamW for every variant, A/B interleaved:
   stabilityguard  ``GuardedOptimizer(opt, model).step(loss=...)``      (stabilityguard 0.3.0;
                   backward hooks on every module, so its backward is timed too)
   gradguard       ``Guard(model, opt, GlobalNorm(1.0), log_dir=...)``: per-tensor norm,
-                  max|g|, NaN/Inf skip, six detectors, every step stored
+                  max|g|, NaN/Inf skip, seven detectors, every step stored
 
 The peers are NOT dependencies: install them for benchmarking only, e.g.
 ``pip install --target /tmp/peers zclip autoclip stabilityguard --no-deps``;

@@ -5,7 +5,7 @@ A/B interleaved, medians of per-round ratios (order rotates each round):
      ``clip_grad_norm_`` (per-tensor fixed costs show here);
   2. parameter count 1M -> 500M in 100 tensors: ``grad_stats`` vs
      ``clip_grad_norm_`` vs one read of the bytes (``sum``);
-  3. logging interval: ``guard.step`` (GlobalNorm, fused AdamW, six detectors,
+  3. logging interval: ``guard.step`` (GlobalNorm, fused AdamW, seven detectors,
      run store) with ``flush_every`` 1 -> 256, 300 tensors, 3M parameters.
 
     python benchmarks/bench_scaling.py [--max-params 500e6] [--write docs/benchmarks.md]
