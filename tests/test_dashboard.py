@@ -250,3 +250,24 @@ def test_cli_arguments():
     dashboard.add_arguments(p)
     a = p.parse_args([])
     assert (a.log_dir, a.host, a.port) == ("runs", "127.0.0.1", 6060)
+
+
+def test_newer_schema_store_gives_a_clear_api_error(tmp_path):
+    import sqlite3
+
+    from gradguard.record.schema import DB_NAME
+
+    rec = open_recorder(tmp_path, run_name="future", layers=[{"name": "w", "shape": [1], "order": 0}])
+    rec.write_steps(np.arange(3), np.ones((3, len(GLOBAL_COLS) + 2), np.float32), GLOBAL_COLS)
+    rec.close()
+    con = sqlite3.connect(tmp_path / "future" / DB_NAME)
+    con.execute("PRAGMA user_version=99")
+    con.commit()
+    con.close()
+    srv = start_server(tmp_path, "127.0.0.1", 0)
+    try:
+        r = httpx.get(srv.url + "/api/runs/future/steps", timeout=10)
+        assert r.status_code == 400
+        assert "upgrade" in r.json()["error"] and "99" in r.json()["error"]
+    finally:
+        srv.stop()
