@@ -17,7 +17,12 @@ def test_demo_cli_short_mode_writes_both_runs(tmp_path, capsys):
     assert main(["demo", "--steps", "30", "--log-dir", str(log_dir), "--seed", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "unguarded" in out and "guarded" in out and "test accuracy" in out
-    assert out.rstrip().splitlines()[-1].strip() == f"gradguard dashboard {log_dir}"
+    # The exact command: the venv's script by path when the venv is not activated.
+    from gradguard.demo import _cli
+
+    last = out.rstrip().splitlines()[-1].strip()
+    assert last == f"{_cli()} dashboard {log_dir}"
+    assert last.split()[0].endswith("gradguard")
 
     from gradguard.record import RunStore  # the run store: read back what the demo wrote
     store = RunStore(log_dir)

@@ -333,7 +333,7 @@ def run_demo(task: str = "digits", steps: int | None = None, clip: float = 1.0, 
         console.print(f"[yellow]note:[/yellow] {n}")
     if log_dir is not None and not notes:
         console.print("\nBoth runs are in the run store. Open the dashboard with:\n")
-        console.print(f"    gradguard dashboard {shlex.quote(str(log_dir))}", highlight=False, markup=False,
+        console.print(f"    {_cli()} dashboard {shlex.quote(str(log_dir))}", highlight=False, markup=False,
                       soft_wrap=True)  # never wrapped: it must paste as one command
     return ung, gua
 
@@ -357,6 +357,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default="gradguard-runs", metavar="DIR",
                         help="run store directory (default ./gradguard-runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cli() -> str:
+    """How to call the gradguard command from here: bare if it is on PATH (an activated venv),
+    else by the path of the venv's script (``make demo`` does not activate the venv)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("gradguard")
+    on_path = shutil.which("gradguard")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "gradguard"
+    if script.exists():
+        try:
+            return shlex.quote(str(script.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(script))
+    return "gradguard"
 
 
 def run(args: argparse.Namespace) -> int:
