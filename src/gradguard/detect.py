@@ -387,7 +387,19 @@ class Detector:
 
 
 # ---------------------------------------------------------------- detectors
-class SpikeDetector(Detector):
+class _BaselineDetector(Detector):
+    """State shared by the spike detectors: a window of finite log values and per-layer baselines."""
+
+    def state_dict(self):
+        return {**self._base_state(), "hist": list(self._hist), "layers": self._layers.state_dict()}
+
+    def load_state_dict(self, sd):
+        self._load_base(sd)
+        self._hist = deque(sd["hist"], maxlen=self.window)
+        self._layers.load_state_dict(sd["layers"])
+
+
+class SpikeDetector(_BaselineDetector):
     """One-step outlier of the global gradient norm against a robust baseline.
 
     The baseline is the median / MAD of the log global norm over the last
@@ -451,14 +463,6 @@ class SpikeDetector(Detector):
             self._hist.append(lg)
         self._layers.push(lnorms)
         return ev
-
-    def state_dict(self):
-        return {**self._base_state(), "hist": list(self._hist), "layers": self._layers.state_dict()}
-
-    def load_state_dict(self, sd):
-        self._load_base(sd)
-        self._hist = deque(sd["hist"], maxlen=self.window)
-        self._layers.load_state_dict(sd["layers"])
 
 
 class ExplodingDetector(Detector):
@@ -605,7 +609,7 @@ class ExplodingDetector(Detector):
         self._seen = int(sd["seen"])
 
 
-class LossSpikeDetector(Detector):
+class LossSpikeDetector(_BaselineDetector):
     """The loss jumping against its robust baseline (median / MAD of the last ``window`` losses).
 
     While every loss in the window is positive the baseline is taken on
@@ -676,14 +680,6 @@ class LossSpikeDetector(Detector):
         if self._ok(row):
             self._layers.push(_log(self._norms(row)))
         return ev
-
-    def state_dict(self):
-        return {**self._base_state(), "hist": list(self._hist), "layers": self._layers.state_dict()}
-
-    def load_state_dict(self, sd):
-        self._load_base(sd)
-        self._hist = deque(sd["hist"], maxlen=self.window)
-        self._layers.load_state_dict(sd["layers"])
 
 
 class VanishingDetector(Detector):
