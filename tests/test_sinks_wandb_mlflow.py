@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,12 +180,18 @@ def _wandb_records(path: Path):
 
 def _wandb_history(root: Path, name: str):
     """(history rows as dicts of decoded JSON, summary dict, run record) of the offline run ``name``."""
-    found = []
-    for f in root.glob("wandb/offline-run-*/run-*.wandb"):
-        recs = list(_wandb_records(f))
-        runs = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
-        if runs and runs[0].display_name == name:
-            found.append(recs)
+    # wandb's service process writes the file: after finish() it can lag a moment behind.
+    for _ in range(100):
+        found = []
+        for f in root.glob("wandb/offline-run-*/run-*.wandb"):
+            recs = list(_wandb_records(f))
+            runs = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+            finished = any(r.WhichOneof("record_type") == "exit" for r in recs)
+            if runs and runs[0].display_name == name and finished:  # the whole run is on disk
+                found.append(recs)
+        if found:
+            break
+        time.sleep(0.1)
     (recs,) = found
     rows, summary = [], {}
     for r in recs:
