@@ -10,11 +10,13 @@ from gradguard.act import GuardAlarm, LRBackoff, Rollback
 from gradguard.events import Event
 
 
-def setup(remedies, detectors=None, opt_cls=torch.optim.Adam):
+def setup(remedies, detectors=None, opt_cls=torch.optim.Adam, flush_every=1):
+    """flush_every=1: remedies act on the step whose row fires (the mechanics under test)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = opt_cls(model.parameters(), lr=0.01)
-    guard = gg.Guard(model, opt, remedies=remedies, detectors=[] if detectors is None else detectors)
+    guard = gg.Guard(model, opt, remedies=remedies, detectors=[] if detectors is None else detectors,
+                     flush_every=flush_every)
     return model, opt, guard
 
 

@@ -151,9 +151,11 @@ def test_guard_global_norm_equals_clip_then_step(fused, max_norm):
 
 
 def test_fused_path_has_no_host_sync():
+    """The accelerator path (skip through found_inf, clip through grad_scale), run on CPU."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), flush_every=16)
+    guard._host_decisions = False  # what a CUDA guard does; CPU guards read each row (free)
     for i in range(5):
         x, y = _batch(i)
         opt.zero_grad()
@@ -460,3 +462,86 @@ def test_double_step_detected_after_clipping(clip):
     guard.step()
     with pytest.raises(RuntimeError, match="twice"):
         guard.step()
+
+
+_OPTS = {
+    "fused-adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+}
+_CLIPS = {
+    "none": lambda: None,
+    "global-clips": lambda: gg.GlobalNorm(0.05),  # below the usual norm: clips most steps
+    "global-idle": lambda: gg.GlobalNorm(1e9),
+    "per-tensor": lambda: gg.PerTensorNorm(0.1),
+    "autoclip": lambda: gg.AutoClip(percentile=50, history=5),
+}
+
+
+@pytest.mark.parametrize("clip", list(_CLIPS))
+@pytest.mark.parametrize("opt_name", list(_OPTS))
+def test_cpu_host_decisions_equal_the_device_path(opt_name, clip):
+    """CPU guards decide skip / scale from the row on the host; the accelerator path folds them
+    into found_inf / grad_scale tensors.  Same run, bitwise the same weights, optimizer state,
+    reports and rows (NaN gradient, NaN loss and a x1e3 spike included)."""
+    torch.set_num_threads(1)  # bitwise comparison of two runs
+    runs = []
+    for host in (True, False):
+        model = _model()
+        opt = _OPTS[opt_name](model.parameters())
+        guard = gg.Guard(model, opt, clip=_CLIPS[clip](), flush_every=4)
+        guard._host_decisions = host
+        reports, rows = [], []
+        for i in range(12):
+            x, y = _batch(i)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if i == 4:
+                model[0].weight.grad[0, 0] = math.nan
+            if i == 7:
+                loss = loss * math.nan
+            if i == 9:
+                for p in model.parameters():
+                    p.grad.mul_(1e3)
+            r = guard.step(loss=loss)
+            reports.append((bool(r.skipped), repr(float(r.global_norm)), float(r.clip_coef)))
+        guard.flush()
+        runs.append((_state(model, opt), reports, [e.to_dict() for e in guard.events], guard.skipped_steps))
+    (s_host, rep_host, ev_host, sk_host), (s_dev, rep_dev, ev_dev, sk_dev) = runs
+    _assert_bitwise(s_host, s_dev)
+    assert rep_host == rep_dev
+    assert ev_host == ev_dev and sk_host == sk_dev == 2
+    assert any(c < 1 for _, _, c in rep_host) == (clip not in ("none", "global-idle"))
+
+
+def test_cpu_default_flush_interval_and_poisoned_steps_flush_at_once(tmp_path):
+    """CPU default: rows reach detectors, remedies and the store every 16 steps, except that a
+    poisoned step is flushed at once (its remedy acts before the next step)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="r",
+                     remedies={"nonfinite": gg.LRBackoff(patience=1)})
+    assert guard.flush_every == 16
+
+    def step(i, poison=False):
+        x, y = _batch(i)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if poison:
+            model[0].bias.grad[0] = math.nan
+        guard.step()
+
+    for i in range(3):
+        step(i)
+    assert len(guard._buffer) == 3 and opt.param_groups[0]["lr"] == 0.1
+    step(3, poison=True)
+    assert len(guard._buffer) == 0 and opt.param_groups[0]["lr"] == 0.05  # acted at once
+    for i in range(4, 19):
+        step(i)
+    assert len(guard._buffer) == 15
+    step(19)  # rows 4..19: a full interval
+    assert len(guard._buffer) == 0
+    guard.recorder.flush()
+    assert gg.RunStore(tmp_path).steps("r")["step"].tolist() == list(range(20))
+    guard.close()

@@ -27,9 +27,9 @@ PKG = str(Path(gg.__file__).resolve().parent)
 TORCH_OPTIM = str(Path(torch.optim.__file__).resolve().parent)
 OPTIMIZER = "<torch.optim>"
 READERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-# Host reads per step on CPU for a non-fused optimizer (default flush_every=1),
-# documented in docs/benchmarks.md "Host reads per step": the buffer drain
-# (record/buffer.py), which also carries the skip decision.
+# Host reads per step on CPU, any optimizer, documented in docs/benchmarks.md
+# "Host reads per step": this step's row in the buffer (record/buffer.py), which
+# carries the skip decision and the clip coefficient, and is the drain at a flush.
 CPU_READS_PER_STEP = 1
 
 
@@ -103,11 +103,13 @@ def _grads(pairs, step: int, poison=None):
 
 
 def _run(monkeypatch, tmp_path, n_tensors, make_opt, steps, *, log_dir=False, flush_every=None,
-         poison_at=None, poison=math.nan):
+         poison_at=None, poison=math.nan, host=True):
+    """``host=False``: the accelerator path (decisions stay in device tensors), run on CPU."""
     pairs = _params(n_tensors)
     opt = make_opt([p for _, p in pairs])
     guard = gg.Guard(pairs, opt, clip=gg.GlobalNorm(1.0), flush_every=flush_every,
                      log_dir=tmp_path / "runs" if log_dir else None)
+    guard._host_decisions = host
     counter = SyncCounter(monkeypatch)
     per_step = []
     try:
@@ -144,14 +146,14 @@ def test_counter_sees_every_kind_of_read(monkeypatch):
 @pytest.mark.parametrize("log_dir", [False, True], ids=["no-store", "store"])
 @pytest.mark.parametrize("poison", [None, 1e30, 1e-30, math.nan, math.inf], ids=repr)
 def test_fused_adamw_no_reads_after_first_step(monkeypatch, tmp_path, log_dir, poison):
-    """Fused AdamW, flush interval longer than the run: no host read after step 0.
+    """Accelerator path, fused AdamW, flush interval longer than the run: no host read after step 0.
 
     Step 0 reads the skip flag once (the fused state does not exist yet); a
     poisoned step (NaN, Inf, huge, tiny gradient or a NaN loss) reads nothing more.
     """
     steps = 8
     guard, per_step = _run(monkeypatch, tmp_path, 20, lambda ps: torch.optim.AdamW(ps, fused=True),
-                           steps, log_dir=log_dir, flush_every=64, poison_at=4, poison=poison)
+                           steps, log_dir=log_dir, flush_every=64, poison_at=4, poison=poison, host=False)
     assert len(per_step[0][1]) <= 1, _fmt(per_step)
     later = [c for calls, _ in per_step[1:] for c in calls]
     assert later == [], _fmt(per_step)
@@ -187,11 +189,26 @@ def test_nonfused_cpu_one_read_per_step(monkeypatch, tmp_path):
 
 
 def test_nonfused_long_flush_reads_only_skip_flag(monkeypatch, tmp_path):
-    """flush_every > steps: the only per-step read left is the skip decision."""
-    _, per_step = _run(monkeypatch, tmp_path, 20, _nonfused("adam"), 5, flush_every=64)
+    """Accelerator path, flush_every > steps: the only per-step read left is the skip decision."""
+    _, per_step = _run(monkeypatch, tmp_path, 20, _nonfused("adam"), 5, flush_every=64, host=False)
     for calls, sites in per_step:
         assert len(calls) == 1 and len(sites) == 1, _fmt(per_step)
         assert next(iter(sites)).startswith("gradguard/guard.py"), _fmt(per_step)
+
+
+@pytest.mark.parametrize("flush_every", [None, 1, 64], ids=["default", "1", "64"])
+@pytest.mark.parametrize("poison", [None, math.nan, math.inf], ids=repr)
+@pytest.mark.parametrize("opt", ["fused-adamw", "sgd"])
+def test_cpu_one_read_per_step_from_the_row(monkeypatch, tmp_path, flush_every, poison, opt):
+    """CPU path: every step reads its own row once (the buffer, host memory), fused or not,
+    flushing or not, poisoned or not; the drain at a flush reuses that read."""
+    make = (lambda ps: torch.optim.AdamW(ps, fused=True)) if opt == "fused-adamw" else _nonfused("sgd")
+    guard, per_step = _run(monkeypatch, tmp_path, 20, make, 20, log_dir=True, flush_every=flush_every,
+                           poison_at=5, poison=poison)
+    assert all(len(calls) == 1 for calls, _ in per_step), _fmt(per_step)
+    lines = {c[1] for calls, _ in per_step for c in calls}
+    assert len(lines) == 1 and next(iter(lines)).startswith("gradguard/record/buffer.py"), lines
+    assert guard.steps == 20 and guard.skipped_steps == 1  # poison None: a NaN loss
 
 
 @pytest.mark.parametrize("make_opt,flush_every", [

@@ -58,7 +58,7 @@ def available() -> bool:
     return _fn is not None
 
 
-def cpu_stats(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def cpu_stats(grads: list[torch.Tensor], dtypes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sum of squares (float64) and max |g| (float64) for contiguous CPU tensors.
 
     The caller guarantees: CPU, contiguous, dtype in KERNEL_DTYPES.  NaN/Inf in
@@ -68,7 +68,8 @@ def cpu_stats(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     n = len(grads)
     ptrs = np.fromiter(map(_data_ptr, grads), np.uint64, n)
     numels = np.fromiter(map(_numel, grads), np.int64, n)
-    dtypes = list(map(_dtype, grads))
+    if dtypes is None:
+        dtypes = list(map(_dtype, grads))
     key = (n, tuple(dtypes))
     codes = _codes_cache.get(key)
     if codes is None:  # dtypes repeat every step: build the code array once

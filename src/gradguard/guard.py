@@ -20,8 +20,8 @@ those rows (``detect.py``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
+import operator
 import sqlite3
 import warnings
 import weakref
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .clip import ClipPolicy
 from .act import Remedies
-from .detect import _module_types, default_detectors, nonfinite_event
+from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
 from .stats import GradStats, compute_stats, local_grads, named_parameters
@@ -41,11 +41,15 @@ from .stats import GradStats, compute_stats, local_grads, named_parameters
 __all__ = ["Guard", "StepReport"]
 
 ON_NONFINITE = ("skip", "raise", "warn")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 # Row layout in the step buffer: these global columns, then 2 per layer.
 # "param_norm": total parameter L2 norm, every `param_norm_every` steps (NaN in between).
 GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr", "param_norm")
 _G = len(GLOBAL_COLS)
+# CPU default flush interval: detectors and the store take rows in batches of
+# 16 (a poisoned step is flushed at once); the skip decision is still per step.
+CPU_FLUSH_EVERY = 16
+_MISSING = object()
 
 
 @dataclass(eq=False)
@@ -108,8 +112,29 @@ def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
             stack += list(pol.rules.values()) + ([pol.default] if pol.default is not None else [])
 
 
-def _grad_signature(grads: list[Tensor]) -> list:
-    return [(weakref.ref(g), g._version) for g in grads]
+_version = operator.attrgetter("_version")
+_grad = operator.attrgetter("grad")
+_NoneType = type(None)
+
+
+def _grad_signature(grads: list[Tensor]) -> tuple[list, list]:
+    """Weak references to this step's gradients and their version counters."""
+    return list(map(weakref.ref, grads)), list(map(_version, grads))
+
+
+def _same_grads(sig: tuple[list, list] | None, grads: list[Tensor]) -> bool:
+    """Whether ``grads`` are the very tensors of ``sig``, unmodified (no backward ran).
+
+    Weak references: a freed gradient's id() can be reused by the next one.
+    """
+    if sig is None or len(sig[0]) != len(grads):
+        return False
+    refs, versions = sig
+    # The first tensor decides almost every call (a new backward makes new
+    # tensors, or bumps their versions when accumulating).
+    if refs[0]() is not grads[0] or versions[0] != grads[0]._version:
+        return False
+    return all(r() is g for r, g in zip(refs, grads)) and versions == list(map(_version, grads))
 
 
 def _is_fused(optimizer) -> bool:
@@ -136,8 +161,12 @@ class Guard:
         scaler: a ``torch.amp.GradScaler``; the guard unscales, clips on the
             unscaled gradients and calls ``scaler.step(optimizer)``.  You still
             call ``scaler.update()``.
-        flush_every: steps between host reads of the recorded rows (default 1
-            on CPU, 32 on accelerators).  Events appear at flush time.
+        flush_every: steps between two flushes of the recorded rows to the
+            detectors, remedies and the store (default 16 on CPU, 32 on
+            accelerators).  Events appear at flush time; a step with NaN/Inf
+            is flushed at once on CPU.  On an accelerator a flush is the one
+            host sync of the interval; on CPU each step's row is read anyway
+            (free: host memory) for the skip decision.
         run_name: name of the run in the store.
         detectors: objects with ``bind(guard)``, ``update(steps, rows, guard)
             -> list[Event]``, ``state_dict()`` / ``load_state_dict()``.  They
@@ -200,9 +229,16 @@ class Guard:
         self._state_key, self._state_ready = None, False
         devices = {p.device for p in self.params}
         self.device = self.params[0].device
-        self.flush_every = flush_every or (1 if devices == {torch.device("cpu")} else 32)
+        on_cpu = devices == {torch.device("cpu")}
+        self.flush_every = flush_every or (CPU_FLUSH_EVERY if on_cpu else 32)
+        # On CPU the statistics are already in host memory: each step's skip /
+        # clip decision is read from its row (one read, free) instead of being
+        # folded into the optimizer through found_inf / grad_scale tensors.
+        self._host_decisions = on_cpu
         self._index = {n: i for i, n in enumerate(self.names)}
         self._buffer = StepBuffer(_G + 2 * len(self.names), self.flush_every, self.device)
+        self._nan = torch.full((), math.nan, device=self.device)  # never written: a fill value
+        self._lr_cache: tuple = (None, self._nan)
         self._step = 0
         self._skipped = 0
         self._nonfinite = 0
@@ -279,22 +315,23 @@ class Guard:
 
     # ------------------------------------------------------------------ step
     def _gather(self):
-        names, params, grads, missing = [], [], [], []
-        for n, p in zip(self.names, self.params):
-            if p.grad is None:
-                missing.append(n)
-            else:
-                names.append(n)
-                params.append(p)
-                grads.append(p.grad)
-        if not grads:
-            raise RuntimeError("guard.step(): no watched parameter has a gradient; "
-                               "call loss.backward() before guard.step()")
-        # Same tensor objects (weak references: a freed gradient's id() can be
-        # reused by the next one) at the same version counter: no backward ran.
-        last = self._last_grads
-        if (last is not None and len(last) == len(grads)
-                and all(ref() is g and v == g._version for (ref, v), g in zip(last, grads))):
+        grads = list(map(_grad, self.params))
+        if _NoneType in map(type, grads):  # some parameters have no gradient this step
+            names, params, kept, missing = [], [], [], []
+            for n, p, g in zip(self.names, self.params, grads):
+                if g is None:
+                    missing.append(n)
+                else:
+                    names.append(n)
+                    params.append(p)
+                    kept.append(g)
+            if not kept:
+                raise RuntimeError("guard.step(): no watched parameter has a gradient; "
+                                   "call loss.backward() before guard.step()")
+            names, params, grads = names, params, kept
+        else:
+            names, params, missing = self.names, self.params, []
+        if _same_grads(self._last_grads, grads):
             raise RuntimeError("guard.step() called twice on the same gradients: run a new "
                                "backward (and zero the gradients) between steps")
         return names, params, grads, missing
@@ -329,7 +366,7 @@ class Guard:
         dev = stats.device
 
         bad = stats.bad
-        loss_t = None
+        loss_t = loss_bad = None
         if loss is not None:
             if not isinstance(loss, (Tensor, int, float)) or isinstance(loss, bool):
                 raise TypeError(f"loss must be a Tensor or a number, got {type(loss).__name__}")
@@ -338,22 +375,22 @@ class Guard:
             if loss_t.numel() != 1:
                 raise ValueError(f"loss must be a scalar, got shape {tuple(loss_t.shape)}")
             loss_t = loss_t.reshape(())
-            bad = bad | ~torch.isfinite(loss_t)
+            loss_bad = ~torch.isfinite(loss_t)
+            bad = bad | loss_bad
         if self._world > 1:
             bad = self._agree(bad)
         held = self.hold_steps > 0  # a remedy (rollback) withholds the next batches
         # Policies see the guard's verdict: a step that will not be applied (NaN
         # loss, another rank's NaN, held) never enters their statistics.
-        stats = dataclasses.replace(stats, veto=bad | held if held else bad)
+        stats = stats.with_veto(bad | held if held else bad)
         user_params, user_grads = params, grads  # the user's tensors, not local shard views
         if self._sharded:  # clipping works on local shards (DTensor gradients under FSDP2 / TP)
             params, grads = local_grads(params), local_grads(grads)
 
         # Clipping: fold into the fused optimizer's grad_scale when possible.
         grad_scale = None
-        one = torch.ones((), device=dev)
         if self.clip is None:
-            coef = one
+            coef = torch.ones((), device=dev)
         else:
             if self.fused:
                 grad_scale = self.clip.fused_scale(params, grads, stats)
@@ -361,7 +398,7 @@ class Guard:
                 coef = 1.0 / grad_scale
             else:
                 coefs = self.clip.clip_(params, grads, stats)
-                coef = coefs.min().float() if coefs.numel() else one
+                coef = coefs.min().float() if coefs.numel() else torch.ones((), device=dev)
 
         if self.on_nonfinite == "raise" and bool(bad):  # host sync: "raise" needs to know now
             # The step is withheld and recorded like a skip (row, count, event, store), then raised.
@@ -383,10 +420,23 @@ class Guard:
         # The row is recorded before the optimizer step so that, when this step
         # ends a flush interval (every step on CPU), the one copy to the host
         # also carries the skip decision: no second read for non-fused optimizers.
-        self._record(stats, bad, skipped, loss_t, coef)
-        drained = self._buffer.drain() if len(self._buffer) >= self.flush_every else None
-        host_skipped = bool(drained[1][-1][1] > 0) if drained is not None else None
-        self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_skipped, user_params, closure)
+        self._record(stats, bad, skipped, loss_t, coef, loss_bad)
+        drained, host_row = None, None
+        if self._host_decisions and not scaler_on:
+            # CPU: the rows are host memory, so this step's verdict and clip
+            # coefficient are read from its row (one read, no device), and
+            # the optimizer runs plainly when there is nothing to skip or scale.
+            pending = self._buffer.pending()  # host sync: the one read per step on CPU
+            host_row = pending[-1]
+            # A poisoned step is flushed at once: its event, flight record and
+            # remedies are not deferred to the end of the interval.
+            if len(pending) >= self.flush_every or host_row[0] > 0:
+                drained = self._buffer.drain(pending)
+                host_row = drained[1][-1]
+        elif len(self._buffer) >= self.flush_every:
+            drained = self._buffer.drain()
+            host_row = drained[1][-1]
+        self._optimizer_step(skipped, grad_scale, scaler_on, skip, host_row, user_params, closure)
 
         self._last_grads = _grad_signature(user_grads)
         report = StepReport(self._step, stats, stats.global_norm, coef, skipped, loss_t)
@@ -405,9 +455,28 @@ class Guard:
         return (flag[0] > 0).to(bad.device, non_blocking=True)
 
     def _optimizer_step(self, skipped: Tensor, grad_scale: Tensor | None, scaler_on: bool,
-                        skip: bool, host_skipped: bool | None, params: list[Tensor], closure=None) -> None:
-        """Step, or withhold the step.  ``host_skipped``: the decision already on the host."""
+                        skip: bool, host_row, params: list[Tensor], closure=None) -> None:
+        """Step, or withhold the step.  ``host_row``: this step's row when already on the host."""
         opt = self.optimizer
+        host_skipped = bool(host_row[1] > 0) if host_row is not None else None
+        if self._host_decisions and host_row is not None and not scaler_on:
+            if skip and host_skipped:
+                return
+            # A fused optimizer's grad_scale / found_inf cost a division and a
+            # write-back per element: pass the scale only when it clips.
+            if self.fused and grad_scale is not None and host_row[5] != 1.0:
+                had = getattr(opt, "grad_scale", _MISSING)
+                opt.grad_scale = grad_scale
+                try:
+                    opt.step() if closure is None else opt.step(closure)
+                finally:
+                    if had is _MISSING:
+                        delattr(opt, "grad_scale")
+                    else:
+                        opt.grad_scale = had
+                return
+            opt.step() if closure is None else opt.step(closure)
+            return
         # A fused optimizer skipped through found_inf before its state exists
         # is left broken (torch's fused SGD keeps an uninitialised momentum
         # buffer), so until the state is there the skip is decided on the host.
@@ -459,27 +528,37 @@ class Guard:
         return self._state_ready
 
     # ------------------------------------------------------------- recording
-    def _record(self, stats: GradStats, bad: Tensor, skipped: Tensor, loss_t, coef: Tensor) -> None:
+    def _record(self, stats: GradStats, bad: Tensor, skipped: Tensor, loss_t, coef: Tensor,
+                loss_bad: Tensor | None = None) -> None:
+        """Write this step's row into the device buffer (a handful of ops, no read)."""
         dev = stats.device
-        nan = torch.full((), math.nan, device=dev)
-        loss_bad = (~torch.isfinite(loss_t)).float() if loss_t is not None else nan.new_zeros(())
+        nan = self._nan if self._nan.device == dev else torch.full((), math.nan, device=dev)
+        if loss_t is None:
+            loss_t, loss_bad = nan, nan.new_zeros(())
+        elif loss_bad is None:
+            loss_bad = ~torch.isfinite(loss_t)
         lr = self.optimizer.param_groups[0].get("lr", math.nan)
-        lr_t = lr.detach().float().to(dev).reshape(()) if isinstance(lr, Tensor) else nan.new_full((), float(lr))
-        head = torch.stack([bad.float(), skipped.float(),
-                            loss_t if loss_t is not None else nan, loss_bad,
-                            stats.global_norm.float(), coef.float().reshape(()), lr_t,
-                            self._param_norm(dev, nan)])
+        if isinstance(lr, Tensor):
+            lr_t = lr.detach().float().to(dev).reshape(())
+        else:
+            if lr != self._lr_cache[0] or self._lr_cache[1].device != dev:  # a new lr (or NaN)
+                self._lr_cache = (lr, torch.full((), float(lr), device=dev))
+            lr_t = self._lr_cache[1]
+        row = self._buffer.next_row()
+        f32 = torch.float32
+        torch.stack([bad.to(f32), skipped.to(f32), loss_t, loss_bad.to(f32), stats.global_norm.to(f32),
+                     coef.to(f32).reshape(()), lr_t, self._param_norm(dev, nan)], out=row[:_G])
         if len(stats.names) == len(self.names):
-            per_layer = torch.cat([stats.norms.float(), stats.max_abs.float()])
+            torch.cat([stats.norms.to(f32), stats.max_abs.to(f32)], out=row[_G:])
         else:
             # Layers without a gradient this step are recorded as NaN norm, 0 max|g|.
-            norms = torch.full((len(self.names),), math.nan, device=dev)
-            max_abs = torch.zeros(len(self.names), device=dev)
-            idx = torch.as_tensor([self._index[n] for n in stats.names], device=dev)
-            norms.index_copy_(0, idx, stats.norms.float())
-            max_abs.index_copy_(0, idx, stats.max_abs.float())
-            per_layer = torch.cat([norms, max_abs])
-        self._buffer.push(self._step, torch.cat([head, per_layer]))
+            n = len(self.names)
+            row[_G:_G + n].fill_(math.nan)
+            row[_G + n:].zero_()
+            idx = torch.as_tensor([self._index[name] for name in stats.names], device=dev)
+            row[_G:_G + n].index_copy_(0, idx, stats.norms.to(f32))
+            row[_G + n:].index_copy_(0, idx, stats.max_abs.to(f32))
+        self._buffer.commit(self._step)
 
     def _param_norm(self, dev, nan: Tensor) -> Tensor:
         # Every K steps only: reading every parameter each step would double the memory traffic.
@@ -545,7 +624,15 @@ class Guard:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        self.flush()
+        """Everything to resume this guard: counters, policy, detectors, remedies, events.
+
+        Rows still waiting for their flush are saved as they are (not flushed):
+        a resumed run flushes at the same steps as an uninterrupted one, so
+        remedies that act at a flush act at the same step too.
+        """
+        steps = list(self._buffer._steps)
+        # float32 -> Python float is exact; NaN saved as None (state dicts compare with ==)
+        rows = _to_list(self._buffer.pending())  # host sync: checkpoint time only
         return {
             "version": STATE_VERSION,
             "names": list(self.names),
@@ -559,6 +646,7 @@ class Guard:
             "detectors": [d.state_dict() for d in self.detectors],
             "remedies": self.remedies.state_dict(),
             "hold_steps": self.hold_steps,
+            "pending": {"steps": steps, "rows": rows},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -591,6 +679,11 @@ class Guard:
         for d, sd in zip(copy.deepcopy(self.detectors, keep), dets):
             d.load_state_dict(sd)
         events = [Event.from_dict(e) for e in state_dict["events"]]
+        pending = state_dict.get("pending") or {"steps": [], "rows": []}
+        rows = _from_list(pending["rows"]).astype(np.float32).reshape(len(pending["rows"]), -1) \
+            if pending["rows"] else np.zeros((0, self._buffer.width), np.float32)
+        if len(rows) != len(pending["steps"]) or (len(rows) and rows.shape[1] != self._buffer.width):
+            raise ValueError("state_dict['pending'] does not hold rows of this guard's layout")
         self.flush()
         self._step = int(state_dict["step"])
         self._skipped = int(state_dict["skipped"])
@@ -607,4 +700,9 @@ class Guard:
         if self.recorder is not None and state_dict.get("run"):
             # Continue the checkpointed run in the store (dropping what it logged after the
             # checkpoint) rather than starting a second, overlapping one.
-            self.recorder.resume(state_dict["run"], self._step)
+            first = int(pending["steps"][0]) if pending["steps"] else self._step
+            self.recorder.resume(state_dict["run"], first)
+        for step, row in zip(pending["steps"], rows):  # back in the buffer, flushed when due
+            if self._buffer.full:
+                self.flush()
+            self._buffer.push(int(step), torch.from_numpy(row).to(self.device))
