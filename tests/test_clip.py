@@ -1,4 +1,5 @@
 import math
+import numpy as np
 
 import pytest
 import torch
@@ -223,3 +224,18 @@ def test_policy_state_dict_round_trip():
     assert other.state_dict() == sd
     with pytest.raises(ValueError, match="rules"):
         gg.PerLayer({"b*": gg.GlobalNorm(2.0)}).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("max_norm", [1.0, 0.05, 3.7, 1e9, math.inf])
+def test_host_norm_coef_is_bitwise_the_torch_formula(dtype, max_norm):
+    """The CPU guard computes GlobalNorm's coefficient on the host; it must equal the tensor path."""
+    from gradguard.clip import _host_norm_coef, _norm_coef
+
+    rng = np.random.default_rng(0)
+    totals = np.concatenate([rng.lognormal(0, 8, 3000),
+                             [0, 1e-30, 1e-6, 0.999999, 1, 1e30, 3e38, 1e300, math.inf, math.nan]]).astype(dtype)
+    want = _norm_coef(max_norm, torch.from_numpy(totals)).numpy()
+    got = np.array([_host_norm_coef(max_norm, np.asarray(t, dtype)) for t in totals], dtype)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))

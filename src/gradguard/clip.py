@@ -20,6 +20,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -127,8 +128,19 @@ def _total_norm(grads: list[Tensor], stats: GradStats, norm_type: float) -> Tens
 
 
 def _norm_coef(max_norm: float, total: Tensor) -> Tensor:
-    coef = (max_norm / (total + EPS)).clamp(max=1.0)
+    # reciprocal() * max_norm is what `max_norm / t` runs in torch; spelled out so that
+    # _host_norm_coef below repeats the very same IEEE operations.
+    coef = ((total + EPS).reciprocal() * max_norm).clamp(max=1.0)
     return torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+
+
+def _host_norm_coef(max_norm: float, total: np.ndarray) -> np.ndarray:
+    """``_norm_coef`` on a host value (CPU kernel path): the same operations, bitwise equal."""
+    t = total.dtype.type
+    if not np.isfinite(total):
+        return np.asarray(1, total.dtype)
+    with np.errstate(all="ignore"):
+        return np.asarray(min((t(1) / (total + t(EPS))) * t(max_norm), t(1)), total.dtype)
 
 
 class GlobalNorm(ClipPolicy):
@@ -148,6 +160,8 @@ class GlobalNorm(ClipPolicy):
         self.norm_type = check_norm_type(norm_type)
 
     def coefficient(self, grads: list[Tensor], stats: GradStats) -> Tensor:
+        if stats.host is not None and self.norm_type == 2.0:  # CPU: a few numpy scalars, no torch ops
+            return torch.from_numpy(_host_norm_coef(self.max_norm, stats.host[2]))
         return _norm_coef(self.max_norm, _total_norm(grads, stats, self.norm_type))
 
     def clip_(self, params, grads, stats):
@@ -156,6 +170,10 @@ class GlobalNorm(ClipPolicy):
         return coef.expand(len(grads))
 
     def fused_scale(self, params, grads, stats):
+        if stats.host is not None and self.norm_type == 2.0:
+            c = _host_norm_coef(self.max_norm, stats.host[2]).astype(np.float32)
+            with np.errstate(all="ignore"):
+                return torch.from_numpy(np.asarray(np.float32(1) / c))
         return 1.0 / self.coefficient(grads, stats).float()
 
     def config(self):
