@@ -10,6 +10,8 @@ Same model, same batches, same fused AdamW for every variant, A/B interleaved:
                   backward hooks on every module, so its backward is timed too)
   gradguard       ``Guard(model, opt, GlobalNorm(1.0), log_dir=...)``: per-tensor norm,
                   max|g|, NaN/Inf skip, seven detectors, every step stored
+  floor rows      one read of every gradient (gradguard's kernel; torch's
+                  ``_foreach_norm``) and nothing else: context, not peers
 
 The peers are NOT dependencies: install them for benchmarking only, e.g.
 ``pip install --target /tmp/peers zclip autoclip stabilityguard --no-deps``;
@@ -66,11 +68,24 @@ def main(argv=None) -> int:
     peers, failed = load_peers()
     logging.getLogger("stabilityguard").setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="gg_bench_peers_"))
-    names = ["plain", "naive monitor", *peers, "gradguard", "gradguard, flush_every=32"]
+    g1, g32 = "gradguard, flush_every=1", "gradguard, flush_every=32"
+    floors = ["floor: one read (gradguard kernel)", "floor: one read (torch _foreach_norm)"]
+    names = ["plain", *floors, "naive monitor", *peers, "gradguard", g1, g32]
     models = dict(zip(names, gpt_copies(len(names), **MODEL)))
     opts = {n: torch.optim.AdamW(m.parameters(), lr=3e-4, fused=True) for n, m in models.items()}
     variants = {"plain": (models["plain"], lambda loss: opts["plain"].step())}
     reported = {"plain": "-"}
+
+    # Context, not peers: the least any monitor that sees every gradient element pays.
+    from gradguard import _kernel
+
+    mk, mt = models[floors[0]], models[floors[1]]
+    variants[floors[0]] = (mk, lambda loss: (_kernel.cpu_stats([p.grad for p in mk.parameters()]),
+                                             opts[floors[0]].step()))
+    variants[floors[1]] = (mt, lambda loss: (torch._foreach_norm([p.grad for p in mt.parameters()]),
+                                             opts[floors[1]].step()))
+    reported.update({floors[0]: "nothing (sum of squares and max|g| per tensor, discarded)",
+                     floors[1]: "nothing (per-tensor norms, discarded)"})
 
     m = models["naive monitor"]
     naive_log = {}
@@ -101,8 +116,11 @@ def main(argv=None) -> int:
     variants["gradguard"] = (models["gradguard"], lambda loss: guard.step(loss=loss),
                              lambda: setattr(guard, "_last_grads", None))
     reported["gradguard"] = ("per-tensor norm + max|g| + NaN flags, global norm, clip coef, loss, lr, "
-                             "param norm; 7 detectors; NaN skip; SQLite every step (CPU default)")
-    g32 = "gradguard, flush_every=32"
+                             "param norm; 7 detectors; NaN skip; every row to SQLite, in batches of 16 "
+                             "(CPU default)")
+    guard1 = gg.Guard(models[g1], opts[g1], clip=gg.GlobalNorm(1.0), log_dir=tmp / "gg1", flush_every=1)
+    variants[g1] = (models[g1], lambda loss: guard1.step(loss=loss), lambda: setattr(guard1, "_last_grads", None))
+    reported[g1] = "the same, detectors and store fed every step"
     guard32 = gg.Guard(models[g32], opts[g32], clip=gg.GlobalNorm(1.0), log_dir=tmp / "gg32", flush_every=32)
     variants[g32] = (models[g32], lambda loss: guard32.step(loss=loss),
                      lambda: setattr(guard32, "_last_grads", None))
@@ -110,6 +128,7 @@ def main(argv=None) -> int:
     try:
         res = run_rounds(variants, batches(8, BATCH, SEQ), a.rounds, a.reps)
         guard.close()
+        guard1.close()
         guard32.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,10 +148,11 @@ def main(argv=None) -> int:
              f"batch {BATCH} ({n_params / 1e6:.2f}M parameters, {n_tensors} tensors), fused AdamW, CPU; "
              f"{a.rounds} interleaved rounds x {a.reps} replays of the update. {machine()}.", "",
              "| variant | reports | update ms | overhead, % of a plain step | of which in forward/backward "
-             "(hooks) | gradguard / this (default / flush_every=32) |", "|---|---|---|---|---|---|"]
+             "(hooks) | gradguard / this (default / flush_every=1 / flush_every=32) |", "|---|---|---|---|---|---|"]
     for n in rows:
         peer = n != "plain" and not n.startswith("gradguard") and total[n] > 0
-        ratio = f"{g / total[n]:.2f}x / {total[g32] / total[n]:.2f}x" if peer else ""
+        ratio = (f"{g / total[n]:.2f}x / {total[g1] / total[n]:.2f}x / {total[g32] / total[n]:.2f}x"
+                 if peer else "")
         hook = f"{fb[n]:+.2f}%" if n in hooks else f"({fb[n]:+.2f}%, noise)"
         lines.append(f"| {n} | {reported[n]} | {rows[n][3]:.1f} | {total[n]:+.2f}% | {hook} | {ratio} |")
     for n, err in failed.items():

@@ -38,9 +38,11 @@ def main() -> int:
             continue
         vals = d["total"] if "total" in d else {k: v[0] for k, v in d["rows"].items()}
         vals = {k: v for k, v in vals.items() if k != "plain"}
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(vals)))
         ax.barh(list(vals), list(vals.values()),
-                color=["tab:green" if k == "gradguard" else "tab:gray" for k in vals])
+                color=["tab:green" if k.startswith("gradguard") else
+                       "tab:blue" if k.startswith("floor") else "tab:gray" for k in vals])
+        ax.invert_yaxis()
         ax.set_xlabel("% of a plain training step (median)")
         ax.set_title(title)
         fig.tight_layout()

@@ -71,19 +71,21 @@ def cpu_stats(grads: list[torch.Tensor], dtypes: list | None = None) -> tuple[np
     if dtypes is None:
         dtypes = list(map(_dtype, grads))
     key = (n, tuple(dtypes))
-    codes = _codes_cache.get(key)
-    if codes is None:  # dtypes repeat every step: build the code array once
-        codes = np.array([KERNEL_DTYPES[d][0] for d in dtypes], dtype=np.int32)
+    cached = _codes_cache.get(key)
+    if cached is None:  # dtypes repeat every step: build the code array once
+        cached = (np.array([KERNEL_DTYPES[d][0] for d in dtypes], dtype=np.int32),
+                  all(d is torch.float32 for d in dtypes))
         if len(_codes_cache) > 16:
             _codes_cache.clear()
-        _codes_cache[key] = codes
+        _codes_cache[key] = cached
+    codes, all_f32 = cached
     sumsq = np.empty(n, np.float64)
     maxbits = np.empty(n, np.uint64)
     rc = _fn(n, ptrs.ctypes.data, numels.ctypes.data, codes.ctypes.data,
              torch.get_num_threads(), sumsq.ctypes.data, maxbits.ctypes.data)
     if rc != 0:
         raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
-    if all(d is torch.float32 for d in dtypes):
+    if all_f32:
         with np.errstate(invalid="ignore"):  # a signalling-NaN pattern widens to NaN, as it should
             return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
     maxabs = np.empty(n, np.float64)
