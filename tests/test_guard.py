@@ -2,6 +2,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -478,20 +479,41 @@ _CLIPS = {
 }
 
 
+class _RowTap:
+    """A detector that keeps every row it is given (and finds nothing)."""
+
+    def bind(self, guard):
+        self.rows = []
+
+    def update(self, steps, rows, guard):
+        self.rows.append(np.array(rows))
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, sd):
+        pass
+
+
+@pytest.mark.parametrize("loss_kind", ["tensor", "float"])
 @pytest.mark.parametrize("clip", list(_CLIPS))
 @pytest.mark.parametrize("opt_name", list(_OPTS))
-def test_cpu_host_decisions_equal_the_device_path(opt_name, clip):
-    """CPU guards decide skip / scale from the row on the host; the accelerator path folds them
-    into found_inf / grad_scale tensors.  Same run, bitwise the same weights, optimizer state,
-    reports and rows (NaN gradient, NaN loss and a x1e3 spike included)."""
+def test_cpu_host_decisions_equal_the_device_path(opt_name, clip, loss_kind):
+    """CPU guards decide skip / scale on the host from the kernel's numbers and the step's row;
+    the accelerator path keeps them in tensors (found_inf / grad_scale).  Same run, bitwise the
+    same weights, optimizer state, reports, events and rows (a NaN gradient, a NaN loss, a x1e3
+    spike and a step where one tensor has no gradient included)."""
     torch.set_num_threads(1)  # bitwise comparison of two runs
     runs = []
     for host in (True, False):
         model = _model()
         opt = _OPTS[opt_name](model.parameters())
-        guard = gg.Guard(model, opt, clip=_CLIPS[clip](), flush_every=4)
+        tap = _RowTap()
+        guard = gg.Guard(model, opt, clip=_CLIPS[clip](), flush_every=4, param_norm_every=3,
+                         detectors=[*gg.detect.default_detectors(), tap])
         guard._host_decisions = host
-        reports, rows = [], []
+        reports = []
         for i in range(12):
             x, y = _batch(i)
             opt.zero_grad()
@@ -504,15 +526,21 @@ def test_cpu_host_decisions_equal_the_device_path(opt_name, clip):
             if i == 9:
                 for p in model.parameters():
                     p.grad.mul_(1e3)
-            r = guard.step(loss=loss)
-            reports.append((bool(r.skipped), repr(float(r.global_norm)), float(r.clip_coef)))
+            if i == 10:
+                model[4].bias.grad = None
+            r = guard.step(loss=loss if loss_kind == "tensor" else float(loss.detach()))
+            reports.append((bool(r.skipped), repr(float(r.global_norm)), float(r.clip_coef), repr(r.loss)))
         guard.flush()
-        runs.append((_state(model, opt), reports, [e.to_dict() for e in guard.events], guard.skipped_steps))
-    (s_host, rep_host, ev_host, sk_host), (s_dev, rep_dev, ev_dev, sk_dev) = runs
+        rows = np.concatenate(tap.rows)
+        runs.append((_state(model, opt), reports, [e.to_dict() for e in guard.events], guard.skipped_steps,
+                     rows))
+    (s_host, rep_host, ev_host, sk_host, rows_host), (s_dev, rep_dev, ev_dev, sk_dev, rows_dev) = runs
     _assert_bitwise(s_host, s_dev)
     assert rep_host == rep_dev
     assert ev_host == ev_dev and sk_host == sk_dev == 2
-    assert any(c < 1 for _, _, c in rep_host) == (clip not in ("none", "global-idle"))
+    assert rows_host.shape == (12, rows_dev.shape[1])
+    np.testing.assert_array_equal(rows_host.view(np.uint32), rows_dev.view(np.uint32))
+    assert any(c < 1 for _, _, c, _ in rep_host) == (clip not in ("none", "global-idle"))
 
 
 def test_cpu_default_flush_interval_and_poisoned_steps_flush_at_once(tmp_path):

@@ -97,6 +97,18 @@ class ClipPolicy:
         """A 0-dim divisor equivalent to ``clip_``, or None if there is none."""
         return None
 
+    def host_coefficient(self, stats: GradStats) -> np.ndarray | None:
+        """The one coefficient ``clip_`` would apply to every gradient, as a 0-dim host
+        array, when the policy can tell it from ``stats.host`` (the CPU kernel path)
+        without touching its state; None otherwise (the guard then calls ``clip_`` or
+        ``fused_scale``).  ``scale_(grads, coef)`` applies it."""
+        return None
+
+    @staticmethod
+    def scale_(grads: list[Tensor], coef: Tensor) -> None:
+        """grads *= coef (0-dim), one foreach launch per (device, dtype)."""
+        _scale_(grads, coef)
+
     def state_dict(self) -> dict:
         return {}
 
@@ -168,6 +180,11 @@ class GlobalNorm(ClipPolicy):
         coef = self.coefficient(grads, stats)
         _scale_(grads, coef)
         return coef.expand(len(grads))
+
+    def host_coefficient(self, stats):
+        if stats.host is not None and self.norm_type == 2.0:
+            return _host_norm_coef(self.max_norm, stats.host[2])
+        return None
 
     def fused_scale(self, params, grads, stats):
         if stats.host is not None and self.norm_type == 2.0:

@@ -363,6 +363,9 @@ class Guard:
         if self.remedies:
             self.remedies.on_step(self._step, batch)
         stats = compute_stats(names, grads, missing)
+        if (self._host_decisions and stats.host is not None and not scaler_on and self._world == 1
+                and self.on_nonfinite != "raise" and self._buffer.host_view is not None):
+            return self._step_host(stats, loss, params, grads, closure)
         dev = stats.device
 
         bad = stats.bad
@@ -445,6 +448,114 @@ class Guard:
         if drained is not None:
             self._process(*drained)
         return report
+
+    def _step_host(self, stats: GradStats, loss, params, grads, closure) -> StepReport:
+        """``step`` on CPU with the kernel's host statistics: the same decisions and the same
+        row as the tensor path (``test_cpu_host_decisions_equal_the_device_path``), taken with
+        numpy scalars instead of a few dozen small torch ops.  One read: the loss, through
+        this step's row."""
+        k = len(self._buffer)
+        row = self._buffer.host_view[k]  # this step's slot (host memory, written in place)
+        if loss is None:
+            row[2] = math.nan
+        elif isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            self._buffer.cell(k, 2).copy_(loss.detach().reshape(()))  # float32, as the tensor path
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            row[2] = np.float32(float(loss))
+        else:
+            raise TypeError(f"loss must be a Tensor or a number, got {type(loss).__name__}")
+        self._buffer.pending()  # host sync: the one read per step on CPU (the loss, in this row)
+        sumsq, maxabs, total, grads_bad = stats.host
+        loss_bad = loss is not None and not math.isfinite(row[2])
+        bad = bool(grads_bad) or loss_bad
+        held = self.hold_steps > 0
+        veto = bad or held
+        stats = stats.with_veto(torch.from_numpy(np.asarray(veto)))
+
+        grad_scale, coef_host = None, None
+        clip = self.clip
+        if clip is None:
+            coef_host = np.float32(1)
+        else:
+            c = clip.host_coefficient(stats)
+            with np.errstate(all="ignore"):
+                if c is not None and self.fused:
+                    gs = np.float32(1) / c.astype(np.float32)  # what fused_scale() returns
+                    coef_host = np.float32(1) / gs
+                    if gs != 1:  # grad_scale costs fused AdamW a division and write-back per element
+                        grad_scale = torch.from_numpy(np.asarray(gs))
+                elif c is not None:
+                    coef_host = c.astype(np.float32)
+                    if c != 1:  # x * 1 == x: a coefficient of 1 needs no pass over the gradients
+                        clip.scale_(grads, torch.from_numpy(c))
+                elif self.fused and (gs_t := clip.fused_scale(params, grads, stats)) is not None:
+                    grad_scale = gs_t
+                    self._buffer.cell(k, 5).copy_(1.0 / gs_t)
+                else:
+                    coefs = clip.clip_(params, grads, stats)
+                    self._buffer.cell(k, 5).copy_(coefs.min() if coefs.numel() else torch.ones(()))
+        if coef_host is not None:
+            row[5] = coef_host
+        skipped = (bad and self.on_nonfinite == "skip") or held
+        if held:
+            self.hold_steps -= 1
+        n = len(self.names)
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32 may overflow to Inf
+            row[0], row[1], row[3], row[4] = bad, skipped, loss_bad, total
+            lr = self.optimizer.param_groups[0].get("lr", math.nan)
+            if isinstance(lr, Tensor):
+                self._buffer.cell(k, 6).copy_(lr.detach().reshape(()))
+            else:
+                row[6] = lr
+            row[7] = self._host_param_norm()
+            if len(stats.names) == n:
+                np.sqrt(sumsq, out=row[_G:_G + n], casting="unsafe")
+                row[_G + n:] = maxabs
+            else:  # layers without a gradient this step: NaN norm, 0 max|g|
+                idx = [self._index[name] for name in stats.names]
+                row[_G:_G + n] = math.nan
+                row[_G + n:] = 0
+                row[[_G + i for i in idx]] = np.sqrt(sumsq)
+                row[[_G + n + i for i in idx]] = maxabs
+        self._buffer.commit(self._step)
+        drained = None
+        if len(self._buffer) >= self.flush_every or bad:  # a poisoned step is flushed at once
+            drained = self._buffer.drain(self._buffer.host_view[:len(self._buffer)])  # read above
+
+        if not skipped:
+            opt = self.optimizer
+            if grad_scale is not None:
+                had = getattr(opt, "grad_scale", _MISSING)
+                opt.grad_scale = grad_scale
+                try:
+                    opt.step() if closure is None else opt.step(closure)
+                finally:
+                    if had is _MISSING:
+                        delattr(opt, "grad_scale")
+                    else:
+                        opt.grad_scale = had
+            else:
+                opt.step() if closure is None else opt.step(closure)
+
+        self._last_grads = _grad_signature(grads)
+        f32 = np.float32
+        report = StepReport(self._step, stats, stats.global_norm, torch.from_numpy(np.asarray(row[5], f32)),
+                            torch.from_numpy(np.asarray(skipped)),
+                            None if loss is None else torch.from_numpy(np.asarray(row[2], f32)))
+        self.last_report = report
+        self._step += 1
+        if drained is not None:
+            self._process(*drained)
+        return report
+
+    def _host_param_norm(self) -> float:
+        """The ``param_norm`` column on the CPU path (NaN between measurements)."""
+        if not self.param_norm_every or self._step % self.param_norm_every:
+            return math.nan
+        s = compute_stats(self.names, [p.detach() for p in self.params])
+        return s.host[2] if s.host is not None else float(s.global_norm)  # host sync: CPU only
 
     def _agree(self, bad: Tensor) -> Tensor:
         """Every rank skips if any rank must (a NaN loss is per rank): one tiny all-reduce."""

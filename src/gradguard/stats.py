@@ -64,8 +64,8 @@ class GradStats:
     # not learn from a step that will not be applied.
     veto: Tensor | None = field(default=None, repr=False)
     # CPU kernel path: the host arrays the tensors above were made from (sum of
-    # squares and max |g| in float64, the 0-dim global norm), and the unvetoed
-    # ``bad`` flag it already knows.
+    # squares and max |g| in float64, the 0-dim global norm, the unvetoed
+    # ``bad`` flag), and that flag as a tensor.
     host: tuple | None = field(default=None, repr=False, compare=False)
     bad_flag: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -251,7 +251,7 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
                 global_norm=torch.from_numpy(total),
                 missing=missing,
                 sumsq=torch.from_numpy(sumsq),
-                host=(sumsq, maxabs, total),
+                host=(sumsq, maxabs, total, bad),
                 bad_flag=torch.from_numpy(bad),
             )
     sumsq, maxabs = _local_sumsq_maxabs(grads)
