@@ -45,9 +45,13 @@ are 5-27x one read (rows marked "tried" below); `_foreach_norm(2)` + per-tensor 
 gradient once: sum of squares in float64 and max|g| as an unsigned max over the IEEE bits with
 the sign cleared (finite < Inf < NaN, so NaN/Inf propagate and the loop vectorises without
 fast-math), with AVX2/AVX-512 clones picked at load time and 2 threads for large reads. Without
-a compiler the build is skipped and the eager path is used. P2 folds the GlobalNorm coefficient
-and the skip flag into fused AdamW's own `grad_scale` / `found_inf`, so clipping costs no pass of
-its own: the guarded step is cheaper than `clip_grad_norm_` + the same fused step.
+a compiler the build is skipped and the eager path is used. Clipping costs no pass of its own:
+on an accelerator the guard folds the GlobalNorm coefficient and the skip flag into fused
+AdamW's `grad_scale` / `found_inf` (no host sync); on CPU, where the statistics are already in
+host memory, it decides on the host, skips a poisoned step by not stepping, and hands the fused
+optimizer a `grad_scale` only on steps that clip (`grad_scale` costs fused AdamW a division and a
+write-back per element, `found_inf` a pass over its step counters). Either way the guarded step
+is cheaper than `clip_grad_norm_` + the same fused step.
 """
 
 
