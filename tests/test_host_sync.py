@@ -28,8 +28,8 @@ TORCH_OPTIM = str(Path(torch.optim.__file__).resolve().parent)
 OPTIMIZER = "<torch.optim>"
 READERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 # Host reads per step on CPU, any optimizer, documented in docs/benchmarks.md
-# "Host reads per step": this step's row in the buffer (record/buffer.py), which
-# carries the skip decision and the clip coefficient, and is the drain at a flush.
+# "Host reads per step": the loss value (guard.py) with the compiled kernel, this
+# step's row in the buffer (record/buffer.py) without it.
 CPU_READS_PER_STEP = 1
 
 
@@ -196,19 +196,47 @@ def test_nonfused_long_flush_reads_only_skip_flag(monkeypatch, tmp_path):
         assert next(iter(sites)).startswith("gradguard/guard.py"), _fmt(per_step)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("flush_every", [None, 1, 64], ids=["default", "1", "64"])
 @pytest.mark.parametrize("poison", [None, math.nan, math.inf], ids=repr)
 @pytest.mark.parametrize("opt", ["fused-adamw", "sgd"])
-def test_cpu_one_read_per_step_from_the_row(monkeypatch, tmp_path, flush_every, poison, opt):
-    """CPU path: every step reads its own row once (the buffer, host memory), fused or not,
-    flushing or not, poisoned or not; the drain at a flush reuses that read."""
+def test_cpu_one_read_per_step(monkeypatch, tmp_path, flush_every, poison, opt, kernel):
+    """CPU, fused or not, flushing or not, poisoned or not: one read per step.
+
+    With the compiled kernel the statistics are host numbers already and the one read is
+    the loss value (guard.py); without it, the step's row in the buffer (record/buffer.py),
+    which a flush then reuses."""
+    if not kernel:
+        monkeypatch.setattr(gg._kernel, "_fn", None)
+    elif not gg._kernel.available():
+        pytest.skip("compiled statistics kernel not built")
     make = (lambda ps: torch.optim.AdamW(ps, fused=True)) if opt == "fused-adamw" else _nonfused("sgd")
     guard, per_step = _run(monkeypatch, tmp_path, 20, make, 20, log_dir=True, flush_every=flush_every,
                            poison_at=5, poison=poison)
     assert all(len(calls) == 1 for calls, _ in per_step), _fmt(per_step)
     lines = {c[1] for calls, _ in per_step for c in calls}
-    assert len(lines) == 1 and next(iter(lines)).startswith("gradguard/record/buffer.py"), lines
+    where = "gradguard/guard.py" if kernel else "gradguard/record/buffer.py"
+    assert len(lines) == 1 and next(iter(lines)).startswith(where), lines
     assert guard.steps == 20 and guard.skipped_steps == 1  # poison None: a NaN loss
+
+
+def test_cpu_no_loss_no_read(monkeypatch, tmp_path):
+    """Without a loss the CPU path reads nothing: every decision comes from the kernel's numbers."""
+    if not gg._kernel.available():
+        pytest.skip("compiled statistics kernel not built")
+    pairs = _params(20)
+    opt = torch.optim.AdamW([p for _, p in pairs], fused=True)
+    guard = gg.Guard(pairs, opt, clip=gg.GlobalNorm(0.1), log_dir=tmp_path)
+    counter = SyncCounter(monkeypatch)
+    for s in range(20):
+        _grads(pairs, s, math.nan if s == 7 else None)
+        counter.active = True
+        try:
+            guard.step()
+        finally:
+            counter.active = False
+    guard.close()
+    assert counter.calls == [] and guard.skipped_steps == 1
 
 
 @pytest.mark.parametrize("make_opt,flush_every", [

@@ -108,6 +108,40 @@ class GradStats:
         return self.sumsq if self.sumsq is not None else self.norms.double().square()
 
 
+class _HostGradStats(GradStats):
+    """GradStats of the CPU kernel path, backed by the kernel's host arrays.
+
+    The tensors are made on first access: the guard's CPU path reads ``host``
+    only, and each tensor made per step costs ~5-20 us once the optimizer has
+    swept the caches.  Same values and dtypes as the tensor path.
+    """
+
+    def __init__(self, names, missing, sumsq: np.ndarray, maxabs: np.ndarray, total: np.ndarray, bad: bool):
+        # GradStats is frozen: its own __setattr__ refuses, so set the slots the way it does.
+        set_ = object.__setattr__
+        set_(self, "names", names)
+        set_(self, "missing", missing)
+        set_(self, "veto", None)
+        set_(self, "host", (sumsq, maxabs, total, np.asarray(bad)))
+        set_(self, "_cache", {})
+
+    def _make(self, key, fn):
+        c = self._cache
+        if key not in c:
+            with np.errstate(over="ignore", invalid="ignore"):
+                c[key] = fn()
+        return c[key]
+
+    norms = property(lambda self: self._make("norms", lambda: torch.from_numpy(
+        np.sqrt(self.host[0]).astype(self.host[2].dtype))))
+    max_abs = property(lambda self: self._make("max_abs", lambda: torch.from_numpy(
+        self.host[1].astype(self.host[2].dtype))))
+    nonfinite = property(lambda self: self._make("nonfinite", lambda: torch.from_numpy(~np.isfinite(self.host[1]))))
+    global_norm = property(lambda self: self._make("global_norm", lambda: torch.from_numpy(self.host[2])))
+    sumsq = property(lambda self: self._make("sumsq", lambda: torch.from_numpy(self.host[0])))
+    bad_flag = property(lambda self: self._make("bad_flag", lambda: torch.from_numpy(self.host[3])))
+
+
 def named_parameters(model) -> list[tuple[str, Tensor]]:
     """``(name, parameter)`` pairs from an ``nn.Module`` or an iterable of pairs.
 
@@ -236,24 +270,13 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
         return _finish(names, missing, out_dtype, sumsq, maxabs)
     if (_kernel.available() and kinds <= _kernel.KERNEL_DTYPES.keys() and all(map(_is_cpu, grads))
             and all(map(_is_contiguous, grads))):
-        # Fast path, all on CPU: the whole step is a few numpy ops.
+        # Fast path, all on CPU: the whole step is a few numpy ops; tensors on demand.
         sumsq, maxabs = _kernel.cpu_stats(grads, dtypes)
         np_out = np.float64 if out_dtype is torch.float64 else np.float32
         with np.errstate(over="ignore", invalid="ignore"):
             total = np.asarray(np.sqrt(sumsq.sum()), np_out)  # overflows to Inf in float32 as torch's would
-            nonfinite = ~np.isfinite(maxabs)
-            bad = np.array(bool(nonfinite.any()) or not np.isfinite(total))
-            return GradStats(
-                names=list(names),
-                norms=torch.from_numpy(np.sqrt(sumsq).astype(np_out)),
-                max_abs=torch.from_numpy(maxabs.astype(np_out)),
-                nonfinite=torch.from_numpy(nonfinite),
-                global_norm=torch.from_numpy(total),
-                missing=missing,
-                sumsq=torch.from_numpy(sumsq),
-                host=(sumsq, maxabs, total, bad),
-                bad_flag=torch.from_numpy(bad),
-            )
+        bad = not (np.isfinite(total) and np.isfinite(maxabs).all())
+        return _HostGradStats(list(names), missing, sumsq, maxabs, total, bad)
     sumsq, maxabs = _local_sumsq_maxabs(grads)
     return _finish(names, missing, out_dtype, sumsq, maxabs)
 
