@@ -149,10 +149,12 @@ def _norm_coef(max_norm: float, total: Tensor) -> Tensor:
 def _host_norm_coef(max_norm: float, total: np.ndarray) -> np.ndarray:
     """``_norm_coef`` on a host value (CPU kernel path): the same operations, bitwise equal."""
     t = total.dtype.type
-    if not np.isfinite(total):
+    tot = float(total)
+    # Non-finite, or so far under the threshold that float32 rounding cannot bring the
+    # coefficient below 1 (this also rules out overflow in the product below).
+    if not math.isfinite(tot) or max_norm >= 2 * (tot + EPS):
         return np.asarray(1, total.dtype)
-    with np.errstate(all="ignore"):
-        return np.asarray(min((t(1) / (total + t(EPS))) * t(max_norm), t(1)), total.dtype)
+    return np.asarray(min((t(1) / (total + t(EPS))) * t(max_norm), t(1)), total.dtype)
 
 
 class GlobalNorm(ClipPolicy):

@@ -19,6 +19,7 @@ those rows (``detect.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -50,6 +51,7 @@ _G = len(GLOBAL_COLS)
 # 16 (a poisoned step is flushed at once); the skip decision is still per step.
 CPU_FLUSH_EVERY = 16
 _MISSING = object()
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @dataclass(eq=False)
@@ -472,7 +474,7 @@ class Guard:
         bad = bool(grads_bad) or loss_bad  # a numpy bool
         held = self.hold_steps > 0
         veto = bad or held
-        stats = stats.with_veto(torch.from_numpy(np.asarray(veto)))
+        stats.set_host_veto(veto)  # a tensor only if a policy or the caller asks for it
 
         grad_scale, coef_host = None, None
         clip = self.clip
@@ -480,7 +482,7 @@ class Guard:
             coef_host = np.float32(1)
         else:
             c = clip.host_coefficient(stats)
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore") if c is None or c != 1 else _NO_CONTEXT:
                 if c is not None and self.fused:
                     gs = np.float32(1) / c.astype(np.float32)  # what fused_scale() returns
                     coef_host = np.float32(1) / gs
@@ -502,7 +504,8 @@ class Guard:
         if held:
             self.hold_steps -= 1
         n = len(self.names)
-        with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32 may overflow to Inf
+        # float64 -> float32 can overflow to Inf only when the float32 global norm did
+        with np.errstate(over="ignore", invalid="ignore") if grads_bad else _NO_CONTEXT:
             row[0], row[1], row[3], row[4] = bad, skipped, loss_bad, total
             lr = self.optimizer.param_groups[0].get("lr", math.nan)
             if isinstance(lr, Tensor):

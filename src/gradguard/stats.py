@@ -121,9 +121,25 @@ class _HostGradStats(GradStats):
         set_ = object.__setattr__
         set_(self, "names", names)
         set_(self, "missing", missing)
-        set_(self, "veto", None)
         set_(self, "host", (sumsq, maxabs, total, np.asarray(bad)))
         set_(self, "_cache", {})
+        set_(self, "_veto_host", None)
+
+    def with_veto(self, veto: Tensor | None) -> "GradStats":
+        new = copy.copy(self)
+        object.__setattr__(new, "_cache", {**self._cache, "veto": veto})
+        return new
+
+    def set_host_veto(self, veto: bool) -> None:
+        """The guard's CPU path, on the object it has just made: ``veto`` as a host bool."""
+        object.__setattr__(self, "_veto_host", bool(veto))
+        self._cache.pop("veto", None)
+
+    @property
+    def veto(self):
+        if "veto" in self._cache or self._veto_host is None:
+            return self._cache.get("veto")
+        return self._make("veto", lambda: torch.from_numpy(np.asarray(self._veto_host)))
 
     def _make(self, key, fn):
         c = self._cache
