@@ -167,8 +167,8 @@ class Guard:
             detectors, remedies and the store (default 16 on CPU, 32 on
             accelerators).  Events appear at flush time; a step with NaN/Inf
             is flushed at once on CPU.  On an accelerator a flush is the one
-            host sync of the interval; on CPU each step's row is read anyway
-            (free: host memory) for the skip decision.
+            host sync of the interval; on CPU the skip decision is taken on
+            the host every step (one read of the loss, free: host memory).
         run_name: name of the run in the store.
         detectors: objects with ``bind(guard)``, ``update(steps, rows, guard)
             -> list[Event]``, ``state_dict()`` / ``load_state_dict()``.  They
