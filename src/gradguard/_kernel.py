@@ -12,24 +12,15 @@ import ctypes
 import importlib.util
 import operator
 import os
+from itertools import chain
 
 import numpy as np
 import torch
 
-__all__ = ["available", "cpu_stats", "KERNEL_DTYPES"]
+__all__ = ["available", "cpu_stats", "cpu_stats_packed", "KERNEL_DTYPES"]
 
-# dtype -> (code in _cstats.c, unsigned integer dtype holding its bits)
-KERNEL_DTYPES = {
-    torch.float32: (0, np.uint32),
-    torch.float64: (1, np.uint64),
-    torch.float16: (2, np.uint16),
-    torch.bfloat16: (3, np.uint16),
-}
-_BITS_TO_FLOAT = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.float16: np.float16,
-}
+# dtype -> code in _cstats.c
+KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def _load():
@@ -40,11 +31,11 @@ def _load():
         if spec is None or not spec.origin:
             return None
         lib = ctypes.CDLL(spec.origin)
-        fn = lib.gg_grad_stats
+        fn = lib.gg_grad_stats_packed
     except (OSError, AttributeError, ImportError):
         return None
     p = ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int64, p, p, p, ctypes.c_int32, p, p]
+    fn.argtypes = [ctypes.c_int64, p, p, ctypes.c_int32, p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -58,6 +49,30 @@ def available() -> bool:
     return _fn is not None
 
 
+def _codes(dtypes: list) -> tuple[np.ndarray, int]:
+    """The kernel's dtype codes for ``dtypes`` (and their address), built once per layout."""
+    key = tuple(dtypes)
+    cached = _codes_cache.get(key)
+    if cached is None:  # dtypes repeat every step: build the code array once
+        codes = np.array([KERNEL_DTYPES[d] for d in dtypes], dtype=np.int32)
+        if len(_codes_cache) > 16:
+            _codes_cache.clear()
+        cached = _codes_cache[key] = (codes, codes.ctypes.data)
+    return cached
+
+
+def cpu_stats_packed(grads: list[torch.Tensor], dtypes: list) -> np.ndarray:
+    """``(2n + 1,)`` float64: sums of squares, then max |g| per tensor, then 1.0 if any
+    max |g| is NaN/Inf.  Same contract as ``cpu_stats``; the guard's per-step call."""
+    n = len(grads)
+    ptr_numel = np.fromiter(chain(map(_data_ptr, grads), map(_numel, grads)), np.int64, 2 * n)
+    out = np.empty(2 * n + 1, np.float64)
+    rc = _fn(n, ptr_numel.ctypes.data, _codes(dtypes)[1], torch.get_num_threads(), out.ctypes.data)
+    if rc != 0:
+        raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
+    return out
+
+
 def cpu_stats(grads: list[torch.Tensor], dtypes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sum of squares (float64) and max |g| (float64) for contiguous CPU tensors.
 
@@ -66,35 +81,5 @@ def cpu_stats(grads: list[torch.Tensor], dtypes: list | None = None) -> tuple[np
     float64 (as torch does on CPU), so finite values up to ~1e150 never overflow.
     """
     n = len(grads)
-    ptrs = np.fromiter(map(_data_ptr, grads), np.uint64, n)
-    numels = np.fromiter(map(_numel, grads), np.int64, n)
-    if dtypes is None:
-        dtypes = list(map(_dtype, grads))
-    key = (n, tuple(dtypes))
-    cached = _codes_cache.get(key)
-    if cached is None:  # dtypes repeat every step: build the code array once
-        cached = (np.array([KERNEL_DTYPES[d][0] for d in dtypes], dtype=np.int32),
-                  all(d is torch.float32 for d in dtypes))
-        if len(_codes_cache) > 16:
-            _codes_cache.clear()
-        _codes_cache[key] = cached
-    codes, all_f32 = cached
-    sumsq = np.empty(n, np.float64)
-    maxbits = np.empty(n, np.uint64)
-    rc = _fn(n, ptrs.ctypes.data, numels.ctypes.data, codes.ctypes.data,
-             torch.get_num_threads(), sumsq.ctypes.data, maxbits.ctypes.data)
-    if rc != 0:
-        raise MemoryError("gradguard: the statistics kernel could not allocate its work list")
-    if all_f32:
-        with np.errstate(invalid="ignore"):  # a signalling-NaN pattern widens to NaN, as it should
-            return sumsq, maxbits.astype(np.uint32).view(np.float32).astype(np.float64)
-    maxabs = np.empty(n, np.float64)
-    with np.errstate(invalid="ignore"):  # signalling-NaN patterns widen to NaN, as they should
-        for dt in set(dtypes):
-            sel = codes == KERNEL_DTYPES[dt][0]
-            bits = maxbits[sel].astype(KERNEL_DTYPES[dt][1])
-            if dt is torch.bfloat16:  # bf16 is the top half of a float32
-                maxabs[sel] = (bits.astype(np.uint32) << 16).view(np.float32)
-            else:
-                maxabs[sel] = bits.view(_BITS_TO_FLOAT[dt])
-    return sumsq, maxabs
+    out = cpu_stats_packed(grads, list(map(_dtype, grads)) if dtypes is None else dtypes)
+    return out[:n], out[n:2 * n]

@@ -37,7 +37,8 @@ from .act import Remedies
 from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
-from .stats import GradStats, compute_stats, local_grads, named_parameters
+from . import _kernel
+from .stats import GradStats, compute_stats, kernel_stats, local_grads, named_parameters
 
 __all__ = ["Guard", "StepReport"]
 
@@ -117,6 +118,8 @@ def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
 _version = operator.attrgetter("_version")
 _grad = operator.attrgetter("grad")
 _NoneType = type(None)
+_dtype = operator.attrgetter("dtype")
+_is_contiguous = Tensor.is_contiguous
 
 
 def _grad_signature(grads: list[Tensor]) -> tuple[list, list]:
@@ -237,6 +240,12 @@ class Guard:
         # clip decision is read from its row (one read, free) instead of being
         # folded into the optimizer through found_inf / grad_scale tensors.
         self._host_decisions = on_cpu
+        # The CPU kernel's per-step input that does not change: the parameters' dtypes.
+        self._kernel_dtypes, self._kernel_out = None, torch.float32
+        dts = [p.dtype for p in self.params]
+        if on_cpu and not self._sharded and set(dts) <= _kernel.KERNEL_DTYPES.keys():
+            self._kernel_dtypes = dts
+            self._kernel_out = torch.float64 if torch.float64 in dts else torch.float32
         self._index = {n: i for i, n in enumerate(self.names)}
         self._buffer = StepBuffer(_G + 2 * len(self.names), self.flush_every, self.device)
         self._nan = torch.full((), math.nan, device=self.device)  # never written: a fill value
@@ -364,7 +373,14 @@ class Guard:
         names, params, grads, missing = self._gather()
         if self.remedies:
             self.remedies.on_step(self._step, batch)
-        stats = compute_stats(names, grads, missing)
+        kd = self._kernel_dtypes
+        if (kd is not None and not missing and _kernel.available() and list(map(_dtype, grads)) == kd
+                and all(map(_is_contiguous, grads))):
+            # compute_stats' checks, minus what torch already enforces for a parameter's
+            # gradient (its device and size); dtype and layout are checked just above.
+            stats = kernel_stats(names, grads, missing, kd, self._kernel_out)
+        else:
+            stats = compute_stats(names, grads, missing)
         if (self._host_decisions and stats.host is not None and not scaler_on and self._world == 1
                 and self.on_nonfinite != "raise" and self._buffer.host_view is not None):
             return self._step_host(stats, loss, params, grads, closure)

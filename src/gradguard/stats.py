@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -286,15 +287,33 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
         return _finish(names, missing, out_dtype, sumsq, maxabs)
     if (_kernel.available() and kinds <= _kernel.KERNEL_DTYPES.keys() and all(map(_is_cpu, grads))
             and all(map(_is_contiguous, grads))):
-        # Fast path, all on CPU: the whole step is a few numpy ops; tensors on demand.
-        sumsq, maxabs = _kernel.cpu_stats(grads, dtypes)
-        np_out = np.float64 if out_dtype is torch.float64 else np.float32
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = np.asarray(np.sqrt(sumsq.sum()), np_out)  # overflows to Inf in float32 as torch's would
-        bad = not (np.isfinite(total) and np.isfinite(maxabs).all())
-        return _HostGradStats(list(names), missing, sumsq, maxabs, total, bad)
+        return kernel_stats(names, grads, missing, dtypes, out_dtype)
     sumsq, maxabs = _local_sumsq_maxabs(grads)
     return _finish(names, missing, out_dtype, sumsq, maxabs)
+
+
+def kernel_stats(names: list[str], grads: list[Tensor], missing: list[str], dtypes: list,
+                 out_dtype: torch.dtype) -> GradStats:
+    """The CPU fast path: one kernel call, a few numpy scalars, tensors on demand.
+
+    The caller guarantees what ``compute_stats`` checks: CPU, contiguous, strided,
+    ``dtypes`` (the gradients' dtypes) all in ``_kernel.KERNEL_DTYPES``,
+    ``out_dtype`` float64 if any of them is float64 else float32.
+    """
+    n = len(grads)
+    out = _kernel.cpu_stats_packed(grads, dtypes)
+    sumsq = out[:n]
+    total = out[:n].sum()
+    if out_dtype is torch.float64:
+        total = np.asarray(np.sqrt(total))
+    else:  # float32, overflowing to Inf as torch's would (without numpy's overflow warning)
+        total = math.sqrt(total)
+        total = np.asarray(total if not total >= _F32_OVERFLOW else math.inf, np.float32)
+    bad = bool(out[2 * n]) or not math.isfinite(total)
+    return _HostGradStats(list(names), missing, sumsq, out[n:2 * n], total, bad)
+
+
+_F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # float64 values from here on round to float32 Inf
 
 
 def _finish(names, missing, out_dtype, sumsq: Tensor, maxabs: Tensor) -> GradStats:
