@@ -421,3 +421,86 @@ def test_advice_depends_on_module_type():
     assert D.RNN_ADVICE == rnn[0] and D.RNN_ADVICE not in mlp
     assert D.ACT_ADVICE in D.advice_for("vanishing", ["0.weight"], {"0.weight": "Linear"}, {"Sigmoid"})
     assert D.ACT_ADVICE not in D.advice_for("vanishing", ["0.weight"], {"0.weight": "Linear"}, {"ReLU"})
+
+
+# ------------------------------------------------- batches of rows == one row at a time
+def _scripted_rows(n_steps=700, seed=0):
+    """Rows of a 6-layer MLP guard: a noisy healthy run with every kind of trouble in it."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), detectors=[])
+    n, G = len(guard.names), len(GLOBAL_COLS)
+    col = {c: i for i, c in enumerate(GLOBAL_COLS)}
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((n_steps, G + 2 * n), np.float32)
+    norms = rng.lognormal(0, 0.2, (n_steps, n))
+    loss = 2.0 * rng.lognormal(0, 0.05, n_steps)
+    norms[150] *= 1e3                          # a spike
+    loss[200] *= 5                              # a loss spike
+    norms[260:270] *= np.exp(np.arange(10))[:, None] * 1.0   # a trend
+    norms[300:330] *= 200                      # a level shift
+    norms[400:440, :4] *= 1e-5                 # early layers vanish
+    depth = np.geomspace(1e4, 1, n)            # exploding through depth
+    norms[470:480] *= depth
+    norms[520] = np.nan                        # a poisoned row
+    loss[530] = np.nan
+    loss[560:600] = -loss[560:600]             # non-positive losses (raw-value space)
+    rows[:, G:G + n] = norms
+    rows[:, G + n:] = norms / 3
+    rows[:, col["global_norm"]] = np.sqrt(np.nansum(norms ** 2, 1))
+    rows[:, col["loss"]] = loss
+    rows[:, col["loss_bad"]] = ~np.isfinite(loss)
+    rows[:, col["bad"]] = ~np.isfinite(norms).all(1) | ~np.isfinite(loss)
+    rows[:, col["clip_coef"]] = 1.0
+    rows[:, col["param_norm"]] = np.nan
+    rows[::10, col["param_norm"]] = 30.0
+    return guard, list(range(n_steps)), rows
+
+
+def _nan_eq(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _nan_eq(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _nan_eq(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("batch", [2, 7, 16, 32, 100])
+def test_batches_equal_rows(batch):
+    """A flush of many rows (the CPU default is 16) gives bitwise the events and the state
+    that feeding the rows one at a time gives: the quiet-batch fast paths are exact."""
+    guard, steps, rows = _scripted_rows()
+    ref, fast = D.default_detectors(), D.default_detectors()
+    for d in ref + fast:
+        d.bind(guard)
+    ev_ref, ev_fast = [], []
+    for a in range(0, len(steps), batch):
+        for d1, d2 in zip(ref, fast):
+            for i in range(a, min(a + batch, len(steps))):
+                ev_ref += [e.to_dict() for e in d1.update(steps[i:i + 1], rows[i:i + 1], guard)]
+            ev_fast += [e.to_dict() for e in d2.update(steps[a:a + batch], rows[a:a + batch], guard)]
+            _nan_eq(d2.state_dict(), d1.state_dict(), f"{type(d1).__name__} after step {a + batch - 1}")
+    kinds = {e["kind"] for e in ev_ref}
+    assert {"spike", "loss_spike", "exploding", "vanishing"} <= kinds, kinds  # the script bites
+    assert ev_fast == ev_ref
+
+
+def test_quiet_batches_take_the_fast_path(monkeypatch):
+    """The fast path is used (not only correct): healthy rows never reach _row once warm."""
+    guard, steps, rows = _scripted_rows()
+    dets = [D.SpikeDetector(), D.ExplodingDetector(), D.LossSpikeDetector(), D.VanishingDetector()]
+    for d in dets:
+        d.bind(guard)
+        d.update(steps[:120], rows[:120], guard)  # warm, one row at a time inside
+    calls = []
+    for d in dets:
+        orig = d._row
+        monkeypatch.setattr(d, "_row", lambda step, row, orig=orig: calls.append(step) or orig(step, row))
+        assert d.update(steps[120:136], rows[120:136], guard) == []
+    assert calls == []

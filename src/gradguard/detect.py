@@ -258,6 +258,23 @@ def _check_int(name: str, v, lo: int = 1) -> int:
     return v
 
 
+def _window_robust(hist: deque, new: list, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_robust`` of the ``size`` values before each of ``new`` in ``hist + new``
+    (``hist`` holds exactly ``size`` values), for all of them at once."""
+    cat = np.concatenate([np.fromiter(hist, np.float64, len(hist)), np.asarray(new, np.float64)])
+    w = np.lib.stride_tricks.sliding_window_view(cat, size)[:len(new)]
+    med = np.median(w, axis=1)
+    return med, _MAD * np.median(np.abs(w - med[:, None]), axis=1)
+
+
+def _valid_global(rows: np.ndarray, col: dict) -> tuple[np.ndarray, list]:
+    """Indices of rows with finite, positive global norm and no NaN/Inf; their log norms."""
+    g = rows[:, col["global_norm"]].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        idx = np.flatnonzero((rows[:, col["bad"]] == 0) & np.isfinite(g) & (g > 0))
+    return idx, [math.log(v) for v in g[idx].tolist()]
+
+
 class _LayerRing:
     """The last ``size`` finite log per-layer norms, for per-layer baselines."""
 
@@ -272,6 +289,20 @@ class _LayerRing:
         row = np.where(np.isfinite(log_norms), log_norms, np.nan)
         self.buf[self.n % self.size] = row
         self.n += 1
+
+    def push_many(self, log_norms: np.ndarray) -> None:
+        """``push`` each row of ``log_norms`` (k, L), oldest first."""
+        k = len(log_norms)
+        if not k:
+            return
+        if self.buf is None:
+            self.buf = np.full((self.size, log_norms.shape[1]), np.nan)
+        pos = (self.n + np.arange(k)) % self.size
+        block = np.where(np.isfinite(log_norms), log_norms, np.nan)
+        if k > self.size:
+            pos, block = pos[-self.size:], block[-self.size:]
+        self.buf[pos] = block
+        self.n += k
 
     def median(self) -> np.ndarray | None:
         if self.buf is None or self.n == 0:
@@ -344,6 +375,11 @@ class Detector:
         self._owner, self._types = _module_types(guard)
 
     def update(self, steps: list[int], rows: np.ndarray, guard) -> list[Event]:
+        # A batch in which no row can fire is absorbed with whole-batch numpy
+        # (``_quiet_batch``); any other batch goes row by row.  Both give the
+        # same state, bit for bit (tests/test_detect.py::test_batches_equal_rows).
+        if len(steps) > 1 and self._quiet_batch(steps, rows):
+            return []
         out = []
         for step, row in zip(steps, rows):
             ev = self._row(int(step), row)
@@ -353,6 +389,11 @@ class Detector:
 
     def _row(self, step: int, row: np.ndarray) -> Event | None:
         raise NotImplementedError
+
+    def _quiet_batch(self, steps, rows: np.ndarray) -> bool:
+        """Absorb ``rows`` at once and return True if none of them can fire; else change
+        nothing and return False.  Default: no fast path."""
+        return False
 
     # -- helpers
     def _norms(self, row):
@@ -463,6 +504,19 @@ class SpikeDetector(_BaselineDetector):
             self._hist.append(lg)
         self._layers.push(lnorms)
         return ev
+
+    def _quiet_batch(self, steps, rows):
+        if len(self._hist) < self.window or self.window < self.warmup:
+            return False  # warming up: row by row
+        idx, lgs = _valid_global(rows, self.col)
+        if len(lgs):
+            med, mad = _window_robust(self._hist, lgs, self.window)
+            thr = med + np.maximum(self.z * np.maximum(mad, self.min_scale), math.log(self.ratio))
+            if (np.asarray(lgs) > thr).any():
+                return False
+        self._hist.extend(lgs)
+        self._layers.push_many(_log(rows[idx, self.g:self.g + self.n]))
+        return True
 
 
 class ExplodingDetector(Detector):
@@ -596,6 +650,45 @@ class ExplodingDetector(Detector):
         self._hist.append(lg)
         return None if found is None else self._emit(step, *found)
 
+    def _quiet_batch(self, steps, rows):
+        if (self._seen == 0 or len(self._hist) < self.history or self.history < self.warmup
+                or len(self._recent) < self._recent.maxlen):
+            return False
+        idx, lgs = _valid_global(rows, self.col)
+        if not len(lgs):
+            return True
+        lg = np.asarray(lgs)
+        if (rows[idx, self.col["global_norm"]].astype(np.float64) >= self.absurd).any():
+            return False
+        # trend: the oldest entry of the recent window at each row
+        recent = np.concatenate([[r[0] for r in self._recent], lg])[:len(lg)]
+        if (lg - recent >= math.log(self.trend_growth)).any():
+            return False
+        # level: consecutive rows far above the median of the history
+        med, _ = _window_robust(self._hist, lgs, self.history)
+        above = self._above
+        for a in (lg - med >= math.log(self.level_ratio)).tolist():
+            above = above + 1 if a else 0
+            if above >= self.level_steps:
+                return False
+        # depth: the rows where it is checked
+        if len(self.weight_idx) >= self.depth_min_layers:
+            at = [i for i in idx if int(steps[i]) % self.depth_every == 0]
+            if at:
+                w = rows[np.asarray(at)][:, self.g + self.weight_idx].astype(np.float64)
+                with np.errstate(all="ignore"):
+                    ok = np.isfinite(w).all(1) & (w > 0).all(1)
+                    r = w[:, 0] / w[:, -1]
+                    mono = (w[:, :-1] > w[:, 1:]).mean(1)
+                if (ok & (r >= self.depth_ratio) & (mono >= self.depth_monotone)).any():
+                    return False
+        lnorms = _log(rows[idx, self.g:self.g + self.n])
+        self._recent.extend(zip(lgs, lnorms))
+        self._hist.extend(lgs)
+        self._above = above
+        self._seen += len(lgs)
+        return True
+
     def state_dict(self):
         return {**self._base_state(), "recent": [[a, _to_list(b)] for a, b in self._recent],
                 "hist": list(self._hist), "above": self._above, "seen": self._seen}
@@ -680,6 +773,30 @@ class LossSpikeDetector(_BaselineDetector):
         if self._ok(row):
             self._layers.push(_log(self._norms(row)))
         return ev
+
+    def _quiet_batch(self, steps, rows):
+        if len(self._hist) < self.window or self.window < self.warmup:
+            return False
+        loss = rows[:, self.col["loss"]].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            valid = (rows[:, self.col["loss_bad"]] <= 0) & np.isfinite(loss)
+        idx = np.flatnonzero(valid)
+        new = loss[idx].tolist()
+        if new:
+            if not (min(new) > 0 and min(self._hist) > 0):
+                return False  # raw-value space somewhere in the batch: row by row
+            hist_logs = np.log(np.fromiter(self._hist, np.float64, len(self._hist)))
+            cat = np.concatenate([hist_logs, np.log(np.asarray(new))])
+            w = np.lib.stride_tricks.sliding_window_view(cat, self.window)[:len(new)]
+            med = np.median(w, axis=1)
+            mad = _MAD * np.median(np.abs(w - med[:, None]), axis=1)
+            thr = med + np.maximum(self.z * np.maximum(mad, self.min_scale), math.log(self.ratio))
+            if (np.asarray([math.log(v) for v in new]) > thr).any():
+                return False
+        self._hist.extend(new)
+        ok = idx[rows[idx, self.col["bad"]] == 0]
+        self._layers.push_many(_log(rows[ok, self.g:self.g + self.n]))
+        return True
 
 
 class VanishingDetector(Detector):
@@ -767,6 +884,31 @@ class VanishingDetector(Detector):
         layers = [self.names[self.weight_idx[i]] for i in sorted(idx)]  # earliest first
         data["norms"] = {self.names[self.weight_idx[i]]: float(w[i]) for i in sorted(idx)[:10]}
         return self._emit(step, "warning", layers, msg, data)
+
+    def _quiet_batch(self, steps, rows):
+        if len(self.weight_idx) < 2:
+            return True  # _row returns at once for every row
+        w = rows[:, self.g + self.weight_idx].astype(np.float64)
+        use = (rows[:, self.col["bad"]] == 0) & np.isfinite(w).all(1)
+        w = w[use]
+        if not len(w):
+            return True
+        top = w.max(1)
+        tiny = (w < self.rel * top[:, None]) | (w < self.floor)
+        count = np.zeros(w.shape[1], np.int64) if self._count is None else self._count
+        depth = self._depth
+        check_depth = w.shape[1] >= self.depth_min_layers
+        with np.errstate(all="ignore"):
+            ratio = w[:, -1] / w[:, 0]
+            mono = (w[:, :-1] < w[:, 1:]).mean(1)
+        for j in range(len(w)):
+            count = np.where(tiny[j], count + 1, 0)
+            d_ok = check_depth and w[j, 0] > 0 and ratio[j] >= self.depth_ratio and mono[j] >= self.depth_monotone
+            depth = depth + 1 if d_ok else 0
+            if depth >= self.patience or (count >= self.patience).any():
+                return False
+        self._count, self._depth = count, depth
+        return True
 
     def state_dict(self):
         count = None if self._count is None else self._count.tolist()  # numpy, no host sync
