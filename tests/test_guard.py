@@ -529,7 +529,9 @@ def test_cpu_host_decisions_equal_the_device_path(opt_name, clip, loss_kind):
             if i == 10:
                 model[4].bias.grad = None
             r = guard.step(loss=loss if loss_kind == "tensor" else float(loss.detach()))
-            reports.append((bool(r.skipped), repr(float(r.global_norm)), float(r.clip_coef), repr(r.loss)))
+            tensors = [r.global_norm_t, r.clip_coef_t, r.skipped_t, r.loss_t]
+            reports.append((bool(r.skipped), repr(float(r.global_norm)), float(r.clip_coef), repr(r.loss),
+                            [(t.dtype, t.shape, repr(t.item())) for t in tensors]))
         guard.flush()
         rows = np.concatenate(tap.rows)
         runs.append((_state(model, opt), reports, [e.to_dict() for e in guard.events], guard.skipped_steps,
@@ -540,7 +542,7 @@ def test_cpu_host_decisions_equal_the_device_path(opt_name, clip, loss_kind):
     assert ev_host == ev_dev and sk_host == sk_dev == 2
     assert rows_host.shape == (12, rows_dev.shape[1])
     np.testing.assert_array_equal(rows_host.view(np.uint32), rows_dev.view(np.uint32))
-    assert any(c < 1 for _, _, c, _ in rep_host) == (clip not in ("none", "global-idle"))
+    assert any(c < 1 for _, _, c, _, _ in rep_host) == (clip not in ("none", "global-idle"))
 
 
 def test_cpu_default_flush_interval_and_poisoned_steps_flush_at_once(tmp_path):

@@ -49,8 +49,13 @@ def available() -> bool:
     return _fn is not None
 
 
+_last: list = [None, None]  # (the dtypes list object seen last, its codes): the guard passes one list
+
+
 def _codes(dtypes: list) -> tuple[np.ndarray, int]:
     """The kernel's dtype codes for ``dtypes`` (and their address), built once per layout."""
+    if dtypes is _last[0]:
+        return _last[1]
     key = tuple(dtypes)
     cached = _codes_cache.get(key)
     if cached is None:  # dtypes repeat every step: build the code array once
@@ -58,6 +63,8 @@ def _codes(dtypes: list) -> tuple[np.ndarray, int]:
         if len(_codes_cache) > 16:
             _codes_cache.clear()
         cached = _codes_cache[key] = (codes, codes.ctypes.data)
+    if type(dtypes) is tuple:  # immutable: safe to recognise by identity next time
+        _last[:] = [dtypes, cached]
     return cached
 
 

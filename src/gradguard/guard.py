@@ -95,6 +95,25 @@ class StepReport:
                 f"clip_coef={self.clip_coef:.4g}, skipped={self.skipped})")
 
 
+class _HostStepReport(StepReport):
+    """StepReport of the CPU path: host numbers, tensors made on first access."""
+
+    def __init__(self, step: int, stats: GradStats, coef: np.float32, skipped: bool, loss):
+        self.step, self.stats = step, stats
+        self._host = (coef, skipped, loss)
+
+    global_norm_t = property(lambda self: self.stats.global_norm)
+    clip_coef_t = property(lambda self: torch.from_numpy(np.asarray(self._host[0], np.float32)))
+    skipped_t = property(lambda self: torch.from_numpy(np.asarray(self._host[1])))
+    loss_t = property(lambda self: None if self._host[2] is None
+                      else torch.from_numpy(np.asarray(self._host[2], np.float32)))
+    # the same numbers without a tensor in between
+    global_norm = property(lambda self: float(self.stats.host[2]))
+    clip_coef = property(lambda self: float(self._host[0]))
+    skipped = property(lambda self: bool(self._host[1]))
+    loss = property(lambda self: None if self._host[2] is None else float(self._host[2]))
+
+
 def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
     """AGC's whole-tensor units (biases, norms) would be clipped per shard under FSDP2."""
     from .adaptive import AGC
@@ -244,7 +263,7 @@ class Guard:
         self._kernel_dtypes, self._kernel_out = None, torch.float32
         dts = [p.dtype for p in self.params]
         if on_cpu and not self._sharded and set(dts) <= _kernel.KERNEL_DTYPES.keys():
-            self._kernel_dtypes = dts
+            self._kernel_dtypes = tuple(dts)
             self._kernel_out = torch.float64 if torch.float64 in dts else torch.float32
         self._index = {n: i for i, n in enumerate(self.names)}
         self._buffer = StepBuffer(_G + 2 * len(self.names), self.flush_every, self.device)
@@ -374,7 +393,7 @@ class Guard:
         if self.remedies:
             self.remedies.on_step(self._step, batch)
         kd = self._kernel_dtypes
-        if (kd is not None and not missing and _kernel.available() and list(map(_dtype, grads)) == kd
+        if (kd is not None and not missing and _kernel.available() and tuple(map(_dtype, grads)) == kd
                 and all(map(_is_contiguous, grads))):
             # compute_stats' checks, minus what torch already enforces for a parameter's
             # gradient (its device and size); dtype and layout are checked just above.
@@ -498,22 +517,10 @@ class Guard:
             coef_host = np.float32(1)
         else:
             c = clip.host_coefficient(stats)
-            with np.errstate(all="ignore") if c is None or c != 1 else _NO_CONTEXT:
-                if c is not None and self.fused:
-                    gs = np.float32(1) / c.astype(np.float32)  # what fused_scale() returns
-                    coef_host = np.float32(1) / gs
-                    if gs != 1:  # grad_scale costs fused AdamW a division and write-back per element
-                        grad_scale = torch.from_numpy(np.asarray(gs))
-                elif c is not None:
-                    coef_host = c.astype(np.float32)
-                    if c != 1:  # x * 1 == x: a coefficient of 1 needs no pass over the gradients
-                        clip.scale_(grads, torch.from_numpy(c))
-                elif self.fused and (gs_t := clip.fused_scale(params, grads, stats)) is not None:
-                    grad_scale = gs_t
-                    self._buffer.cell(k, 5).copy_(1.0 / gs_t)
-                else:
-                    coefs = clip.clip_(params, grads, stats)
-                    self._buffer.cell(k, 5).copy_(coefs.min() if coefs.numel() else torch.ones(()))
+            if c is not None and c == 1:  # the common case: nothing to scale
+                coef_host = np.float32(1)
+            else:
+                coef_host, grad_scale = self._clip_host(c, clip, params, grads, stats, k)
         if coef_host is not None:
             row[5] = coef_host
         skipped = (bad and self.on_nonfinite == "skip") or held
@@ -559,15 +566,33 @@ class Guard:
                 opt.step() if closure is None else opt.step(closure)
 
         self._last_grads = _grad_signature(grads)
-        f32 = np.float32
-        report = StepReport(self._step, stats, stats.global_norm, torch.from_numpy(np.asarray(row[5], f32)),
-                            torch.from_numpy(np.asarray(skipped)),
-                            None if loss is None else torch.from_numpy(np.asarray(row[2], f32)))
+        report = _HostStepReport(self._step, stats, row[5], skipped, None if loss is None else row[2])
         self.last_report = report
         self._step += 1
         if drained is not None:
             self._process(*drained)
         return report
+
+    def _clip_host(self, c, clip, params, grads, stats, k) -> tuple:
+        """The CPU path's clipping when it may scale: (host coefficient or None, grad_scale or None).
+
+        ``c``: the policy's host coefficient, None when it has none (the policy then runs
+        its tensor code and its coefficient goes into the row as a tensor write)."""
+        with np.errstate(all="ignore"):
+            if c is not None and self.fused:
+                gs = np.float32(1) / c.astype(np.float32)  # what fused_scale() returns
+                # grad_scale costs fused AdamW a division and write-back per element
+                return np.float32(1) / gs, (torch.from_numpy(np.asarray(gs)) if gs != 1 else None)
+            if c is not None:
+                if c != 1:  # x * 1 == x: a coefficient of 1 needs no pass over the gradients
+                    clip.scale_(grads, torch.from_numpy(c))
+                return c.astype(np.float32), None
+            if self.fused and (gs_t := clip.fused_scale(params, grads, stats)) is not None:
+                self._buffer.cell(k, 5).copy_(1.0 / gs_t)
+                return None, gs_t
+            coefs = clip.clip_(params, grads, stats)
+            self._buffer.cell(k, 5).copy_(coefs.min() if coefs.numel() else torch.ones(()))
+            return None, None
 
     def _host_param_norm(self) -> float:
         """The ``param_norm`` column on the CPU path (NaN between measurements)."""
