@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
@@ -214,8 +215,8 @@ def _robust(values) -> tuple[float, float]:
 
 
 def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(np.maximum(np.asarray(x, np.float64), 1e-300))
+    # maximum() maps 0 and negatives to 1e-300 and keeps NaN/Inf: log() never warns here
+    return np.log(np.maximum(np.asarray(x, np.float64), 1e-300))
 
 
 def _to_list(a) -> list:
@@ -258,20 +259,35 @@ def _check_int(name: str, v, lo: int = 1) -> int:
     return v
 
 
+def _median_rows(w: np.ndarray) -> np.ndarray:
+    """np.median(w, axis=1), bit for bit, without np.median's generic machinery."""
+    h = w.shape[1] // 2
+    if w.shape[1] % 2:
+        return np.partition(w, h, axis=1)[:, h]
+    p = np.partition(w, (h - 1, h), axis=1)
+    return (p[:, h - 1] + p[:, h]) / 2
+
+
+def _windows_robust(cat: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_robust`` of each run of ``size`` values in ``cat`` but the last: the baseline of
+    each of the ``len(cat) - size`` newest values."""
+    count = len(cat) - size
+    w = np.lib.stride_tricks.as_strided(cat, (count, size), (cat.strides[0],) * 2, writeable=False)
+    med = _median_rows(w)
+    return med, _MAD * _median_rows(np.abs(w - med[:, None]))
+
+
 def _window_robust(hist: deque, new: list, size: int) -> tuple[np.ndarray, np.ndarray]:
     """``_robust`` of the ``size`` values before each of ``new`` in ``hist + new``
     (``hist`` holds exactly ``size`` values), for all of them at once."""
-    cat = np.concatenate([np.fromiter(hist, np.float64, len(hist)), np.asarray(new, np.float64)])
-    w = np.lib.stride_tricks.sliding_window_view(cat, size)[:len(new)]
-    med = np.median(w, axis=1)
-    return med, _MAD * np.median(np.abs(w - med[:, None]), axis=1)
+    cat = np.fromiter(chain(hist, new), np.float64, len(hist) + len(new))
+    return _windows_robust(cat, size)
 
 
 def _valid_global(rows: np.ndarray, col: dict) -> tuple[np.ndarray, list]:
     """Indices of rows with finite, positive global norm and no NaN/Inf; their log norms."""
     g = rows[:, col["global_norm"]].astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        idx = np.flatnonzero((rows[:, col["bad"]] == 0) & np.isfinite(g) & (g > 0))
+    idx = np.flatnonzero((rows[:, col["bad"]] == 0) & np.isfinite(g) & (g > 0))  # NaN compares False, silently
     return idx, [math.log(v) for v in g[idx].tolist()]
 
 
@@ -778,18 +794,14 @@ class LossSpikeDetector(_BaselineDetector):
         if len(self._hist) < self.window or self.window < self.warmup:
             return False
         loss = rows[:, self.col["loss"]].astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            valid = (rows[:, self.col["loss_bad"]] <= 0) & np.isfinite(loss)
+        valid = (rows[:, self.col["loss_bad"]] <= 0) & np.isfinite(loss)
         idx = np.flatnonzero(valid)
         new = loss[idx].tolist()
         if new:
             if not (min(new) > 0 and min(self._hist) > 0):
                 return False  # raw-value space somewhere in the batch: row by row
-            hist_logs = np.log(np.fromiter(self._hist, np.float64, len(self._hist)))
-            cat = np.concatenate([hist_logs, np.log(np.asarray(new))])
-            w = np.lib.stride_tricks.sliding_window_view(cat, self.window)[:len(new)]
-            med = np.median(w, axis=1)
-            mad = _MAD * np.median(np.abs(w - med[:, None]), axis=1)
+            cat = np.log(np.fromiter(chain(self._hist, new), np.float64, len(self._hist) + len(new)))
+            med, mad = _windows_robust(cat, self.window)
             thr = med + np.maximum(self.z * np.maximum(mad, self.min_scale), math.log(self.ratio))
             if (np.asarray([math.log(v) for v in new]) > thr).any():
                 return False
