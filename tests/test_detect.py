@@ -10,6 +10,8 @@ import gradguard as gg
 from gradguard import detect as D
 from gradguard.guard import GLOBAL_COLS
 
+from conftest import assert_same
+
 WARN = ("warning", "critical")
 
 
@@ -456,21 +458,6 @@ def _scripted_rows(n_steps=700, seed=0):
     return guard, list(range(n_steps)), rows
 
 
-def _nan_eq(a, b, path="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _nan_eq(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _nan_eq(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
-
-
 @pytest.mark.parametrize("batch", [2, 7, 16, 32, 100])
 def test_batches_equal_rows(batch):
     """A flush of many rows (the CPU default is 16) gives bitwise the events and the state
@@ -485,7 +472,7 @@ def test_batches_equal_rows(batch):
             for i in range(a, min(a + batch, len(steps))):
                 ev_ref += [e.to_dict() for e in d1.update(steps[i:i + 1], rows[i:i + 1], guard)]
             ev_fast += [e.to_dict() for e in d2.update(steps[a:a + batch], rows[a:a + batch], guard)]
-            _nan_eq(d2.state_dict(), d1.state_dict(), f"{type(d1).__name__} after step {a + batch - 1}")
+            assert_same(d2.state_dict(), d1.state_dict(), f"{type(d1).__name__} after step {a + batch - 1}")
     kinds = {e["kind"] for e in ev_ref}
     assert {"spike", "loss_spike", "exploding", "vanishing"} <= kinds, kinds  # the script bites
     assert ev_fast == ev_ref

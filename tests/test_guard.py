@@ -156,7 +156,7 @@ def test_fused_path_has_no_host_sync():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), flush_every=16)
-    guard._host_decisions = False  # what a CUDA guard does; CPU guards read each row (free)
+    guard._host_decisions = False  # what a CUDA guard does; CPU guards decide on the host
     for i in range(5):
         x, y = _batch(i)
         opt.zero_grad()

@@ -18,6 +18,8 @@ import gradguard as gg
 from gradguard.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradguard.record import RunStore
 
+from conftest import assert_same
+
 TOTAL = 32
 POISON = {3: "nan", 9: "inf_loss", 21: "nan"}
 SPIKES = (26,)  # gradients x1e3: a spike event once the detectors are warm
@@ -75,26 +77,6 @@ def _steps(model, opt, guard, start, stop):
         guard.step(loss=loss)
 
 
-def _same(a, b, path="state"):
-    """Deep bitwise equality: tensors (NaN == NaN), numpy arrays, floats (NaN == NaN)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
-            a.nan_to_num(), b.nan_to_num()), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (path, set(a) ^ set(b))
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
-
-
 @pytest.mark.parametrize("stop", [1, 14, 23])
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_stop_and_resume_equals_uninterrupted(policy, stop, tmp_path):
@@ -116,9 +98,9 @@ def test_stop_and_resume_equals_uninterrupted(policy, stop, tmp_path):
     assert guard.steps == stop
     _steps(model, opt, guard, stop, TOTAL)
 
-    _same(ref["model"], model.state_dict(), "model")
-    _same(ref["opt"], opt.state_dict(), "optimizer")
-    _same(ref["guard"], guard.state_dict(), "guard")
+    assert_same(ref["model"], model.state_dict(), "model")
+    assert_same(ref["opt"], opt.state_dict(), "optimizer")
+    assert_same(ref["guard"], guard.state_dict(), "guard")
     # the run did something worth resuming: skips, events, a learned threshold
     assert guard.skipped_steps == len(POISON)
     kinds = {e.kind for e in guard.events}
@@ -132,10 +114,10 @@ def test_state_dict_is_weights_only_loadable_and_round_trips(tmp_path):
     sd = guard.state_dict()
     torch.save(sd, tmp_path / "g.pt")
     back = torch.load(tmp_path / "g.pt")
-    _same(sd, back)
+    assert_same(sd, back)
     _, _, other = _build("autoclip")
     other.load_state_dict(back)
-    _same(sd, other.state_dict())
+    assert_same(sd, other.state_dict())
 
 
 def test_resume_mid_flush_interval(tmp_path):

@@ -114,6 +114,22 @@ class _HostStepReport(StepReport):
     loss = property(lambda self: None if self._host[2] is None else float(self._host[2]))
 
 
+def _step_with(opt, closure, **attrs) -> None:
+    """``opt.step(closure)`` with attributes set for this call only (a fused optimizer's
+    ``grad_scale`` / ``found_inf``), restored even if the step raises."""
+    had = {a: getattr(opt, a, _MISSING) for a in attrs}
+    for a, v in attrs.items():
+        setattr(opt, a, v)
+    try:
+        opt.step() if closure is None else opt.step(closure)
+    finally:
+        for a, v in had.items():
+            if v is _MISSING:
+                delattr(opt, a)
+            else:
+                setattr(opt, a, v)
+
+
 def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
     """AGC's whole-tensor units (biases, norms) would be clipped per shard under FSDP2."""
     from .adaptive import AGC
@@ -551,19 +567,10 @@ class Guard:
             drained = self._buffer.drain(self._buffer.host_view[:len(self._buffer)])  # read above
 
         if not skipped:
-            opt = self.optimizer
             if grad_scale is not None:
-                had = getattr(opt, "grad_scale", _MISSING)
-                opt.grad_scale = grad_scale
-                try:
-                    opt.step() if closure is None else opt.step(closure)
-                finally:
-                    if had is _MISSING:
-                        delattr(opt, "grad_scale")
-                    else:
-                        opt.grad_scale = had
+                _step_with(self.optimizer, closure, grad_scale=grad_scale)
             else:
-                opt.step() if closure is None else opt.step(closure)
+                self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
         self._last_grads = _grad_signature(grads)
         report = _HostStepReport(self._step, stats, row[5], skipped, None if loss is None else row[2])
@@ -620,15 +627,7 @@ class Guard:
             # A fused optimizer's grad_scale / found_inf cost a division and a
             # write-back per element: pass the scale only when it clips.
             if self.fused and grad_scale is not None and host_row[5] != 1.0:
-                had = getattr(opt, "grad_scale", _MISSING)
-                opt.grad_scale = grad_scale
-                try:
-                    opt.step() if closure is None else opt.step(closure)
-                finally:
-                    if had is _MISSING:
-                        delattr(opt, "grad_scale")
-                    else:
-                        opt.grad_scale = had
+                _step_with(opt, closure, grad_scale=grad_scale)
                 return
             opt.step() if closure is None else opt.step(closure)
             return
@@ -652,17 +651,7 @@ class Guard:
                           else bool(skipped)):  # host sync: fused optimizer's first steps only
             return
         if self.fused:
-            had = {a: getattr(opt, a) for a in ("grad_scale", "found_inf") if hasattr(opt, a)}
-            opt.grad_scale = grad_scale
-            opt.found_inf = skipped.float()
-            try:
-                opt.step() if closure is None else opt.step(closure)
-            finally:
-                for a in ("grad_scale", "found_inf"):
-                    if a in had:
-                        setattr(opt, a, had[a])
-                    else:
-                        delattr(opt, a)
+            _step_with(opt, closure, grad_scale=grad_scale, found_inf=skipped.float())
             return
         if skip and (host_skipped if host_skipped is not None
                      else bool(skipped)):  # host sync: one read per step for non-fused optimizers
