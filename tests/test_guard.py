@@ -575,3 +575,18 @@ def test_cpu_default_flush_interval_and_poisoned_steps_flush_at_once(tmp_path):
     guard.recorder.flush()
     assert gg.RunStore(tmp_path).steps("r")["step"].tolist() == list(range(20))
     guard.close()
+
+
+def test_guards_of_different_dtypes_alternate():
+    """The kernel's per-layout cache never hands one guard's dtype codes to another."""
+    models = {dt: nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 2)).to(dt)
+              for dt in (torch.float32, torch.bfloat16, torch.float64, torch.float16)}
+    guards = {dt: gg.Guard(m, torch.optim.SGD(m.parameters(), lr=0.0)) for dt, m in models.items()}
+    for i in range(3):
+        for dt, m in models.items():
+            x, y = _batch(i)
+            m.zero_grad()
+            nn.functional.mse_loss(m(x.to(dt)).float(), y).backward()
+            want = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in m.parameters()]))
+            got = guards[dt].step().global_norm
+            assert got == pytest.approx(float(want), rel=1e-6), dt

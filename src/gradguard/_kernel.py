@@ -49,13 +49,16 @@ def available() -> bool:
     return _fn is not None
 
 
-_last: list = [None, None]  # (the dtypes list object seen last, its codes): the guard passes one list
+# (the dtypes tuple seen last, its codes), swapped as one object so that threads never pair
+# one layout's dtypes with another's codes (which would make the kernel misread memory)
+_last: list = [(None, None)]
 
 
-def _codes(dtypes: list) -> tuple[np.ndarray, int]:
+def _codes(dtypes) -> tuple[np.ndarray, int]:
     """The kernel's dtype codes for ``dtypes`` (and their address), built once per layout."""
-    if dtypes is _last[0]:
-        return _last[1]
+    last = _last[0]
+    if dtypes is last[0]:  # the guard passes the same tuple every step
+        return last[1]
     key = tuple(dtypes)
     cached = _codes_cache.get(key)
     if cached is None:  # dtypes repeat every step: build the code array once
@@ -64,7 +67,7 @@ def _codes(dtypes: list) -> tuple[np.ndarray, int]:
             _codes_cache.clear()
         cached = _codes_cache[key] = (codes, codes.ctypes.data)
     if type(dtypes) is tuple:  # immutable: safe to recognise by identity next time
-        _last[:] = [dtypes, cached]
+        _last[0] = (dtypes, cached)
     return cached
 
 
