@@ -234,6 +234,7 @@ class Recorder:
         self._layers = layers
         self._config = config
         self.failures: dict[str, int] = {}
+        self._fail_lock = threading.Lock()
         self.dropped_rows = 0
         self._pending: list = []
         self._pending_bytes = 0
@@ -413,9 +414,11 @@ class Recorder:
             self._fail(getattr(sink, "name", type(sink).__name__), e)
 
     def _fail(self, who: str, err: Exception) -> None:
-        self.failures[who] = self.failures.get(who, 0) + 1
-        if who not in self._warned:
+        with self._fail_lock:  # the training thread and the writer thread both report here
+            self.failures[who] = self.failures.get(who, 0) + 1
+            first = who not in self._warned
             self._warned.add(who)
+        if first:
             log.warning("gradguard: %s failed (%s: %s); training continues, further failures are "
                         "counted in recorder.failures", who, type(err).__name__, err)
 
