@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradguard as gg
 from gradguard.stats import compute_stats
@@ -144,3 +145,26 @@ def test_sparse_grad_refused():
     p.grad = torch.zeros(4, 3).to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         gg.grad_stats([("emb", p)])
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "transposed"])
+def test_channels_last_gradients_take_the_kernel(fmt):
+    """Conv weights under channels_last are dense: the kernel reads them (norm and max|g| do not
+    depend on the order); a transposed (strided) gradient goes through torch's ops. Same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    if fmt == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9)
+    model(x).square().mean().backward()
+    if fmt == "transposed":
+        w = model[0].weight
+        w.grad = w.grad.transpose(2, 3).contiguous().transpose(2, 3)  # same values, strided
+    if fmt == "channels_last":
+        assert not model[0].weight.grad.is_contiguous()
+    s = gg.grad_stats(model)
+    assert (s.host is not None) == (fmt != "transposed") or not gg._kernel.available()
+    grads = [p.grad for p in model.parameters()]
+    want = torch.stack([g.double().norm() for g in grads])
+    torch.testing.assert_close(s.norms.double(), want, rtol=1e-6, atol=0)
+    assert torch.equal(s.max_abs, torch.stack([g.abs().max() for g in grads]))

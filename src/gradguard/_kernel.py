@@ -84,9 +84,9 @@ def cpu_stats_packed(grads: list[torch.Tensor], dtypes: list) -> np.ndarray:
 
 
 def cpu_stats(grads: list[torch.Tensor], dtypes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of squares (float64) and max |g| (float64) for contiguous CPU tensors.
+    """Sum of squares (float64) and max |g| (float64) for dense (``stats.dense``) CPU tensors.
 
-    The caller guarantees: CPU, contiguous, dtype in KERNEL_DTYPES.  NaN/Inf in
+    The caller guarantees: CPU, dense, dtype in KERNEL_DTYPES.  NaN/Inf in
     a tensor come back as a NaN/Inf max |g|; the sum of squares is computed in
     float64 (as torch does on CPU), so finite values up to ~1e150 never overflow.
     """

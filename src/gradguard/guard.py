@@ -38,7 +38,7 @@ from .detect import _from_list, _module_types, _to_list, default_detectors, nonf
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
 from . import _kernel
-from .stats import GradStats, compute_stats, kernel_stats, local_grads, named_parameters
+from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters
 
 __all__ = ["Guard", "StepReport"]
 
@@ -154,7 +154,6 @@ _version = operator.attrgetter("_version")
 _grad = operator.attrgetter("grad")
 _NoneType = type(None)
 _dtype = operator.attrgetter("dtype")
-_is_contiguous = Tensor.is_contiguous
 
 
 def _grad_signature(grads: list[Tensor]) -> tuple[list, list]:
@@ -410,7 +409,7 @@ class Guard:
             self.remedies.on_step(self._step, batch)
         kd = self._kernel_dtypes
         if (kd is not None and not missing and _kernel.available() and tuple(map(_dtype, grads)) == kd
-                and all(map(_is_contiguous, grads))):
+                and all_dense(grads)):
             # compute_stats' checks, minus what torch already enforces for a parameter's
             # gradient (its device and size); dtype and layout are checked just above.
             stats = kernel_stats(names, grads, missing, kd, self._kernel_out)

@@ -38,6 +38,23 @@ _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", 
 _is_contiguous = torch.Tensor.is_contiguous
 
 
+def dense(g: Tensor) -> bool:
+    """Whether ``g``'s elements fill ``numel`` consecutive slots (any order): contiguous, or
+    channels-last (conv weights and their gradients under ``memory_format=channels_last``).
+    Norms and max |g| do not depend on the order, so the kernel reads such a tensor linearly.
+    Sparse tensors are never dense here."""
+    if g.is_contiguous():
+        return True
+    d = g.dim()
+    return ((d == 4 and g.is_contiguous(memory_format=torch.channels_last))
+            or (d == 5 and g.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def all_dense(grads: list[Tensor]) -> bool:
+    """``dense`` for every tensor (the common all-contiguous case in one C-level pass)."""
+    return all(map(_is_contiguous, grads)) or all(map(dense, grads))
+
+
 @dataclass(frozen=True, eq=False)
 class GradStats:
     """Statistics of one step's gradients (device tensors, read lazily).
@@ -234,7 +251,7 @@ def _check_grad(name: str, g: Tensor) -> None:
 
 
 def _kernel_ok(g: Tensor) -> bool:
-    return g.device.type == "cpu" and g.dtype in _kernel.KERNEL_DTYPES and g.is_contiguous()
+    return g.device.type == "cpu" and g.dtype in _kernel.KERNEL_DTYPES and dense(g)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,7 +303,7 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
         sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
         return _finish(names, missing, out_dtype, sumsq, maxabs)
     if (_kernel.available() and kinds <= _kernel.KERNEL_DTYPES.keys() and all(map(_is_cpu, grads))
-            and all(map(_is_contiguous, grads))):
+            and all_dense(grads)):
         return kernel_stats(names, grads, missing, dtypes, out_dtype)
     sumsq, maxabs = _local_sumsq_maxabs(grads)
     return _finish(names, missing, out_dtype, sumsq, maxabs)
@@ -296,7 +313,7 @@ def kernel_stats(names: list[str], grads: list[Tensor], missing: list[str], dtyp
                  out_dtype: torch.dtype) -> GradStats:
     """The CPU fast path: one kernel call, a few numpy scalars, tensors on demand.
 
-    The caller guarantees what ``compute_stats`` checks: CPU, contiguous, strided,
+    The caller guarantees what ``compute_stats`` checks: CPU, dense (``dense``), strided,
     ``dtypes`` (the gradients' dtypes) all in ``_kernel.KERNEL_DTYPES``,
     ``out_dtype`` float64 if any of them is float64 else float32.
     """
