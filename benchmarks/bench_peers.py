@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_detectors import batches, gpt_copies, machine, overheads, run_rounds, save_json, write_section  # noqa: E402
 
 HEADING = "## Versus peers"
+SPREAD = ("Run to run (8 runs of this script on 2026-11-22, same machine): gradguard / zclip 0.44-0.49x, "
+          "gradguard / naive monitor 0.30-0.36x; the shared 2-core machine moves single runs by about 5%.")
 TRIED = """\
 Tried on this machine to get closer to the floor, and not kept: computing the statistics inside
 backward, in post-accumulate-grad hooks while each gradient is fresh (+0.5 ms per step against the
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
                             f"gradguard {max(0.5 * total[n] - floor, 0):.2f}% of a step for everything "
                             f"beyond the read (decisions, row, 7 detectors, store)."
                             for n in missed)]
-    lines += ["", TRIED]
+    lines += ["", SPREAD, "", TRIED]
     text = "\n".join(lines)
     print(text)
     if a.write:
