@@ -46,9 +46,11 @@ threads are not cache-hot for a third party); two threads in the kernel (slower 
 parameters: thread start-up, and torch's OpenMP workers still spin on the second core); 32
 independent accumulator lanes in the kernel (the float32 pass was already at memory speed; kept,
 as the fp16 pass got 1.45x faster). What was kept: on CPU the decisions are taken with numpy
-scalars from the kernel's output (no small torch ops), the fused optimizer gets no
-`grad_scale` / `found_inf` unless the step clips, and detectors and the store take rows in
-batches of 16."""
+scalars from the kernel's output (no small torch ops, each of which costs 10-20 us once the
+optimizer has swept the caches), the fused optimizer gets no `grad_scale` / `found_inf` unless
+the step clips, the kernel takes one packed array in and gives one out, detectors and the store
+take rows in batches of 16, and a batch in which no row can fire goes through the detectors as
+whole-batch numpy (bitwise the row-by-row result)."""
 PEERS_DIR = Path(os.environ.get("GG_PEERS", "/tmp/peers"))
 # Width reduced from P3's GPT so that enough interleaved rounds fit in ~3 minutes
 # on 2 cores; depth (77 tensors) kept, since per-tensor costs are what differ.
