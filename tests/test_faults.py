@@ -29,7 +29,6 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.record import RunStore
-from gradguard.record import writer as writer_mod
 
 REPEATS = int(os.environ.get("GRADGUARD_KILL_REPEATS", "5"))
 DB = "gradguard.sqlite"

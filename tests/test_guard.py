@@ -1,6 +1,5 @@
 import copy
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -23,7 +23,6 @@ What each action did is appended to ``event.data["actions"]``.
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import warnings

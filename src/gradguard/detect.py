@@ -976,8 +976,6 @@ class WeightGrowthDetector(Detector):
             self._init = self._layer_norms()  # host sync: once, at construction
 
     def _layer_norms(self) -> np.ndarray:
-        import torch
-
         from .stats import compute_stats  # full-tensor norms, DTensor shards included
 
         names = [str(i) for i in range(len(self._params))]

@@ -8,7 +8,6 @@ Fashion-MNIST is read from the standard IDX files in a local directory.
 from __future__ import annotations
 
 import gzip
-import math
 import struct
 from pathlib import Path
 
