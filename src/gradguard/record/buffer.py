@@ -26,7 +26,6 @@ class StepBuffer:
         self._steps: list[int] = []
         # CPU: the same memory as a numpy array, for rows written on the host (see Guard._step_host)
         self.host_view = self._buf.numpy() if self.device.type == "cpu" else None
-        self._cells: dict = {}
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -46,11 +45,8 @@ class StepBuffer:
         return self._buf[len(self._steps)]
 
     def cell(self, k: int, col: int) -> torch.Tensor:
-        """Row ``k``, column ``col`` as a 0-dim view (cached: indexing is a torch op per call)."""
-        c = self._cells.get((k, col))
-        if c is None:
-            c = self._cells[(k, col)] = self._buf[k, col]
-        return c
+        """Row ``k``, column ``col`` as a 0-dim view, for a value that is written as a tensor."""
+        return self._buf[k, col]
 
     def commit(self, step: int) -> None:
         """Mark the slot returned by ``next_row`` as step ``step``'s row."""
