@@ -288,7 +288,7 @@ def _valid_global(rows: np.ndarray, col: dict) -> tuple[np.ndarray, list]:
     """Indices of rows with finite, positive global norm and no NaN/Inf; their log norms."""
     g = rows[:, col["global_norm"]].astype(np.float64)
     idx = np.flatnonzero((rows[:, col["bad"]] == 0) & np.isfinite(g) & (g > 0))  # NaN compares False, silently
-    return idx, [math.log(v) for v in g[idx].tolist()]
+    return idx, [math.log(v) for v in g[idx].tolist()]  # numpy, no host sync
 
 
 class _LayerRing:
@@ -683,7 +683,7 @@ class ExplodingDetector(Detector):
         # level: consecutive rows far above the median of the history
         med, _ = _window_robust(self._hist, lgs, self.history)
         above = self._above
-        for a in (lg - med >= math.log(self.level_ratio)).tolist():
+        for a in (lg - med >= math.log(self.level_ratio)).tolist():  # numpy, no host sync
             above = above + 1 if a else 0
             if above >= self.level_steps:
                 return False
@@ -796,7 +796,7 @@ class LossSpikeDetector(_BaselineDetector):
         loss = rows[:, self.col["loss"]].astype(np.float64)
         valid = (rows[:, self.col["loss_bad"]] <= 0) & np.isfinite(loss)
         idx = np.flatnonzero(valid)
-        new = loss[idx].tolist()
+        new = loss[idx].tolist()  # numpy, no host sync
         if new:
             if not (min(new) > 0 and min(self._hist) > 0):
                 return False  # raw-value space somewhere in the batch: row by row
