@@ -15,7 +15,7 @@ Two overheads are quoted, both medians over rounds of paired differences:
 
     python benchmarks/bench_detectors.py [--rounds 40] [--write docs/benchmarks.md]
 
-The helpers here (``GPT``, ``run_rounds``, ``write_section``) are shared by the
+The helpers here (``GPT``, ``run_rounds``, ``emit``, ``write_section``) are shared by the
 other benchmark scripts in this folder.
 """
 from __future__ import annotations
@@ -164,6 +164,14 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def emit(lines: list[str], write: str | None, heading: str) -> None:
+    """Print a section and, with ``--write``, put it in the markdown file."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(write, heading, text)
+
+
 def write_section(doc_path, heading: str, body: str) -> None:
     """Replace the section ``heading`` (up to the next ``## ``) or append it at the end."""
     p = Path(doc_path)
@@ -246,10 +254,7 @@ def main(argv=None) -> int:
               f"torch's clip alone adds {rows['torch clip'][0]:+.2f}%. The end-to-end column carries the "
               "noise of forward/backward (identical code in every variant) on a shared 2-core machine; "
               "the update column is the one to read."]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_section(a.write, HEADING, text)
+    emit(lines, a.write, HEADING)
     return 0
 
 

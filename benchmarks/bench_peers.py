@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_detectors import batches, gpt_copies, machine, overheads, run_rounds, save_json, write_section  # noqa: E402
+from bench_detectors import batches, emit, gpt_copies, machine, overheads, run_rounds, save_json  # noqa: E402
 
 HEADING = "## Versus peers"
 SPREAD = ("Run to run (8 runs of this script on 2026-11-22, same machine): gradguard / zclip 0.44-0.49x, "
@@ -197,10 +197,7 @@ def main(argv=None) -> int:
                             f"beyond the read (decisions, row, 7 detectors, store)."
                             for n in missed)]
     lines += ["", SPREAD, "", TRIED]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_section(a.write, HEADING, text)
+    emit(lines, a.write, HEADING)
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_detectors import machine, save_json, write_section  # noqa: E402
+from bench_detectors import emit, machine, save_json  # noqa: E402
 
 HEADING = "## Scaling"
 
@@ -142,10 +142,7 @@ def main(argv=None) -> int:
         out["flush"].append((fe, med_ms(xs), mean))
         lines.append(f"| {fe} | median {med_ms(xs):.2f}, mean {mean:.2f} | {r:.2f} |")
     save_json("scaling", out)
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_section(a.write, HEADING, text)
+    emit(lines, a.write, HEADING)
     return 0
 
 
