@@ -3,9 +3,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Event", "NonFiniteGradientError", "SEVERITIES"]
+__all__ = ["Event", "NonFiniteGradientError", "SEVERITIES", "KINDS"]
 
 SEVERITIES = ("info", "warning", "critical")
+
+# Every event kind gradguard emits, registered here once: remedies are keyed by
+# these names, the dashboard and report label them with these descriptions.
+KINDS = {
+    "nonfinite": "a gradient or the loss held NaN/Inf",
+    "amp_overflow": "a GradScaler overflow (the scaler backs off; expected now and then)",
+    "spike": "the global gradient norm jumped far above its recent baseline",
+    "exploding": "gradient norms grew without bound or too fast",
+    "loss_spike": "the loss jumped far above its recent baseline",
+    "vanishing": "early layers' gradients are negligible next to the rest",
+    "weight_growth": "the parameter norm grew too much",
+    "over_clipping": "clipping scales almost every step down hard",
+    "unused": "trainable parameters never received a gradient",
+}
 
 
 @dataclass

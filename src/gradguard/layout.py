@@ -1,0 +1,131 @@
+"""What a run is and what one step's row holds: the shared format of gradguard.
+
+The guard writes one float32 row per step; detectors, remedies, adapters, the
+store and the dashboard read those rows.  The layout lives here, in a leaf
+module, so that every reader and writer uses the column *names* and no reader
+imports the orchestrator.
+
+A row is the global columns (``GLOBAL_COLS``) followed by one L2 norm per
+watched tensor, then one max |g| per watched tensor, in model order.  A tensor
+without a gradient on a step has a NaN norm and a 0 max |g|.
+
+``RunInfo`` is the small description of the run that detectors and remedies
+are bound to (names, shapes, owning module types, which tensors are weight
+matrices): they never see the guard itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["GLOBAL_COLS", "COL", "RowLayout", "RunInfo"]
+
+# Global columns, in row order.
+#   bad          1.0 if a gradient or the loss held NaN/Inf (or the global norm overflowed)
+#   skipped      1.0 if the optimizer step was withheld (poisoned, or held by a remedy)
+#   loss         the loss passed to step() (NaN when none)
+#   loss_bad     1.0 if that loss was NaN/Inf
+#   global_norm  pre-clip global L2 norm of the gradients
+#   clip_coef    the smallest coefficient the clipping policy applied (1.0: untouched)
+#   lr           param_groups[0]'s learning rate
+#   param_norm   total parameter L2 norm, every ``param_norm_every`` steps (NaN in between)
+GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr", "param_norm")
+COL = {name: i for i, name in enumerate(GLOBAL_COLS)}
+N_GLOBAL = len(GLOBAL_COLS)
+
+
+class RowLayout:
+    """Column positions of a run with ``n_layers`` watched tensors.
+
+    Every accessor works on one row (1-D) or a batch of rows (2-D), returning views.
+    """
+
+    __slots__ = ("n", "width", "norms_slice", "max_abs_slice")
+
+    def __init__(self, n_layers: int):
+        self.n = int(n_layers)
+        self.width = N_GLOBAL + 2 * self.n
+        self.norms_slice = slice(N_GLOBAL, N_GLOBAL + self.n)
+        self.max_abs_slice = slice(N_GLOBAL + self.n, self.width)
+
+    @staticmethod
+    def index(name: str) -> int:
+        """Position of a global column (KeyError naming the column if unknown)."""
+        try:
+            return COL[name]
+        except KeyError:
+            raise KeyError(f"unknown row column {name!r}; columns are {GLOBAL_COLS}") from None
+
+    def column(self, rows, name: str):
+        """Column ``name`` of ``rows`` (a scalar for one row, a vector for a batch)."""
+        return rows[..., COL[name]]
+
+    def norms(self, rows):
+        return rows[..., self.norms_slice]
+
+    def max_abs(self, rows):
+        return rows[..., self.max_abs_slice]
+
+    def globals(self, rows):
+        return rows[..., :N_GLOBAL]
+
+    def __repr__(self) -> str:
+        return f"RowLayout(n_layers={self.n}, width={self.width})"
+
+
+@dataclass(frozen=True, eq=False)
+class RunInfo:
+    """What detectors and remedies know about the run (never the guard itself).
+
+    Attributes:
+        names: watched parameter names, in model order (the row order).
+        shapes: their shapes.
+        trainable: ``requires_grad`` of each.
+        owner: parameter name -> type name of the module that owns it (empty without a model).
+        module_types: every module type name in the model (empty without a model).
+        param_norm_every: steps between two ``param_norm`` measurements (0: never).
+        init_layer_norms: each parameter's L2 norm when the guard was built (float64).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    trainable: tuple[bool, ...]
+    owner: dict = field(default_factory=dict)
+    module_types: frozenset = frozenset()
+    param_norm_every: int = 0
+    init_layer_norms: np.ndarray | None = None
+
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout(len(self.names))
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @property
+    def weight_idx(self) -> np.ndarray:
+        """Indices of weight matrices / kernels (2 or more dimensions)."""
+        return np.array([i for i, s in enumerate(self.shapes) if len(s) >= 2], dtype=int)
+
+    @property
+    def numel(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @classmethod
+    def describe(cls, names, params, model=None, param_norm_every: int = 0,
+                 init_layer_norms: np.ndarray | None = None) -> "RunInfo":
+        """The description of ``(names, params)``; ``model`` (an ``nn.Module``) adds module types."""
+        owner: dict[str, str] = {}
+        types: set[str] = set()
+        if model is not None:
+            mods = dict(model.named_modules())
+            types = {type(m).__name__ for m in mods.values()}
+            for name in names:
+                m = mods.get(name.rpartition(".")[0])
+                if m is not None:
+                    owner[name] = type(m).__name__
+        return cls(tuple(names), tuple(tuple(p.shape) for p in params),
+                   tuple(bool(p.requires_grad) for p in params), owner, frozenset(types),
+                   int(param_norm_every), init_layer_norms)
