@@ -228,14 +228,20 @@ def test_policy_state_dict_round_trip():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("max_norm", [1.0, 0.05, 3.7, 1e9, math.inf])
-def test_host_norm_coef_is_bitwise_the_torch_formula(dtype, max_norm):
-    """The CPU guard computes GlobalNorm's coefficient on the host; it must equal the tensor path."""
-    from gradguard.clip import _host_norm_coef, _norm_coef
+def test_norm_coefficient_is_bitwise_the_same_on_both_backends(dtype, max_norm):
+    """One formula, two array backends: numpy scalars (CPU guards) and tensors must agree
+    bit for bit, and equal torch's clip_grad_norm_ coefficient where the total is finite."""
+    from gradguard.backend import DEVICE, HOST, norm_coefficient
 
     rng = np.random.default_rng(0)
     totals = np.concatenate([rng.lognormal(0, 8, 3000),
                              [0, 1e-30, 1e-6, 0.999999, 1, 1e30, 3e38, 1e300, math.inf, math.nan]]).astype(dtype)
-    want = _norm_coef(max_norm, torch.from_numpy(totals)).numpy()
-    got = np.array([_host_norm_coef(max_norm, np.asarray(t, dtype)) for t in totals], dtype)
+    want = norm_coefficient(max_norm, torch.from_numpy(totals), DEVICE).numpy()
+    got = np.array([norm_coefficient(max_norm, np.asarray(t, dtype), HOST) for t in totals], dtype)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+    t = torch.from_numpy(totals)
+    ref = torch.clamp(max_norm / (t + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_
+    fin = torch.isfinite(t)
+    np.testing.assert_array_equal(want[fin.numpy()], ref[fin].numpy())
+    assert (want[~fin.numpy()] == 1).all()  # non-finite totals: never scaled (the step is skipped)

@@ -154,8 +154,7 @@ def test_fused_path_has_no_host_sync():
     """The accelerator path (skip through found_inf, clip through grad_scale), run on CPU."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), flush_every=16)
-    guard._host_decisions = False  # what a CUDA guard does; CPU guards decide on the host
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), flush_every=16, backend="device")
     for i in range(5):
         x, y = _batch(i)
         opt.zero_grad()
@@ -498,7 +497,7 @@ class _RowTap:
 @pytest.mark.parametrize("loss_kind", ["tensor", "float"])
 @pytest.mark.parametrize("clip", list(_CLIPS))
 @pytest.mark.parametrize("opt_name", list(_OPTS))
-def test_cpu_host_decisions_equal_the_device_path(opt_name, clip, loss_kind):
+def test_host_and_device_backends_decide_alike(opt_name, clip, loss_kind):
     """CPU guards decide skip / scale on the host from the kernel's numbers and the step's row;
     the accelerator path keeps them in tensors (found_inf / grad_scale).  Same run, bitwise the
     same weights, optimizer state, reports, events and rows (a NaN gradient, a NaN loss, a x1e3
@@ -510,8 +509,9 @@ def test_cpu_host_decisions_equal_the_device_path(opt_name, clip, loss_kind):
         opt = _OPTS[opt_name](model.parameters())
         tap = _RowTap()
         guard = gg.Guard(model, opt, clip=_CLIPS[clip](), flush_every=4, param_norm_every=3,
-                         detectors=[*gg.detect.default_detectors(), tap])
-        guard._host_decisions = host
+                         detectors=[*gg.detect.default_detectors(), tap],
+                         backend="host" if host else "device")
+        assert guard._xp.on_host == host
         reports = []
         for i in range(12):
             x, y = _batch(i)

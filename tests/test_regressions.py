@@ -160,8 +160,7 @@ def test_close_closes_the_store_even_if_the_last_flush_raises(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="r", flush_every=4,
-                     remedies={"nonfinite": gg.Raise()})
-    guard._host_decisions = False  # as on an accelerator: the poisoned row waits for its flush
+                     remedies={"nonfinite": gg.Raise()}, backend="device")  # the poisoned row waits
     opt.zero_grad()
     _loss(model).backward()
     guard.step(loss=math.nan)  # pending in the buffer: the Raise remedy fires at flush

@@ -225,7 +225,7 @@ def test_loss_of_the_wrong_type_names_the_argument():
     model = _model()
     guard = gg.Guard(model, _sgd(model))
     _backward(model)
-    with pytest.raises(TypeError, match=r"loss must be a Tensor or a number"):
+    with pytest.raises(TypeError, match=r"loss must be a Tensor or a real number"):
         guard.step(loss="x")
 
 

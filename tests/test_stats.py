@@ -147,7 +147,7 @@ def test_sparse_grad_refused():
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "transposed"])
-def test_channels_last_gradients_take_the_kernel(fmt):
+def test_channels_last_gradients_take_the_kernel(fmt, monkeypatch):
     """Conv weights under channels_last are dense: the kernel reads them (norm and max|g| do not
     depend on the order); a transposed (strided) gradient goes through torch's ops. Same numbers."""
     torch.manual_seed(0)
@@ -161,8 +161,12 @@ def test_channels_last_gradients_take_the_kernel(fmt):
         w.grad = w.grad.transpose(2, 3).contiguous().transpose(2, 3)  # same values, strided
     if fmt == "channels_last":
         assert not model[0].weight.grad.is_contiguous()
+    seen = []  # how many tensors the C kernel read
+    real = gg._kernel.cpu_stats_packed
+    monkeypatch.setattr(gg._kernel, "cpu_stats_packed", lambda gs, dts: seen.append(len(gs)) or real(gs, dts))
     s = gg.grad_stats(model)
-    assert (s.host is not None) == (fmt != "transposed") or not gg._kernel.available()
+    if gg._kernel.available():
+        assert sum(seen) == (3 if fmt == "transposed" else 4)
     grads = [p.grad for p in model.parameters()]
     want = torch.stack([g.double().norm() for g in grads])
     torch.testing.assert_close(s.norms.double(), want, rtol=1e-6, atol=0)

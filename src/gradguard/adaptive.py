@@ -165,17 +165,16 @@ class AutoClip(ClipPolicy):
         # numpy's linear rule; written so a == b == inf stays inf, not NaN
         return torch.where(a == b, a, a + (b - a) * frac)
 
-    def clip_(self, params, grads, stats):
+    def coefficient(self, grads, stats):
+        dtype = stats.global_norm.dtype
         if len(grads) == 0:
-            return stats.norms.new_ones(0)
+            return stats.xp.asarray(torch.ones((), dtype=dtype))
         self._init(stats.device)
         total = stats.global_norm.to(self._sorted.dtype)
         ok = _ok(stats)
         self._absorb(total, ok)
         coef = _norm_coef(self.threshold(), total)
-        coef = torch.where(ok, coef, torch.ones_like(coef)).to(stats.norms.dtype)
-        _scale_(grads, coef)
-        return coef.expand(len(grads))
+        return stats.xp.asarray(torch.where(ok, coef, torch.ones_like(coef)).to(dtype))
 
     def state_dict(self):
         if self._sorted is None:
@@ -355,9 +354,9 @@ class ZClip(ClipPolicy):
         """() device tensor: EMA variance of the (clipped) global norm."""
         return self._var
 
-    def clip_(self, params, grads, stats):
+    def coefficient(self, grads, stats):
         if len(grads) == 0:
-            return stats.norms.new_ones(0)
+            return stats.xp.asarray(torch.ones((), dtype=stats.global_norm.dtype))
         self._init(stats.device)
         g = stats.global_norm.to(self._mean.dtype)
         ok = _ok(stats)
@@ -381,9 +380,7 @@ class ZClip(ClipPolicy):
         ready = absorb & (self._count == self.warmup)
         self._mean = torch.where(ready, self._buf.mean(), self._mean)
         self._var = torch.where(ready, self._buf.var(unbiased=False), self._var)
-        coef = coef.to(stats.norms.dtype)
-        _scale_(grads, coef)
-        return coef.expand(len(grads))
+        return stats.xp.asarray(coef.to(stats.global_norm.dtype))
 
     def state_dict(self):
         if self._buf is None:

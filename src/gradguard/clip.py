@@ -1,13 +1,13 @@
 """Clipping policies and the functional drop-ins for torch's clip utilities.
 
-Every policy is a small object with ``clip_(params, grads, stats)``: it scales
-or clamps the gradients in place and returns the per-tensor coefficients it
-applied, as a device tensor.  The coefficient is always clamped, never branched
+Every policy is a small object: either ``coefficient(grads, stats)`` (one scalar
+for every gradient, applied by the guard) or ``clip_(params, grads, stats)`` (scales
+or clamps the gradients in place and returns the per-tensor coefficients).  The coefficient is always clamped, never branched
 on (``if coef < 1`` would read it back to the host).  A step whose gradients
 hold NaN/Inf in the policy's scope is left untouched: torch would turn every
 gradient into NaN, which destroys the evidence and, without a skip, the model.
 
-Semantics users know (../methods.md §1):
+Semantics users know (torch and Keras):
 - ``GlobalNorm``  = ``torch.nn.utils.clip_grad_norm_`` = Keras ``global_clipnorm``
 - ``PerTensorNorm`` = Keras ``clipnorm`` (each tensor on its own)
 - ``Value``       = ``torch.nn.utils.clip_grad_value_`` = Keras ``clipvalue``
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .backend import DEVICE, EPS, norm_coefficient
 from .stats import GradStats, compute_stats
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "clip_grad_norm_", "clip_grad_value_", "check_threshold", "check_norm_type",
 ]
 
-EPS = 1e-6  # torch's clip_grad_norm_ adds this to the total norm
 
 
 def check_threshold(name: str, value, *, allow_inf: bool = True) -> float:
@@ -82,27 +82,34 @@ def _scale_each_(grads: list[Tensor], coefs: Tensor) -> None:
 class ClipPolicy:
     """Base class of clipping policies (abstract).
 
-    Subclasses implement ``clip_``; stateful ones also ``state_dict`` /
-    ``load_state_dict``.  ``fused_scale`` lets a policy that is a single scalar
-    multiplier be folded into a fused optimizer's ``grad_scale``.
+    A policy is one of two kinds:
+    - a single scalar multiplier for every gradient (``GlobalNorm``, ``AutoClip``,
+      ``ZClip``): it implements ``coefficient``, and the guard applies the
+      coefficient the cheapest way the optimizer allows (folded into a fused
+      optimizer's ``grad_scale``, or one ``_foreach_mul_``);
+    - anything else (per tensor, per element, per unit): it implements ``clip_``,
+      which changes the gradients in place and returns per-tensor coefficients.
+    Stateful policies also implement ``state_dict`` / ``load_state_dict``.
     """
 
     def bind(self, names: list[str]) -> None:
         """Called once with every parameter name the guard watches."""
 
+    def coefficient(self, grads: list[Tensor], stats: GradStats):
+        """The one coefficient for every gradient, as a 0-dim array in ``stats.xp``'s
+        backend, or None when the policy is not a single scalar (then ``clip_`` runs).
+        Stateful policies update their state here (only from steps ``stats.flag``
+        does not veto)."""
+        return None
+
     def clip_(self, params: list[Tensor], grads: list[Tensor], stats: GradStats) -> Tensor:
-        raise NotImplementedError
-
-    def fused_scale(self, params: list[Tensor], grads: list[Tensor], stats: GradStats) -> Tensor | None:
-        """A 0-dim divisor equivalent to ``clip_``, or None if there is none."""
-        return None
-
-    def host_coefficient(self, stats: GradStats) -> np.ndarray | None:
-        """The one coefficient ``clip_`` would apply to every gradient, as a 0-dim host
-        array, when the policy can tell it from ``stats.host`` (the CPU kernel path)
-        without touching its state; None otherwise (the guard then calls ``clip_`` or
-        ``fused_scale``).  ``scale_(grads, coef)`` applies it."""
-        return None
+        """Clip ``grads`` in place; (P,) coefficients applied (1 = untouched)."""
+        coef = self.coefficient(grads, stats)
+        if coef is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither coefficient nor clip_")
+        coef = stats.xp.tensor(coef)
+        _scale_(grads, coef)
+        return coef.expand(len(grads))
 
     @staticmethod
     def scale_(grads: list[Tensor], coef: Tensor) -> None:
@@ -123,38 +130,26 @@ class ClipPolicy:
         return f"{type(self).__name__}({args})"
 
 
-def _total_norm(grads: list[Tensor], stats: GradStats, norm_type: float) -> Tensor:
-    if norm_type == 2.0:
-        return stats.global_norm
-    if len(stats) == 0:
-        return stats.global_norm
+def _total_norm(grads: list[Tensor], stats: GradStats, norm_type: float):
+    """The total p-norm in ``stats.xp``'s backend (p = 2: the statistics' global norm)."""
+    if norm_type == 2.0 or len(stats) == 0:
+        return stats.total
     if math.isinf(norm_type):
-        return stats.max_abs.max()
-    norms = []
-    for (device, dtype), idx in _by_device_dtype(grads).items():
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-        norms += torch._foreach_norm([grads[i] for i in idx], norm_type, dtype=acc)
-    total = torch.linalg.vector_norm(
-        torch.stack([n.to(stats.device, torch.float64) for n in norms]), norm_type)
-    return total.to(stats.global_norm.dtype)
+        total = stats.max_abs.max()
+    else:
+        norms = []
+        for (device, dtype), idx in _by_device_dtype(grads).items():
+            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+            norms += torch._foreach_norm([grads[i] for i in idx], norm_type, dtype=acc)
+        total = torch.linalg.vector_norm(
+            torch.stack([n.to(stats.device, torch.float64) for n in norms]), norm_type)
+        total = total.to(stats.global_norm.dtype)
+    return stats.xp.asarray(total)
 
 
-def _norm_coef(max_norm: float, total: Tensor) -> Tensor:
-    # reciprocal() * max_norm is what `max_norm / t` runs in torch; spelled out so that
-    # _host_norm_coef below repeats the very same IEEE operations.
-    coef = ((total + EPS).reciprocal() * max_norm).clamp(max=1.0)
-    return torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
-
-
-def _host_norm_coef(max_norm: float, total: np.ndarray) -> np.ndarray:
-    """``_norm_coef`` on a host value (CPU kernel path): the same operations, bitwise equal."""
-    t = total.dtype.type
-    tot = float(total)
-    # Non-finite, or so far under the threshold that float32 rounding cannot bring the
-    # coefficient below 1 (this also rules out overflow in the product below).
-    if not math.isfinite(tot) or max_norm >= 2 * (tot + EPS):
-        return np.asarray(1, total.dtype)
-    return np.asarray(min((t(1) / (total + t(EPS))) * t(max_norm), t(1)), total.dtype)
+def _norm_coef(max_norm, total: Tensor) -> Tensor:
+    """``norm_coefficient`` on tensors (kept for the functional API and adaptive policies)."""
+    return norm_coefficient(max_norm, total, DEVICE)
 
 
 class GlobalNorm(ClipPolicy):
@@ -173,27 +168,8 @@ class GlobalNorm(ClipPolicy):
         self.max_norm = check_threshold("max_norm", max_norm)
         self.norm_type = check_norm_type(norm_type)
 
-    def coefficient(self, grads: list[Tensor], stats: GradStats) -> Tensor:
-        if stats.host is not None and self.norm_type == 2.0:  # CPU: a few numpy scalars, no torch ops
-            return torch.from_numpy(_host_norm_coef(self.max_norm, stats.host[2]))
-        return _norm_coef(self.max_norm, _total_norm(grads, stats, self.norm_type))
-
-    def clip_(self, params, grads, stats):
-        coef = self.coefficient(grads, stats)
-        _scale_(grads, coef)
-        return coef.expand(len(grads))
-
-    def host_coefficient(self, stats):
-        if stats.host is not None and self.norm_type == 2.0:
-            return _host_norm_coef(self.max_norm, stats.host[2])
-        return None
-
-    def fused_scale(self, params, grads, stats):
-        if stats.host is not None and self.norm_type == 2.0:
-            c = _host_norm_coef(self.max_norm, stats.host[2]).astype(np.float32)
-            with np.errstate(all="ignore"):
-                return torch.from_numpy(np.asarray(np.float32(1) / c))
-        return 1.0 / self.coefficient(grads, stats).float()
+    def coefficient(self, grads, stats):
+        return norm_coefficient(self.max_norm, _total_norm(grads, stats, self.norm_type), stats.xp)
 
     def config(self):
         return {"policy": "GlobalNorm", "max_norm": self.max_norm, "norm_type": self.norm_type}
@@ -371,7 +347,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
     names, grads = _grads_of(parameters)
     if not grads:
         return torch.tensor(0.0)
-    stats = compute_stats(names, grads)
+    stats = compute_stats(names, grads, xp=DEVICE)
     total = _total_norm(grads, stats, policy.norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: only when asked to raise
         raise RuntimeError(f"The total norm of order {policy.norm_type} for gradients is non-finite, "
@@ -391,6 +367,6 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None) -> Tensor:
     names, grads = _grads_of(parameters)
     if not grads:
         return torch.tensor(0.0)
-    stats = compute_stats(names, grads)
+    stats = compute_stats(names, grads, xp=DEVICE)
     Value(clip_value).clip_([], grads, stats)
     return stats.global_norm

@@ -23,15 +23,15 @@ import functools
 import math
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _kernel
+from . import _kernel, _triton_stats
+from .backend import DEVICE, HOST
 
-__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads"]
+__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", "is_cpu"))
@@ -55,11 +55,10 @@ def all_dense(grads: list[Tensor]) -> bool:
     return all(map(_is_contiguous, grads)) or all(map(dense, grads))
 
 
-@dataclass(frozen=True, eq=False)
 class GradStats:
-    """Statistics of one step's gradients (device tensors, read lazily).
+    """Statistics of one step's gradients, read lazily.
 
-    Attributes:
+    Attributes (tensors, made on first access):
         names: parameter names with a gradient, in model order; index i of
             every tensor field belongs to ``names[i]``.
         norms: (P,) L2 norm of each gradient.
@@ -68,112 +67,152 @@ class GradStats:
         global_norm: () L2 norm of all gradients together.
         missing: names of parameters that have no gradient this step.
     Float fields are float32 (float64 when any gradient is float64).
+
+    The numbers are held in one array backend (``backend.py``): numpy arrays for
+    the CPU kernel's host numbers, device tensors otherwise.  ``total`` and
+    ``flag`` give the global norm and the "bad" flag in that backend, which is
+    what the step decision reads; the tensor fields above are made from them only
+    when someone asks (a 0-dim tensor costs 5-20 us per step on CPU).
     """
 
-    names: list[str]
-    norms: Tensor
-    max_abs: Tensor
-    nonfinite: Tensor
-    global_norm: Tensor
-    missing: list[str] = field(default_factory=list)
-    sumsq: Tensor | None = field(default=None, repr=False)  # (P,) float64, exact sub-norms
-    # () bool set by the guard when the step is poisoned for another reason (a
-    # NaN loss, another rank's NaN, a step withheld by a remedy): policies must
-    # not learn from a step that will not be applied.
-    veto: Tensor | None = field(default=None, repr=False)
-    # CPU kernel path: the host arrays the tensors above were made from (sum of
-    # squares and max |g| in float64, the 0-dim global norm, the unvetoed
-    # ``bad`` flag), and that flag as a tensor.
-    host: tuple | None = field(default=None, repr=False, compare=False)
-    bad_flag: Tensor | None = field(default=None, repr=False, compare=False)
+    __slots__ = ("names", "missing", "xp", "_a", "veto", "_cache")
+
+    def __init__(self, names, norms=None, max_abs=None, nonfinite=None, global_norm=None,
+                 missing=None, sumsq=None, veto=None, *, bad=None, xp=None):
+        self.names = list(names)
+        self.missing = list(missing or [])
+        self.xp = xp if xp is not None else DEVICE
+        # backend arrays: sumsq and/or norms (either derives the other), max_abs, total, bad
+        self._a = {"sumsq": sumsq, "norms": norms, "max_abs": max_abs, "total": global_norm,
+                   "bad": bad, "nonfinite": nonfinite}
+        self.veto = veto  # backend bool set by the guard (a NaN loss, another rank's NaN, a held step)
+        self._cache = {}
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def __repr__(self) -> str:
+        return f"GradStats({len(self.names)} tensors, missing={len(self.missing)})"
+
+    # ---- backend values (what the decision reads)
+    @property
+    def total(self):
+        """The global L2 norm in this object's backend (a 0-dim array or tensor)."""
+        return self._a["total"]
+
+    @property
+    def flag(self):
+        """() bool in this object's backend: ``bad`` without making a tensor."""
+        a = self._a
+        bad = a["bad"]
+        if bad is None:
+            bad = a["bad"] = ~self.xp.isfinite(a["total"])
+        return bad if self.veto is None else bad | self.veto
+
+    def host(self, field: str):
+        """A field as host numpy, on the host backend only (None elsewhere)."""
+        if not self.xp.on_host:
+            return None
+        if field == "norms" and self._a["norms"] is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._a["norms"] = np.sqrt(self._a["sumsq"]).astype(self._a["total"].dtype)
+        return self._a[field]
+
+    # ---- tensor fields
+    def _tensor(self, key, make):
+        c = self._cache
+        if key not in c:
+            with np.errstate(over="ignore", invalid="ignore"):
+                c[key] = self.xp.tensor(make())
+        return c[key]
+
     @property
     def device(self) -> torch.device:
-        return self.norms.device
+        return self.global_norm.device
+
+    @property
+    def norms(self) -> Tensor:
+        a = self._a
+        if a["norms"] is not None:
+            return self._tensor("norms", lambda: a["norms"])
+        dt = a["total"].dtype
+        return self._tensor("norms", lambda: (np.sqrt(a["sumsq"]).astype(dt) if self.xp.on_host
+                                              else a["sumsq"].sqrt().to(dt)))
+
+    @property
+    def sumsq(self) -> Tensor:
+        """(P,) float64 sums of squares (exact on the CPU kernel path)."""
+        a = self._a
+        if a["sumsq"] is not None:
+            return self._tensor("sumsq", lambda: a["sumsq"])
+        return self._tensor("sumsq", lambda: self.norms.double().square())
+
+    @property
+    def max_abs(self) -> Tensor:
+        a = self._a
+        dt = a["total"].dtype
+        return self._tensor("max_abs", lambda: a["max_abs"].astype(dt) if self.xp.on_host
+                            else a["max_abs"].to(dt))
+
+    @property
+    def nonfinite(self) -> Tensor:
+        a = self._a
+        if a["nonfinite"] is not None:
+            return self._tensor("nonfinite", lambda: a["nonfinite"])
+        if self.xp.on_host:
+            return self._tensor("nonfinite", lambda: ~np.isfinite(a["max_abs"]))
+        # a CUDA inf-norm may drop NaN (max ignores it): the L2 norm never does
+        return self._tensor("nonfinite", lambda: ~torch.isfinite(a["max_abs"]) | (
+            torch.isnan(a["norms"]) if a["norms"] is not None else torch.isnan(a["sumsq"])))
+
+    @property
+    def global_norm(self) -> Tensor:
+        return self._tensor("global_norm", lambda: self._a["total"])
 
     @property
     def bad(self) -> Tensor:
         """() bool: a gradient holds NaN/Inf, the global norm overflowed, or the guard vetoed the step."""
-        bad = self.bad_flag if self.bad_flag is not None else (
-            self.nonfinite.any() | ~torch.isfinite(self.global_norm))
-        return bad if self.veto is None else bad | self.veto
+        return self.xp.tensor(self.flag)
 
-    def with_veto(self, veto: Tensor | None) -> "GradStats":
+    def with_veto(self, veto) -> "GradStats":
         """A copy whose ``bad`` also holds when ``veto`` does (set by the guard)."""
-        new = copy.copy(self)  # dataclasses.replace re-runs __init__: ~10x slower, per step
-        object.__setattr__(new, "veto", veto)
+        new = copy.copy(self)
+        new.veto = veto
+        return new
+
+    def __copy__(self):
+        new = GradStats.__new__(GradStats)
+        new.names, new.missing, new.xp, new._a, new.veto = self.names, self.missing, self.xp, self._a, self.veto
+        new._cache = {k: v for k, v in self._cache.items() if k != "bad"}
         return new
 
     def subset(self, index: list[int]) -> "GradStats":
-        """The statistics of ``names[i] for i in index`` (global norm recomputed)."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
-        sumsq = self._sumsq().index_select(0, idx)
-        return GradStats(
-            names=[self.names[i] for i in index],
-            norms=self.norms.index_select(0, idx),
-            max_abs=self.max_abs.index_select(0, idx),
-            nonfinite=self.nonfinite.index_select(0, idx),
-            global_norm=sumsq.sum().sqrt().to(self.norms.dtype),
-            missing=[],
-            sumsq=sumsq,
-            veto=self.veto,
-        )
-
-    def _sumsq(self) -> Tensor:
-        return self.sumsq if self.sumsq is not None else self.norms.double().square()
+        """The statistics of ``names[i] for i in index`` (global norm recomputed; device tensors)."""
+        idx = _index_tensor(tuple(index), self.device)
+        sumsq = self.sumsq.index_select(0, idx)
+        return GradStats([self.names[i] for i in index], norms=self.norms.index_select(0, idx),
+                         max_abs=self.max_abs.index_select(0, idx),
+                         nonfinite=self.nonfinite.index_select(0, idx),
+                         global_norm=sumsq.sum().sqrt().to(self.norms.dtype), sumsq=sumsq,
+                         veto=None if self.veto is None else self.xp.tensor(self.veto))
 
 
-class _HostGradStats(GradStats):
-    """GradStats of the CPU kernel path, backed by the kernel's host arrays.
+_INDEX_CACHE: dict = {}
 
-    The tensors are made on first access: the guard's CPU path reads ``host``
-    only, and each tensor made per step costs ~5-20 us once the optimizer has
-    swept the caches.  Same values and dtypes as the tensor path.
+
+def _index_tensor(index: tuple, device) -> Tensor:
+    """A long index tensor on ``device``, built once per (index, device) and cached.
+
+    Building it from a Python list each step would be a host-to-device copy: on CUDA
+    a host sync.
     """
-
-    def __init__(self, names, missing, sumsq: np.ndarray, maxabs: np.ndarray, total: np.ndarray, bad: bool):
-        # GradStats is frozen: its own __setattr__ refuses, so set the slots the way it does.
-        set_ = object.__setattr__
-        set_(self, "names", names)
-        set_(self, "missing", missing)
-        set_(self, "host", (sumsq, maxabs, total, np.asarray(bad)))
-        set_(self, "_cache", {})
-        set_(self, "_veto_host", None)
-
-    def with_veto(self, veto: Tensor | None) -> "GradStats":
-        new = copy.copy(self)
-        object.__setattr__(new, "_cache", {**self._cache, "veto": veto})
-        return new
-
-    def set_host_veto(self, veto: bool) -> None:
-        """The guard's CPU path, on the object it has just made: ``veto`` as a host bool."""
-        object.__setattr__(self, "_veto_host", bool(veto))
-        self._cache.pop("veto", None)
-
-    @property
-    def veto(self):
-        if "veto" in self._cache or self._veto_host is None:
-            return self._cache.get("veto")
-        return self._make("veto", lambda: torch.from_numpy(np.asarray(self._veto_host)))
-
-    def _make(self, key, fn):
-        c = self._cache
-        if key not in c:
-            with np.errstate(over="ignore", invalid="ignore"):
-                c[key] = fn()
-        return c[key]
-
-    norms = property(lambda self: self._make("norms", lambda: torch.from_numpy(
-        np.sqrt(self.host[0]).astype(self.host[2].dtype))))
-    max_abs = property(lambda self: self._make("max_abs", lambda: torch.from_numpy(
-        self.host[1].astype(self.host[2].dtype))))
-    nonfinite = property(lambda self: self._make("nonfinite", lambda: torch.from_numpy(~np.isfinite(self.host[1]))))
-    global_norm = property(lambda self: self._make("global_norm", lambda: torch.from_numpy(self.host[2])))
-    sumsq = property(lambda self: self._make("sumsq", lambda: torch.from_numpy(self.host[0])))
-    bad_flag = property(lambda self: self._make("bad_flag", lambda: torch.from_numpy(self.host[3])))
+    key = (index, device)
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        t = _INDEX_CACHE[key] = torch.tensor(index, dtype=torch.long).to(device)  # host sync: once per index
+    return t
 
 
 def named_parameters(model) -> list[tuple[str, Tensor]]:
@@ -277,41 +316,62 @@ def local_grads(grads: list[Tensor]) -> list[Tensor]:
     return [g.to_local() if isinstance(g, dt) else g for g in grads]
 
 
-def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | None = None) -> GradStats:
+def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | None = None,
+                  *, xp=DEVICE) -> GradStats:
     """``grad_stats`` on gradients already gathered (the guard's hot path).
 
-    DTensor gradients (FSDP2, tensor parallel) are reduced to full-tensor
-    numbers with one collective for all tensors (see ``_reduce_shards``).
+    ``xp``: the backend of the result: ``backend.DEVICE`` (tensors, the default) or
+    ``HOST`` (numpy; CPU gradients only).  DTensor gradients (FSDP2,
+    tensor parallel) are reduced to full-tensor numbers with one collective for all
+    tensors (see ``_reduce_shards``).
     """
     missing = list(missing or [])
     if not grads:
         z = torch.zeros(0)
-        return GradStats([], z, z.clone(), torch.zeros(0, dtype=torch.bool), torch.zeros(()),
-                         missing, torch.zeros(0, dtype=torch.float64))
+        return GradStats([], norms=z, max_abs=z.clone(), global_norm=torch.zeros(()),
+                         missing=missing, sumsq=torch.zeros(0, dtype=torch.float64))
     # This runs every step: whole-list checks through C-level map() rather
     # than a Python loop per tensor (~0.1 us per tensor and check).
     if set(map(_layout, grads)) != {torch.strided}:
         for name, g in zip(names, grads):
             _check_grad(name, g)
-    dtypes = list(map(_dtype, grads))
-    kinds = set(dtypes)
-    out_dtype = torch.float64 if torch.float64 in kinds else torch.float32
+    dtypes = tuple(map(_dtype, grads))
+    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     dt = _dtensor_type()
     if dt is not None and any(issubclass(t, dt) for t in set(map(type, grads))):
         sharded = [i for i, g in enumerate(grads) if isinstance(g, dt)]
         sumsq, maxabs = _local_sumsq_maxabs(local_grads(grads))
         sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
-        return _finish(names, missing, out_dtype, sumsq, maxabs)
-    if (_kernel.available() and kinds <= _kernel.KERNEL_DTYPES.keys() and all(map(_is_cpu, grads))
-            and all_dense(grads)):
-        return kernel_stats(names, grads, missing, dtypes, out_dtype)
+        return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
+    if (_kernel.available() and set(dtypes) <= _kernel.KERNEL_DTYPES.keys()
+            and all(map(_is_cpu, grads)) and all_dense(grads)):
+        return kernel_stats(names, grads, missing, dtypes, out_dtype, xp=xp)
+    if _triton_stats.available(grads):
+        sumsq, maxabs = _triton_stats.sumsq_maxabs(grads)
+        return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
+    if grads[0].device.type != "cpu" and len(set(dtypes)) == 1 and len({g.device for g in grads}) == 1:
+        # One multi-tensor launch per statistic, whatever the number of tensors.
+        acc = torch.float32 if dtypes[0] in _LOW_PRECISION else None
+        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=acc))
+        maxabs = torch.stack(torch._foreach_norm(grads, float("inf")))
+        total = torch.linalg.vector_norm(norms)  # torch's clip_grad_norm_ total, same order
+        return _result(names, missing, xp, norms=norms.to(out_dtype), max_abs=maxabs,
+                       total=total.to(out_dtype))
     sumsq, maxabs = _local_sumsq_maxabs(grads)
-    return _finish(names, missing, out_dtype, sumsq, maxabs)
+    return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
 
 
-def kernel_stats(names: list[str], grads: list[Tensor], missing: list[str], dtypes: list,
-                 out_dtype: torch.dtype) -> GradStats:
-    """The CPU fast path: one kernel call, a few numpy scalars, tensors on demand.
+def _result(names, missing, xp, **arrays) -> GradStats:
+    """A GradStats of torch arrays, converted to ``xp`` (HOST: free for CPU tensors)."""
+    if xp is HOST:
+        arrays = {k: HOST.asarray(v) for k, v in arrays.items()}
+    return GradStats(names, missing=missing, xp=xp, norms=arrays.get("norms"),
+                     max_abs=arrays["max_abs"], global_norm=arrays["total"], sumsq=arrays.get("sumsq"))
+
+
+def kernel_stats(names: list[str], grads: list[Tensor], missing: list[str], dtypes,
+                 out_dtype: torch.dtype, xp=None) -> GradStats:
+    """The CPU fast path: one kernel call, a few numpy scalars (HOST backend).
 
     The caller guarantees what ``compute_stats`` checks: CPU, dense (``dense``), strided,
     ``dtypes`` (the gradients' dtypes) all in ``_kernel.KERNEL_DTYPES``,
@@ -320,33 +380,32 @@ def kernel_stats(names: list[str], grads: list[Tensor], missing: list[str], dtyp
     n = len(grads)
     out = _kernel.cpu_stats_packed(grads, dtypes)
     sumsq = out[:n]
-    total = out[:n].sum()
+    total = sumsq.sum()
     if out_dtype is torch.float64:
         total = np.asarray(np.sqrt(total))
     else:  # float32, overflowing to Inf as torch's would (without numpy's overflow warning)
         total = math.sqrt(total)
         total = np.asarray(total if not total >= _F32_OVERFLOW else math.inf, np.float32)
-    bad = bool(out[2 * n]) or not math.isfinite(total)
-    return _HostGradStats(list(names), missing, sumsq, out[n:2 * n], total, bad)
+    bad = np.bool_(bool(out[2 * n]) or not math.isfinite(total))
+    if xp is DEVICE:  # the accelerator lane run on CPU: the same numbers as tensors
+        return GradStats(names, missing=missing, xp=DEVICE, sumsq=torch.from_numpy(sumsq),
+                         max_abs=torch.from_numpy(out[n:2 * n]), global_norm=torch.from_numpy(total),
+                         bad=torch.from_numpy(np.asarray(bad)))
+    return GradStats(names, missing=missing, xp=HOST, sumsq=sumsq, max_abs=out[n:2 * n],
+                     global_norm=total, bad=bad)
 
 
 _F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # float64 values from here on round to float32 Inf
 
 
-def _finish(names, missing, out_dtype, sumsq: Tensor, maxabs: Tensor) -> GradStats:
-    return GradStats(
-        names=list(names),
-        norms=sumsq.sqrt().to(out_dtype),
-        max_abs=maxabs.to(out_dtype),
-        nonfinite=~torch.isfinite(maxabs),
-        global_norm=sumsq.sum().sqrt().to(out_dtype),
-        missing=missing,
-        sumsq=sumsq,
-    )
+def _from_sumsq(names, missing, out_dtype, sumsq: Tensor, maxabs: Tensor, xp) -> GradStats:
+    return _result(names, missing, xp, sumsq=sumsq, norms=sumsq.sqrt().to(out_dtype), max_abs=maxabs,
+                   total=sumsq.sum().sqrt().to(out_dtype))
 
 
 def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(P,) float64 sums of squares and max |g| on the first gradient's device."""
+    """(P,) float64 sums of squares and max |g| on the first gradient's device, for any
+    mix of devices and dtypes (the general path; index tensors cached per layout)."""
     main = grads[0].device
     n = len(grads)
     use_kernel = _kernel.available()
@@ -355,7 +414,7 @@ def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     maxabs_all = torch.empty(n, dtype=torch.float64, device=main)
     if kernel_idx:
         s, m = _kernel.cpu_stats([grads[i] for i in kernel_idx])
-        idx = torch.as_tensor(kernel_idx, device=main)
+        idx = _index_tensor(tuple(kernel_idx), main)
         sumsq_all.index_copy_(0, idx, torch.from_numpy(s).to(main, non_blocking=True))
         maxabs_all.index_copy_(0, idx, torch.from_numpy(m).to(main, non_blocking=True))
     in_kernel = set(kernel_idx)
@@ -374,7 +433,7 @@ def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
             maxabs = [torch.maximum(-lo, hi) for lo, hi in mm]
         else:
             maxabs = torch._foreach_norm(gs, float("inf"))
-        idx = torch.as_tensor(idxs, device=main)
+        idx = _index_tensor(tuple(idxs), main)
         sumsq_all.index_copy_(0, idx, torch.stack(norms).to(main, torch.float64, non_blocking=True).square())
         maxabs_all.index_copy_(0, idx, torch.stack(maxabs).to(main, torch.float64, non_blocking=True))
     return sumsq_all, maxabs_all
@@ -431,3 +490,9 @@ def _reduce_shards(grads, sharded: list[int], sumsq: Tensor, maxabs: Tensor, nam
     gather(gathered, local, group=group)
     gathered = gathered.view(world, 2, n).to(sumsq.device, non_blocking=True)
     return gathered[:, 0].sum(0) / repl, gathered[:, 1].amax(0)
+
+
+def param_norm(params: list[Tensor], xp) -> object:
+    """Total L2 norm of ``params`` in backend ``xp`` (full-tensor numbers for DTensor shards)."""
+    names = [str(i) for i in range(len(params))]
+    return compute_stats(names, [p.detach() for p in params], xp=xp).total

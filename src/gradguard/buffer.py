@@ -1,0 +1,149 @@
+"""A device ring buffer of per-step rows, read back to the host in one copy.
+
+The guard writes one float32 row per step (global values followed by
+per-layer values) without leaving the device.  ``drain`` copies all pending
+rows to the host at once: on a GPU that is the single host sync of a flush
+interval, on a CPU a memcpy.  ``pending`` exposes the pending rows to the
+host without draining them: on a CPU buffer a zero-copy view, which is how
+the guard takes its per-step decisions there without a second read.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .layout import N_GLOBAL as G
+from .stats import _index_tensor
+
+__all__ = ["StepBuffer", "RowWriter"]
+
+
+class StepBuffer:
+    def __init__(self, width: int, capacity: int, device: torch.device):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.width = width
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self._buf = torch.empty((capacity, width), dtype=torch.float32, device=self.device)
+        self._steps: list[int] = []
+        # CPU: the same memory as a numpy array, for rows written on the host (the host backend writes rows in place)
+        self.host_view = self._buf.numpy() if self.device.type == "cpu" else None
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def full(self) -> bool:
+        return len(self._steps) >= self.capacity
+
+    def push(self, step: int, row: torch.Tensor) -> None:
+        self.next_row().copy_(row, non_blocking=True)
+        self.commit(step)
+
+    def next_row(self) -> torch.Tensor:
+        """The slot of the next row (a view): write it in place, then ``commit``."""
+        if self.full:
+            raise RuntimeError("StepBuffer is full; drain it first")
+        return self._buf[len(self._steps)]
+
+    def cell(self, k: int, col: int) -> torch.Tensor:
+        """Row ``k``, column ``col`` as a 0-dim view, for a value that is written as a tensor."""
+        return self._buf[k, col]
+
+    def commit(self, step: int) -> None:
+        """Mark the slot returned by ``next_row`` as step ``step``'s row."""
+        if self.full:
+            raise RuntimeError("StepBuffer is full; drain it first")
+        self._steps.append(step)
+
+    def pending(self) -> np.ndarray:
+        """The pending rows as a host array, oldest first, still pending.
+
+        On a CPU buffer this is a view (valid until the next ``push``); on an
+        accelerator it is a copy and a host sync.
+        """
+        n = len(self._steps)
+        if self.device.type == "cpu":
+            return self._buf[:n].numpy()  # host sync: none on CPU (a view of host memory)
+        return self._buf[:n].cpu().numpy()  # host sync: accelerator buffers only
+
+    def drain(self, rows: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+        """(steps, rows): every pending row as a float32 array, oldest first.
+
+        ``rows``: what ``pending()`` returned since the last push (no second read).
+        """
+        n = len(self._steps)
+        steps, self._steps = self._steps, []
+        if n == 0:
+            return steps, np.empty((0, self.width), np.float32)
+        if rows is not None:
+            if len(rows) != n:
+                raise ValueError(f"rows holds {len(rows)} rows, {n} are pending")
+            return steps, np.array(rows, np.float32)  # a copy: the buffer is reused
+        if self.host_view is not None:
+            return steps, self.host_view[:n].copy()  # host memory: a copy, not a read back
+        rows = self._buf[:n].cpu().numpy().copy()  # host sync: once per flush interval
+        return steps, rows
+
+
+class RowWriter:
+    """Writes one step's row into a ``StepBuffer`` from backend values (the record arrow).
+
+    Host backend: numpy assignments into the buffer's host memory.  Device backend:
+    a constant handful of tensor ops on the device (no read back).
+    """
+
+    def __init__(self, buffer: StepBuffer, names: list[str], xp):
+        self.buffer, self.xp, self.names = buffer, xp, list(names)
+        self.n = len(self.names)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._lr_cache: tuple = (None, None)
+        dev = buffer.device
+        self._nan = torch.full((), float("nan"), device=dev)
+        self._zero = torch.zeros((), device=dev)
+
+    def write(self, step: int, stats, d, coef, skipped, loss, lr, param_norm) -> None:
+        buf, n = self.buffer, self.n
+        k = len(buf)
+        missing = len(stats.names) != n
+        if self.xp.on_host:
+            row = buf.host_view[k]
+            with np.errstate(over="ignore", invalid="ignore"):
+                row[:G] = (d.bad, skipped, np.nan if loss is None else loss, d.loss_bad, stats.total,
+                           coef, lr if not isinstance(lr, torch.Tensor) else float(lr),
+                           param_norm)
+                norms, max_abs = stats.host("norms"), stats.host("max_abs")
+                if not missing:
+                    row[G:G + n] = norms
+                    row[G + n:] = max_abs
+                else:  # layers without a gradient this step: NaN norm, 0 max|g|
+                    idx = np.fromiter(map(self._index.__getitem__, stats.names), np.intp, len(stats.names))
+                    row[G:G + n] = np.nan
+                    row[G + n:] = 0
+                    row[G + idx] = norms
+                    row[G + n + idx] = max_abs
+        else:
+            row = buf.next_row()
+            f32 = torch.float32
+            dev = buf.device
+            lr_t = self._lr(lr, dev)
+            torch.stack([t.to(f32) for t in (
+                d.bad, skipped, self._nan if loss is None else loss, d.loss_bad, stats.total,
+                coef, lr_t, self._nan if param_norm is None else param_norm)], out=row[:G])
+            if not missing:
+                torch.cat([stats.norms.to(f32), stats.max_abs.to(f32)], out=row[G:])
+            else:
+                row[G:G + n].fill_(float("nan"))
+                row[G + n:].zero_()
+                idx = _index_tensor(tuple(self._index[name] for name in stats.names), dev)
+                row[G:G + n].index_copy_(0, idx, stats.norms.to(f32))
+                row[G + n:].index_copy_(0, idx, stats.max_abs.to(f32))
+        buf.commit(step)
+
+    def _lr(self, lr, dev):
+        if isinstance(lr, torch.Tensor):
+            return lr.detach().to(dev, torch.float32).reshape(())
+        if lr != self._lr_cache[0]:  # a new lr: one fill, no host-to-device copy
+            self._lr_cache = (lr, torch.full((), float(lr), device=dev))
+        return self._lr_cache[1]
