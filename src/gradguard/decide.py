@@ -19,7 +19,9 @@ from torch import Tensor
 
 from .backend import Backend
 
-__all__ = ["Decision", "decide", "loss_value", "StepReport"]
+__all__ = ["Decision", "decide", "loss_value", "StepReport", "ON_NONFINITE"]
+
+ON_NONFINITE = ("skip", "raise", "warn")  # what a poisoned step does
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,15 @@ from .apply import NoStep, is_fused, stepper_for
 from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy
-from .decide import StepReport, decide, loss_value
+from .decide import ON_NONFINITE, StepReport, decide, loss_value
 from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
+from ._validate import check_choice
 from .layout import COL, GLOBAL_COLS, N_GLOBAL
 from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters, param_norm
 
 __all__ = ["Guard", "StepReport"]
 
-ON_NONFINITE = ("skip", "raise", "warn")
 BACKENDS = ("auto", "host", "device")
 STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 _G = N_GLOBAL  # kept for one release: old code read the layout from here
@@ -153,8 +153,7 @@ class Guard:
         if clip is not None and not isinstance(clip, ClipPolicy):
             raise TypeError(f"clip must be a gradguard ClipPolicy (e.g. gg.GlobalNorm(1.0)) or None, "
                             f"got {type(clip).__name__}")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, int)
                                         or flush_every < 1):
             raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")

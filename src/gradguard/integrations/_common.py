@@ -1,12 +1,11 @@
-"""Pieces shared by the adapters: a stand-in optimizer and a log window.
+"""Pieces shared by the adapters.
 
-Frameworks call ``optimizer.step()`` themselves, so an adapter needs the Guard's
-decision (statistics, clipping, skip?) without the Guard stepping.  The Guard
-is given a ``DecisionOptimizer``: it shares the real optimizer's
-``param_groups`` and ``state`` (so the lr column and remedies that touch the
-groups see the real values) and its ``step()`` only records that the guard
-would have stepped.  The adapter then lets the framework step, or withholds
-the step by the framework's own means.
+Frameworks call ``optimizer.step()`` themselves, so an adapter asks the Guard for
+its decision with ``guard.check(loss=...)`` (statistics, clipping, the skip
+decision, the row; no optimizer step) and withholds the framework's step by the
+framework's own means when ``report.skipped``.  Logging windows are row
+observers (``guard.add_row_observer``): they summarise the rows a flush reads
+back anyway.
 """
 from __future__ import annotations
 
@@ -15,43 +14,46 @@ import math
 import numpy as np
 import torch
 
-from ..guard import GLOBAL_COLS
+from .._validate import check_choice
+from ..decide import ON_NONFINITE
+from ..layout import COL
 
-__all__ = ["DecisionOptimizer", "LogWindow", "withhold_step", "check_on_nonfinite"]
+__all__ = ["GroupsView", "DecisionOptimizer", "LogWindow", "withhold_step", "check_on_nonfinite"]
 
-
-class DecisionOptimizer(torch.optim.Optimizer):
-    """Stands in for ``real`` inside a Guard: ``step()`` records "go" and does nothing else.
+class GroupsView(torch.optim.Optimizer):
+    """A torch ``Optimizer`` face for something that only has ``param_groups`` (a Keras
+    optimizer's learning rate): the Guard records its lr and remedies change it.  It is
+    never stepped (adapters use ``guard.check``).
 
     Args:
-        real: the optimizer the framework steps (a ``torch.optim.Optimizer``,
-            or anything with ``param_groups`` and ``state``).
+        real: anything with ``param_groups`` and ``state``.
     """
 
-    # No super().__init__: the groups and the state are the real optimizer's own objects.
+    # No super().__init__: the groups and the state are the real object's own.
     def __init__(self, real):  # noqa: D107
         self.real = real
         self.param_groups = real.param_groups
         self.state = real.state
         self.defaults = getattr(real, "defaults", {})
-        self.go = False
 
     def step(self, closure=None):
-        """Record that the guard decided to step (called by ``Guard.step``)."""
-        self.go = True
-        return None
+        raise RuntimeError("GroupsView is not stepped: the adapter steps the real optimizer")
 
     def zero_grad(self, set_to_none: bool = True):
         self.real.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        return self.real.state_dict()
+        return self.real.state_dict() if hasattr(self.real, "state_dict") else {}
 
     def load_state_dict(self, state_dict):
-        self.real.load_state_dict(state_dict)
+        if hasattr(self.real, "load_state_dict"):
+            self.real.load_state_dict(state_dict)
 
     def __repr__(self):
-        return f"DecisionOptimizer({type(self.real).__name__})"
+        return f"GroupsView({type(self.real).__name__})"
+
+
+DecisionOptimizer = GroupsView  # the 0.1 name, kept for one release
 
 
 def withhold_step(params) -> None:
@@ -67,15 +69,11 @@ def withhold_step(params) -> None:
 
 
 def check_on_nonfinite(value) -> str:
-    from ..guard import ON_NONFINITE
-
-    if value not in ON_NONFINITE:
-        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
-    return value
+    return check_choice("on_nonfinite", value, ON_NONFINITE)
 
 
 class LogWindow:
-    """A detector that finds nothing: it summarises the rows flushed since the last ``read()``.
+    """A row observer: it summarises the rows flushed since the last ``read()``.
 
     Frameworks log every N steps; this gives them the window's max/mean global
     norm, smallest clip coefficient and skipped steps from rows the guard
@@ -85,7 +83,7 @@ class LogWindow:
     _COLS = ("skipped", "bad", "global_norm", "clip_coef")
 
     def __init__(self):
-        self._idx = {c: GLOBAL_COLS.index(c) for c in self._COLS}
+        self._idx = {c: COL[c] for c in self._COLS}
         self._reset()
 
     def _reset(self):
@@ -93,12 +91,9 @@ class LogWindow:
         self._gn_sum, self._gn_n, self._gn_max = 0.0, 0, -math.inf
         self._coef_min = math.inf
 
-    def bind(self, guard) -> None:
-        pass
-
-    def update(self, steps, rows, guard) -> list:
+    def __call__(self, steps, rows) -> None:
         if not len(steps):
-            return []
+            return
         rows = np.asarray(rows)
         gn = rows[:, self._idx["global_norm"]].astype(np.float64)
         fin = np.isfinite(gn)  # a poisoned step's norm stays out of the summaries
@@ -113,7 +108,6 @@ class LogWindow:
         coef = coef[np.isfinite(coef)]
         if coef.size:
             self._coef_min = min(self._coef_min, float(coef.min()))
-        return []
 
     def read(self, prefix: str = "gradguard/") -> dict:
         """The window's summary (empty if no step was flushed) and a fresh window."""
@@ -128,9 +122,3 @@ class LogWindow:
             out[f"{prefix}clip_coef_min"] = self._coef_min
         self._reset()
         return out
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass

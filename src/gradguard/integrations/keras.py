@@ -34,7 +34,7 @@ if "keras" not in sys.modules:
 import keras  # noqa: E402
 
 from ..guard import Guard
-from ._common import DecisionOptimizer, LogWindow, check_on_nonfinite
+from ._common import GroupsView, LogWindow, check_on_nonfinite
 
 __all__ = ["GuardedOptimizer", "GradGuardLogger"]
 
@@ -47,7 +47,7 @@ def _check_backend() -> None:
 
 
 class _Groups:
-    """What the Guard reads from the DecisionOptimizer: one param group, lr kept current."""
+    """What the Guard reads through a GroupsView: one param group, lr kept current."""
 
     def __init__(self, params):
         self.param_groups = [{"params": params, "lr": float("nan")}]
@@ -124,10 +124,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             seen.add(names[-1])
         params = [v.value for v in var_list]
         self._groups = _Groups(params)
-        detectors = list(self.guard_kwargs.pop("detectors", None) or []) + [self.window]
-        self.guard = Guard(list(zip(names, params)), DecisionOptimizer(self._groups), clip=self.clip,
-                           on_nonfinite=self.on_nonfinite, log_dir=self.log_dir, detectors=detectors,
-                           **self.guard_kwargs)
+        self.guard = Guard(list(zip(names, params)), GroupsView(self._groups), clip=self.clip,
+                           on_nonfinite=self.on_nonfinite, log_dir=self.log_dir, **self.guard_kwargs)
+        self.guard.add_row_observer(self.window)
         self._vars = list(var_list)
 
     @property
@@ -152,10 +151,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 p.grad = g
         lr = self.inner_optimizer.learning_rate
         self._groups.param_groups[0]["lr"] = keras.ops.convert_to_tensor(lr)  # device tensor: no sync
-        decider = self.guard.optimizer
-        decider.go = False
-        self.guard.step()
-        if decider.go:
+        if not self.guard.check().skipped:  # host sync: Keras applies next, it must know now
             self.inner_optimizer.apply([v.value.grad for v in tvs], tvs)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):

@@ -26,7 +26,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
 from ..guard import Guard
-from ._common import DecisionOptimizer, check_on_nonfinite, withhold_step
+from ._common import check_on_nonfinite, withhold_step
 
 __all__ = ["GradGuardCallback"]
 
@@ -46,8 +46,9 @@ class GradGuardCallback(Callback):
             ``detectors``, ``remedies``, ...).
 
     Attributes:
-        guard: the ``gg.Guard`` (built when fitting starts; None before).  Its
-            ``optimizer`` is a ``DecisionOptimizer`` standing in for Lightning's.
+        guard: the ``gg.Guard`` (built when fitting starts; None before), on
+            Lightning's optimizer; the callback asks it ``guard.check(loss)`` and
+            Lightning steps.
 
     Example:
         >>> cb = GradGuardCallback(clip=gg.GlobalNorm(1.0), log_dir="runs")
@@ -97,7 +98,7 @@ class GradGuardCallback(Callback):
             raise TypeError("GradGuardCallback does not support LBFGS (its step re-evaluates the closure)")
         trained = {id(p) for g in opt.param_groups for p in g["params"]}
         pairs = [(n, p) for n, p in pl_module.named_parameters() if id(p) in trained]
-        self.guard = Guard(pairs, DecisionOptimizer(opt), clip=self.clip, on_nonfinite=self.on_nonfinite,
+        self.guard = Guard(pairs, opt, clip=self.clip, on_nonfinite=self.on_nonfinite,
                            log_dir=self.log_dir, **self.guard_kwargs)
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state)
@@ -126,10 +127,8 @@ class GradGuardCallback(Callback):
         loss, self._loss = self._loss, None
         if not any(p.grad is not None for p in guard.params):
             return  # training_step returned None: Lightning steps nothing either
-        decider = guard.optimizer
-        decider.go = False
-        report = guard.step(loss=loss)
-        if not decider.go:
+        report = guard.check(loss=loss)
+        if report.skipped:  # host sync: Lightning steps next, it must know now
             withhold_step(guard.params)
         if self.log_metrics:
             pl_module.log_dict({"gradguard/global_norm": report.global_norm_t.float(),

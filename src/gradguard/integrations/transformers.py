@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..guard import Guard
-from ._common import DecisionOptimizer, LogWindow, check_on_nonfinite, withhold_step
+from ._common import LogWindow, check_on_nonfinite, withhold_step
 
 __all__ = ["GradGuardCallback"]
 
@@ -103,18 +103,15 @@ class GradGuardCallback(TrainerCallback):
         opt = _torch_optimizer(optimizer)
         trained = {id(p) for g in opt.param_groups for p in g["params"]}
         pairs = [(n, p) for n, p in model.named_parameters() if id(p) in trained]
-        detectors = list(self.guard_kwargs.pop("detectors", None) or []) + [self.window]
-        self.guard = Guard(pairs, DecisionOptimizer(opt), clip=self.clip, on_nonfinite=self.on_nonfinite,
-                           log_dir=self.log_dir, detectors=detectors, **self.guard_kwargs)
+        self.guard = Guard(pairs, opt, clip=self.clip, on_nonfinite=self.on_nonfinite,
+                           log_dir=self.log_dir, **self.guard_kwargs)
+        self.guard.add_row_observer(self.window)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         guard = self.guard
         if guard is None or not any(p.grad is not None for p in guard.params):
             return
-        decider = guard.optimizer
-        decider.go = False
-        guard.step()
-        if not decider.go:
+        if guard.check().skipped:  # host sync: the Trainer steps next, it must know now
             withhold_step(guard.params)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
