@@ -73,7 +73,10 @@ def loss_value(loss, xp: Backend, like) -> tuple[Any, Any]:
             f = float(loss)
         except OverflowError:
             raise ValueError(f"loss is too large for a float: {loss!r}") from None
-        v = np.float32(f) if xp.on_host else torch.full((), f, dtype=torch.float32, device=like.device)
+        with np.errstate(over="ignore"):  # beyond float32: Inf, as a tensor's cast gives
+            v = np.float32(f)
+        if not xp.on_host:
+            v = torch.full((), float(v), dtype=torch.float32, device=like.device)
     else:
         raise TypeError(f"loss must be a Tensor or a real number, got {type(loss).__name__}")
     if xp.on_host:
