@@ -13,8 +13,8 @@ becomes params ``gradguard.<key>``.
 
 Uses ``MlflowClient`` (never the fluent API), so the user's active run is
 left alone.  ``mlflow`` (or ``mlflow-skinny``) is imported when the sink
-opens (the ``[mlflow]`` extra; from a checkout ``pip install -e ".[mlflow]"``).  MLflow >= 3.x refuses the local
-file store (``file:`` URIs, ``./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``
+opens (the ``[mlflow]`` extra; from a checkout ``pip install -e ".[mlflow]"``).
+MLflow >= 3.x refuses the local file store (``file:`` URIs, ``./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``
 is set; a database URI (``sqlite:///mlflow.db``, needs full ``mlflow``) works as is.
 """
 from __future__ import annotations
