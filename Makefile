@@ -15,9 +15,9 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	touch $@
 
-# The demo needs the package and its dashboard; the tests need every extra.
+# The demo needs the package and its dashboard ([demo]); the tests need every extra.
 $(VENV)/.installed-demo: $(VENV)/.torch $(DEPS)
-	$(PY) -m pip install -q -e ".[dashboard]"
+	$(PY) -m pip install -q -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch $(DEPS)
@@ -29,7 +29,18 @@ install: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/gradguard demo
 
-test: $(VENV)/.installed-test
+# The dashboard/report tests drive a real headless Chromium (the Debian package);
+# installed once, with sudo when not root.  An order-only prerequisite: only
+# whether the file exists matters, never its date.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "make test needs $@: install Chromium there"; exit 1; }
+	SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	$$SUDO apt-get update -q && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: $(VENV)/.installed-test | $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed-test

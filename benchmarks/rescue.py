@@ -26,7 +26,7 @@ import warnings
 import torch
 
 import gradguard as gg
-from gradguard.tasks import SequenceClassifier, get_task
+from gradguard.tools.tasks import SequenceClassifier, get_task
 
 
 def make_policy(method):

@@ -3,7 +3,7 @@ trained with plain SGD(), then with SGD(clipvalue=0.5) done by gradguard.
 
     KERAS_BACKEND=torch python examples/keras_seed_lstm.py [--epochs 3]
 
-Data: scikit-learn's bundled 8x8 digits (no download), as 8 rows of 8 pixels.
+Data: the 8x8 digits shipped with gradguard (no download), as 8 rows of 8 pixels.
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ import keras  # noqa: E402
 
 import gradguard as gg  # noqa: E402
 from gradguard.integrations.keras import GradGuardLogger, GuardedOptimizer  # noqa: E402
-from gradguard.tasks.digits import load_digits  # noqa: E402
+from gradguard.tools.tasks.digits import load_digits  # noqa: E402
 
 
 def build(seed=0):

@@ -147,7 +147,7 @@ def test_only_get(server):
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium (see .ci/run)")
+        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -3,13 +3,9 @@ import io
 import math
 
 import pytest
-from rich.console import Console
-
 from gradguard.cli import main
-from gradguard.demo import run_demo, top_events
+from gradguard.tools.demo import run_demo, top_events
 from gradguard.events import Event
-
-pytest.importorskip("sklearn")
 
 
 def test_demo_cli_short_mode_writes_both_runs(tmp_path, capsys):
@@ -18,7 +14,7 @@ def test_demo_cli_short_mode_writes_both_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unguarded" in out and "guarded" in out and "test accuracy" in out
     # The exact command: the venv's script by path when the venv is not activated.
-    from gradguard.demo import _cli
+    from gradguard.tools.demo import _cli
 
     last = out.rstrip().splitlines()[-1].strip()
     assert last == f"{_cli()} dashboard {log_dir}"
@@ -41,13 +37,13 @@ def test_demo_cli_short_mode_writes_both_runs(tmp_path, capsys):
 
 
 def _quiet():
-    return Console(file=io.StringIO(), width=120)
+    return io.StringIO()
 
 
 def test_demo_is_deterministic_per_seed():
-    a = run_demo(steps=30, seed=1, log_dir=None, console=_quiet(), show_progress=False)
-    b = run_demo(steps=30, seed=1, log_dir=None, console=_quiet(), show_progress=False)
-    c = run_demo(steps=30, seed=2, log_dir=None, console=_quiet(), show_progress=False)
+    a = run_demo(steps=30, seed=1, log_dir=None, out=_quiet(), show_progress=False)
+    b = run_demo(steps=30, seed=1, log_dir=None, out=_quiet(), show_progress=False)
+    c = run_demo(steps=30, seed=2, log_dir=None, out=_quiet(), show_progress=False)
     for x, y in zip(a, b):
         assert (x.loss, x.accuracy, x.max_train_loss, x.clipped) == (y.loss, y.accuracy, y.max_train_loss, y.clipped)
     assert a[0].loss != c[0].loss
@@ -55,7 +51,7 @@ def test_demo_is_deterministic_per_seed():
 
 def test_default_demo_shows_a_rescue():
     # The claim `make demo` makes: same seed, same init; unguarded fails, guarded learns.
-    ung, gua = run_demo(log_dir=None, console=_quiet(), show_progress=False)
+    ung, gua = run_demo(log_dir=None, out=_quiet(), show_progress=False)
     assert ung.accuracy < 0.3 and not (ung.loss < 5)          # chance level, loss blown up (or NaN)
     assert gua.accuracy > 0.8 and gua.loss < 1.0
     assert gua.clipped > 0
@@ -82,3 +78,32 @@ def test_top_events_orders_by_severity_and_dedups():
            Event(1, "spike", "warning", [], "c"), Event(9, "info_thing", "info", [], "d")]
     assert [(e.kind, e.step) for e in top_events(evs)] == [("nonfinite", 2), ("spike", 1), ("info_thing", 9)]
     assert len(top_events(evs, n=1)) == 1
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream,live", [(io.StringIO, False), (_Tty, True)])
+def test_demo_plain_output_and_progress(stream, live):
+    # Plain text, no rich: a table row per measure, one finished status line per run;
+    # on a terminal the status line is redrawn in place ("\r"), in a log file it is not.
+    out = stream()
+    ung, gua = run_demo(steps=20, seed=0, log_dir=None, out=out, show_progress=True)
+    text = out.getvalue()
+    assert ("\r" in text) == live
+    finished = [l.split("\r")[-1] for l in text.splitlines() if "20/20" in l]
+    assert [l.split()[0] for l in finished] == ["unguarded", "guarded"]
+    rows = {l.split("  ")[0]: l for l in text.splitlines() if l.startswith(("test accuracy", "steps run"))}
+    assert rows["test accuracy"].split()[-2:] == [f"{100 * ung.accuracy:.1f}%", f"{100 * gua.accuracy:.1f}%"]
+    assert rows["steps run"].split()[-2:] == ["20", "20"]
+    assert "[bold]" not in text and "[yellow]" not in text
+
+
+def test_demo_console_argument_still_accepted():
+    class Console:  # what rich's Console offered the old signature: a .file to write to
+        file = io.StringIO()
+
+    run_demo(steps=5, log_dir=None, console=Console(), show_progress=False)
+    assert "test accuracy" in Console.file.getvalue()

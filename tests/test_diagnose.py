@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradguard.cli import main
-from gradguard.diagnose import diagnose
-from gradguard.tasks.deep import deep_mlp, exploding_case, healthy_case, regression_batch, vanishing_case
-from gradguard.tasks.digits import SequenceClassifier, irnn_case
+from gradguard.tools.diagnose import diagnose
+from gradguard.tools.tasks.deep import deep_mlp, exploding_case, healthy_case, regression_batch, vanishing_case
+from gradguard.tools.tasks.digits import SequenceClassifier, irnn_case
 
 
 def kinds(d):
@@ -123,12 +123,12 @@ def test_weights_untouched_and_bad_arguments():
 
 
 @pytest.mark.parametrize("target,code", [
-    ("gradguard.tasks.deep:vanishing_case", 1),
-    ("gradguard.tasks.deep:exploding_case", 1),
-    ("gradguard.tasks.deep:healthy_case", 0),
-    ("gradguard.tasks.digits:irnn_case", 0),
-    ("gradguard.tasks.deep", 2),
-    ("gradguard.tasks.deep:nope", 2),
+    ("gradguard.tools.tasks.deep:vanishing_case", 1),
+    ("gradguard.tools.tasks.deep:exploding_case", 1),
+    ("gradguard.tools.tasks.deep:healthy_case", 0),
+    ("gradguard.tools.tasks.digits:irnn_case", 0),
+    ("gradguard.tools.tasks.deep", 2),
+    ("gradguard.tools.tasks.deep:nope", 2),
     ("no_such_module_xyz:f", 2),
 ])
 def test_cli_exit_status(target, code, capsys):
@@ -137,7 +137,7 @@ def test_cli_exit_status(target, code, capsys):
 
 def test_cli_fail_on_warning_and_local_module(tmp_path, monkeypatch, capsys):
     (tmp_path / "mycase.py").write_text(textwrap.dedent("""
-        from gradguard.tasks.digits import irnn_case
+        from gradguard.tools.tasks.digits import irnn_case
         def make():
             return irnn_case(60)
     """))

@@ -5,7 +5,7 @@ from torch import nn
 import gradguard as gg
 from gradguard import cli
 from gradguard.act import FlightRecorder
-from gradguard.replay import replay
+from gradguard.tools.replay import replay
 
 
 class LogLayer(nn.Module):

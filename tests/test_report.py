@@ -51,7 +51,7 @@ def test_cli_writes_self_contained_file(run_dir, tmp_path):
 
 def test_report_renders_offline_in_chromium(run_dir, tmp_path):
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium (see .ci/run)")
+        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     out = report.write_report(run_dir.parent, "r+1", tmp_path / "rep.html")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradguard.tasks import (SequenceClassifier, addition, exploding_mlp, get_task, load_fashion_mnist,
+from gradguard.tools.tasks import (SequenceClassifier, addition, exploding_mlp, get_task, load_fashion_mnist,
                              multiplication, read_idx, regression_batch, temporal_order, vanishing_mlp)
 
 
@@ -137,8 +137,7 @@ def test_read_idx_rejects_bad_files(tmp_path):
 
 # ------------------------------------------------------------------ models
 def test_digits_and_sequence_classifier():
-    pytest.importorskip("sklearn")
-    from gradguard.tasks import load_digits
+    from gradguard.tools.tasks import load_digits
     xtr, ytr = load_digits("train")
     xte, yte = load_digits("test")
     assert xtr.shape[1:] == (8, 8) and len(xtr) + len(xte) == 1797

@@ -6,14 +6,14 @@
     loss.backward()
     report = guard.step(loss=loss)      # replaces optimizer.step()
 """
+import importlib
+
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
 from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
                      UnusedDetector, VanishingDetector, WeightGrowthDetector, default_detectors)
-from .diagnose import Diagnosis, Finding, diagnose
 from .events import Event, NonFiniteGradientError
-from .record import RunStore
 from .remedies import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
 from .stats import GradStats, grad_stats
@@ -31,3 +31,24 @@ __all__ = [
     "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
     "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]
+
+# Public names loaded on first use (name -> defining module), so that `import gradguard`
+# loads neither the tools (gradguard.tools) nor the run store's reader.
+_LAZY = {
+    "diagnose": "gradguard.tools.diagnose",
+    "Diagnosis": "gradguard.tools.diagnose",
+    "Finding": "gradguard.tools.diagnose",
+    "RunStore": "gradguard.record.store",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -13,6 +13,10 @@ import time
 from urllib.parse import quote
 from pathlib import Path
 
+from ._extras import require
+from .dashboard.server import STATIC, _plotly_js, api_payload
+from .record import RunNotFound, RunStore
+
 __all__ = ["write_report", "add_arguments", "run"]
 
 
@@ -60,8 +64,7 @@ def write_report(log_dir, run: str, out, max_points: int = 4000) -> Path:
     Example:
         >>> write_report("runs", "20250101-120000", "report.html")
     """
-    from .dashboard.server import STATIC, _plotly_js, api_payload
-    from .record import RunStore
+    require("gradguard report", "dashboard", "plotly")
 
     store = RunStore(log_dir)
     info = store.info(run)          # raises RunNotFound for unknown runs
@@ -95,8 +98,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .record import RunNotFound
-
     if args.log_dir is None:
         path = Path(args.run).resolve()
         log_dir, name = path.parent, path.name

@@ -7,7 +7,11 @@ the command runs.
 """
 from __future__ import annotations
 
-__all__ = ["add_arguments", "run"]
+from .._extras import require
+
+__all__ = ["add_arguments", "run", "WEB_MODULES"]
+
+WEB_MODULES = ("starlette", "uvicorn", "plotly")  # what the [dashboard] extra installs
 
 
 def add_arguments(parser) -> None:
@@ -19,6 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    require("gradguard dashboard", "dashboard", *WEB_MODULES)
     from .server import serve
 
     if not 0 <= args.port <= 65535:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._extras import require
 from ..record import RunNotFound, RunStore
 
 __all__ = ["create_app", "serve", "start_server", "api_payload", "STATIC"]
@@ -98,6 +99,7 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
     Returns:
         a Starlette application.
     """
+    require("the gradguard dashboard", "dashboard", "starlette", "plotly")
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -169,6 +171,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _server(log_dir, host, port):
+    require("the gradguard dashboard", "dashboard", "starlette", "uvicorn", "plotly")
     import uvicorn
 
     sock = _bind(host, port)

@@ -7,8 +7,9 @@ them on its writer thread and counts (never raises) their failures.
     rec = guard.recorder                       # Guard(..., log_dir=...)
     rec.add_sink(TensorBoardSink("tb_logs"))
 
-``WandbSink`` and ``MlflowSink`` need the ``wandb`` / ``mlflow`` extras; like
-TensorBoard, the framework is imported only when the sink opens.
+``TensorBoardSink``, ``WandbSink`` and ``MlflowSink`` need the
+``[tensorboard]`` / ``[wandb]`` / ``[mlflow]`` extras: a missing one is named
+when the sink is made; the framework itself is imported only when it opens.
 """
 from .mlflow import MlflowSink
 from .tensorboard import TensorBoardSink

@@ -13,8 +13,8 @@ becomes params ``gradguard.<key>``.
 
 Uses ``MlflowClient`` (never the fluent API), so the user's active run is
 left alone.  ``mlflow`` (or ``mlflow-skinny``) is imported when the sink
-opens (``pip install gradguard[mlflow]``).  MLflow >= 3.x refuses the local
-file store (``file:`` URIs, ``./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``
+opens (the ``[mlflow]`` extra; from a checkout ``pip install -e ".[mlflow]"``).
+MLflow >= 3.x refuses the local file store (``file:`` URIs, ``./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``
 is set; a database URI (``sqlite:///mlflow.db``, needs full ``mlflow``) works as is.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from .._extras import require
 from ._summary import check_common, event_text, metric_name, summarise_row
 
 __all__ = ["MlflowSink"]
@@ -53,6 +54,7 @@ class MlflowSink:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "gradguard",
                  run_id: str | None = None, top_k: int = 5, every: int = 1):
+        require("MlflowSink", "mlflow", "mlflow")
         check_common(top_k, every)
         for arg, v in (("tracking_uri", tracking_uri), ("run_id", run_id)):
             if v is not None and not isinstance(v, str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._extras import require
+
 __all__ = ["TensorBoardSink"]
 
 
@@ -30,6 +32,7 @@ class TensorBoardSink:
     name = "tensorboard"
 
     def __init__(self, log_dir, top_k: int = 5, every: int = 1):
+        require("TensorBoardSink", "tensorboard", "tensorboard")  # torch.utils.tensorboard needs it
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:

@@ -10,7 +10,8 @@ parameter per step.  Everything is plotted against ``gradguard/step``
 Events are logged as text (``gradguard/event``) at their step, counted in
 the run summary and, on close, written as one ``wandb.Table``.
 
-``wandb`` is imported when the sink opens (``pip install gradguard[wandb]``).
+``wandb`` is imported when the sink opens (the ``[wandb]`` extra; from a checkout
+``pip install -e ".[wandb]"``).
 For offline use set ``WANDB_MODE=offline`` or pass ``mode="offline"``; no
 login or network is then needed, and ``wandb sync`` uploads later.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._extras import require
 from ._summary import check_common, event_text, summarise_row
 
 __all__ = ["WandbSink"]
@@ -47,6 +49,7 @@ class WandbSink:
 
     def __init__(self, project: str | None = None, top_k: int = 5, every: int = 1, hist_bins: int = 32,
                  run=None, **init_kwargs):
+        require("WandbSink", "wandb", "wandb")
         check_common(top_k, every)
         if isinstance(hist_bins, bool) or not isinstance(hist_bins, int) or not 0 <= hist_bins <= 512:
             raise ValueError(f"hist_bins must be an int in [0, 512], got {hist_bins!r}")

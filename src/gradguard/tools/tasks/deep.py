@@ -82,12 +82,12 @@ def mse(out: Tensor, y: Tensor) -> Tensor:
 
 # Factories for `gradguard diagnose MODULE:FACTORY`: each returns (model, batch, loss_fn).
 def vanishing_case():
-    """``gradguard diagnose gradguard.tasks.deep:vanishing_case``"""
+    """``gradguard diagnose gradguard.tools.tasks.deep:vanishing_case``"""
     return vanishing_mlp(), regression_batch(), mse
 
 
 def exploding_case():
-    """``gradguard diagnose gradguard.tasks.deep:exploding_case``"""
+    """``gradguard diagnose gradguard.tools.tasks.deep:exploding_case``"""
     return exploding_mlp(), regression_batch(), mse
 
 

@@ -2,8 +2,10 @@
 
 Seed 001 trains an LSTM that reads each Fashion-MNIST image as a sequence of
 28 rows with plain SGD, then again with value clipping 0.5.  Here the shipped
-default is scikit-learn's bundled 8x8 digits (no download); real
-Fashion-MNIST is read from the standard IDX files in a local directory.
+default is the UCI 8x8 digits as scikit-learn bundles them, copied into this
+package (``data/digits.npz``, written by ``scripts/make_digits_data.py``) so
+that no download and no scikit-learn is needed; real Fashion-MNIST is read
+from the standard IDX files in a local directory.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+DIGITS_FILE = Path(__file__).parent / "data" / "digits.npz"
 
 __all__ = ["read_idx", "load_fashion_mnist", "load_digits", "SequenceClassifier", "FASHION_FILES", "irnn_case"]
 
@@ -94,7 +98,7 @@ def load_fashion_mnist(directory, split: str = "train") -> tuple[Tensor, Tensor]
 
 def load_digits(split: str = "train", test_fraction: float = 0.2,
                 seed: int = 0) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits (1,797 images), as 8 rows of 8 pixels.
+    """The 8x8 digits (1,797 images; scikit-learn's ``load_digits``), as 8 rows of 8 pixels.
 
     Args:
         split: ``"train"`` or ``"test"``; a fixed shuffled split.
@@ -105,14 +109,10 @@ def load_digits(split: str = "train", test_fraction: float = 0.2,
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    try:
-        from sklearn.datasets import load_digits as _sk_digits
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits task needs scikit-learn (pip install scikit-learn), "
-                          "or pass --data DIR with Fashion-MNIST IDX files") from e
-    d = _sk_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)
-    y = torch.from_numpy(d.target.astype(np.int64))
+    with np.load(DIGITS_FILE) as d:
+        images, target = d["images"], d["target"]
+    x = torch.from_numpy(images.astype(np.float32) / 16.0)
+    y = torch.from_numpy(target.astype(np.int64))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(y)))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
@@ -157,7 +157,7 @@ class SequenceClassifier(nn.Module):
 
 
 def irnn_case(length: int = 100):
-    """``gradguard diagnose gradguard.tasks.digits:irnn_case``: an IRNN on the addition problem."""
+    """``gradguard diagnose gradguard.tools.tasks.digits:irnn_case``: an IRNN on the addition problem."""
     import torch.nn.functional as F
 
     from .pascanu import addition
