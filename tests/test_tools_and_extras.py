@@ -44,8 +44,6 @@ def test_import_gradguard_is_light():
     assert heavy == []
 
 
-@pytest.mark.xfail(strict=True, reason="guard.py imports sqlite3 and gradguard.record.buffer at module "
-                                       "level (guard.py is out of this change's scope)")
 @pytest.mark.parametrize("module", ["sqlite3", "gradguard.record"])
 def test_import_gradguard_skips_sqlite(module):
     assert module not in _loaded_after_import()
@@ -190,8 +188,6 @@ def test_sink_missing_extra(factory, blocked, extra, monkeypatch):
     assert isinstance(e.value, ImportError)
 
 
-@pytest.mark.xfail(strict=True, reason="integrations/ is being rewritten elsewhere; each module should "
-                                       "call gradguard._extras.require(...) before importing its framework")
 @pytest.mark.parametrize("module,blocked,extra", [
     ("gradguard.integrations.lightning", ["lightning", "pytorch_lightning"], "lightning"),
     ("gradguard.integrations.transformers", ["transformers"], "hf"),

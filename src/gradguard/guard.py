@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import sqlite3
 import warnings
 import weakref
 
@@ -45,6 +44,14 @@ __all__ = ["Guard", "StepReport"]
 BACKENDS = ("auto", "host", "device")
 STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 _G = N_GLOBAL  # kept for one release: old code read the layout from here
+
+
+def _sqlite_error():
+    import sqlite3  # the store's error type; imported with the store, not with gradguard
+
+    return sqlite3.Error
+
+
 # CPU default flush interval: detectors and the store take rows in batches of
 # 16 (a poisoned step is flushed at once); the skip decision is still per step.
 CPU_FLUSH_EVERY = 16
@@ -250,7 +257,7 @@ class Guard:
                                               config=self.config(), sinks=sinks)
                 # A guard dropped without close() still ends its writer thread and connection.
                 weakref.finalize(self, self.recorder.close)
-            except (OSError, sqlite3.Error) as exc:  # a log sink never stops training
+            except (OSError, _sqlite_error()) as exc:  # a log sink never stops training
                 warnings.warn(f"gradguard: cannot write the run store in log_dir {log_dir} ({exc}); "
                               "training continues without it", RuntimeWarning, stacklevel=2)
 

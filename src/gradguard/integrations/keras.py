@@ -31,6 +31,9 @@ import sys
 if "keras" not in sys.modules:
     os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from .._extras import require  # noqa: E402
+
+require("gradguard.integrations.keras", "keras", "keras")
 import keras  # noqa: E402
 
 from ..guard import Guard

@@ -20,10 +20,15 @@ import warnings
 
 import torch
 
+from .._extras import MissingExtra
+
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package
-    from pytorch_lightning.callbacks import Callback
+    try:
+        from pytorch_lightning.callbacks import Callback
+    except ImportError:
+        raise MissingExtra("gradguard.integrations.lightning", "lightning", ["lightning"]) from None
 
 from ..guard import Guard
 from ._common import check_on_nonfinite, withhold_step

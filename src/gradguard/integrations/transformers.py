@@ -34,9 +34,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import TrainerCallback
 
-from ..guard import Guard
+from .._extras import require
+
+require("gradguard.integrations.transformers", "hf", "transformers")
+from transformers import TrainerCallback  # noqa: E402
+
+from ..guard import Guard  # noqa: E402
 from ._common import LogWindow, check_on_nonfinite, withhold_step
 
 __all__ = ["GradGuardCallback"]
