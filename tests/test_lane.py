@@ -288,3 +288,16 @@ def test_no_module_is_over_500_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 520}
     assert not long, long
+
+
+def test_compiled_model_has_the_plain_names():
+    """torch.compile wraps the model (names gain "_orig_mod."): the guard uses the plain names,
+    so PerLayer patterns and guard checkpoints work on both."""
+    model = _model()
+    compiled = torch.compile(model)
+    assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_parameters())
+    plain = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard = gg.Guard(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1),
+                     clip=gg.PerLayer({"0.*": gg.GlobalNorm(1.0)}, default=gg.GlobalNorm(2.0)))
+    assert guard.names == plain.names
+    guard.load_state_dict(plain.state_dict())

@@ -20,11 +20,10 @@ import math
 import numbers
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .backend import DEVICE, EPS, norm_coefficient
+from .backend import DEVICE, norm_coefficient
 from .stats import GradStats, compute_stats
 
 __all__ = [

@@ -35,6 +35,7 @@ from .clip import ClipPolicy
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
 from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
+from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
 from .layout import COL, GLOBAL_COLS, N_GLOBAL
 from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters, param_norm
@@ -77,30 +78,7 @@ def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
             stack += list(pol.rules.values()) + ([pol.default] if pol.default is not None else [])
 
 
-_version = operator.attrgetter("_version")
-_grad = operator.attrgetter("grad")
-_NoneType = type(None)
 _dtype = operator.attrgetter("dtype")
-
-
-def _grad_signature(grads: list[Tensor]) -> tuple[list, list]:
-    """Weak references to this step's gradients and their version counters."""
-    return list(map(weakref.ref, grads)), list(map(_version, grads))
-
-
-def _same_grads(sig: tuple[list, list] | None, grads: list[Tensor]) -> bool:
-    """Whether ``grads`` are the very tensors of ``sig``, unmodified (no backward ran).
-
-    Weak references: a freed gradient's id() can be reused by the next one.
-    """
-    if sig is None or len(sig[0]) != len(grads):
-        return False
-    refs, versions = sig
-    # The first tensor decides almost every call (a new backward makes new
-    # tensors, or bumps their versions when accumulating).
-    if refs[0]() is not grads[0] or versions[0] != grads[0]._version:
-        return False
-    return all(r() is g for r, g in zip(refs, grads)) and versions == list(map(_version, grads))
 
 
 class Guard:
@@ -292,23 +270,8 @@ class Guard:
 
     # ------------------------------------------------------------------ step
     def _gather(self):
-        grads = list(map(_grad, self.params))
-        if _NoneType in map(type, grads):  # some parameters have no gradient this step
-            names, params, kept, missing = [], [], [], []
-            for n, p, g in zip(self.names, self.params, grads):
-                if g is None:
-                    missing.append(n)
-                else:
-                    names.append(n)
-                    params.append(p)
-                    kept.append(g)
-            if not kept:
-                raise RuntimeError("guard.step(): no watched parameter has a gradient; "
-                                   "call loss.backward() before guard.step()")
-            names, params, grads = names, params, kept
-        else:
-            names, params, missing = self.names, self.params, []
-        if _same_grads(self._last_grads, grads):
+        names, params, grads, missing = gather(self.names, self.params)
+        if same_grads(self._last_grads, grads):
             raise RuntimeError("guard.step() called twice on the same gradients: run a new "
                                "backward (and zero the gradients) between steps")
         return names, params, grads, missing
@@ -369,7 +332,7 @@ class Guard:
         skipped = d.skip
         self._writer.write(self._step, stats, d, coef, skipped, loss_v,
                            self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
-        self._last_grads = _grad_signature(grads)
+        self._last_grads = grad_signature(grads)
         report = StepReport(self._step, stats, coef, skipped, loss_v, xp)
         self.last_report = report
         self._step += 1
@@ -403,7 +366,7 @@ class Guard:
         one = xp.flag(True, d.bad)
         self._writer.write(step, stats, d, xp.scalar(1.0, stats.total), one, loss_v,
                            self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
-        self._last_grads = _grad_signature(grads)
+        self._last_grads = grad_signature(grads)
         self._step += 1
         self.flush()
         ev = next(e for e in reversed(self._events) if e.step == step and e.kind in ("nonfinite", "amp_overflow"))

@@ -221,7 +221,9 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
     Raises TypeError / ValueError naming the argument for anything else.
     """
     if isinstance(model, nn.Module):
-        pairs = list(model.named_parameters())
+        # a torch.compile'd model: its own module's names (no "_orig_mod." prefix), so that
+        # PerLayer patterns and guard checkpoints work on both
+        pairs = list(getattr(model, "_orig_mod", model).named_parameters())
     elif isinstance(model, Tensor):
         raise TypeError("model: expected an nn.Module or an iterable of (name, parameter) pairs, "
                         "got a single Tensor; pass [('weight', tensor)]")
