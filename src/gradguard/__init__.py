@@ -8,13 +8,13 @@
 """
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
-from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
                      UnusedDetector, VanishingDetector, WeightGrowthDetector, default_detectors)
 from .diagnose import Diagnosis, Finding, diagnose
 from .events import Event, NonFiniteGradientError
 from .record import RunStore
-from .remedies import detach_hidden, penalty, tbptt
+from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
+from .training import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
 from .stats import GradStats, grad_stats
 

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .clip import ClipPolicy
-from .act import Remedies
+from .layout import RunInfo
+from .remedies import RemedyContext, Remedies
 from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .record.buffer import StepBuffer
@@ -214,7 +215,7 @@ class Guard:
             standard set (``detect.default_detectors()``); ``[]``: none.
         remedies: what to do per event kind or severity, e.g.
             ``{"exploding": "lr_backoff", "spike": gg.Rollback(every=50),
-            "critical": gg.FlightRecorder("dumps/")}`` (see ``act.py``).
+            "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``).
         param_norm_every: steps between measurements of the total parameter
             norm (the ``param_norm`` column, read by weight_growth); 0: never.
 
@@ -246,7 +247,6 @@ class Guard:
             raise ValueError(f"param_norm_every must be an int >= 0, got {param_norm_every!r}")
         self.param_norm_every = param_norm_every
         self.model = model if isinstance(model, torch.nn.Module) else None  # for advice and rollback
-        self.hold_steps = 0  # next steps whose optimizer step is withheld (set by Rollback)
         self.names = [n for n, _ in pairs]
         self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
@@ -299,7 +299,10 @@ class Guard:
                 raise TypeError(f"detectors[{i}] ({type(det).__name__}) lacks {', '.join(missing_api)}: "
                                 "a detector needs bind, update, state_dict and load_state_dict")
             det.bind(self)
-        self.remedies = Remedies(remedies, self, log_dir)
+        run_info = RunInfo.describe(self.names, self.params, self.model)
+        self._remedy_ctx = RemedyContext(optimizer, self.params, run_info, lambda: self._step,
+                                         model=self.model, log_dir=log_dir)
+        self.remedies = Remedies(remedies, self._remedy_ctx, log_dir)
         self.last_report: StepReport | None = None
         # Distributed: decisions agree across ranks; one rank writes the store.
         self.process_group = process_group
@@ -346,6 +349,15 @@ class Guard:
     def steps(self) -> int:
         """Number of ``step()`` calls so far (skipped ones included)."""
         return self._step
+
+    @property
+    def hold_steps(self) -> int:
+        """Next steps whose optimizer step is withheld (set by a remedy such as Rollback)."""
+        return self._remedy_ctx.held
+
+    @hold_steps.setter
+    def hold_steps(self, n: int) -> None:
+        self._remedy_ctx.held = n
 
     @property
     def skipped_steps(self) -> int:
@@ -434,7 +446,7 @@ class Guard:
             bad = bad | loss_bad
         if self._world > 1:
             bad = self._agree(bad)
-        held = self.hold_steps > 0  # a remedy (rollback) withholds the next batches
+        held = self._remedy_ctx.take_hold()  # a remedy (rollback) withholds the next batches
         # Policies see the guard's verdict: a step that will not be applied (NaN
         # loss, another rank's NaN, held) never enters their statistics.
         stats = stats.with_veto(bad | held if held else bad)
@@ -464,13 +476,12 @@ class Guard:
             self._process(*self._buffer.drain())
             ev = next(e for e in reversed(self._events) if e.step == step and e.kind in ("nonfinite", "amp_overflow"))
             if self.remedies:
-                self.remedies.on_raise(self, ev)
+                self.remedies.on_raise(self._remedy_ctx, ev)
             raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
 
         skip = self.on_nonfinite == "skip"
         skipped = bad if skip else torch.zeros((), dtype=torch.bool, device=dev)
         if held:
-            self.hold_steps -= 1
             skipped, skip = torch.ones((), dtype=torch.bool, device=dev), True
         # The row is recorded before the optimizer step so that, when this step
         # ends a flush interval (every step on CPU), the one copy to the host
@@ -522,7 +533,7 @@ class Guard:
         sumsq, maxabs, total, grads_bad = stats.host
         loss_bad = loss is not None and not math.isfinite(row[2])
         bad = bool(grads_bad) or loss_bad  # a numpy bool
-        held = self.hold_steps > 0
+        held = self._remedy_ctx.take_hold()
         veto = bad or held
         stats.set_host_veto(veto)  # a tensor only if a policy or the caller asks for it
 
@@ -539,8 +550,6 @@ class Guard:
         if coef_host is not None:
             row[5] = coef_host
         skipped = (bad and self.on_nonfinite == "skip") or held
-        if held:
-            self.hold_steps -= 1
         n = len(self.names)
         # float64 -> float32 can overflow to Inf only when the float32 global norm did
         with np.errstate(over="ignore", invalid="ignore") if grads_bad else _NO_CONTEXT:
@@ -743,7 +752,7 @@ class Guard:
         for det in self.detectors:
             new_events += det.update(steps, rows, self)
         new_events.sort(key=lambda e: e.step)
-        alarm = self.remedies.after_flush(self, steps, rows, new_events) if self.remedies else None
+        alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
         self._events += new_events
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
