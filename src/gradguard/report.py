@@ -42,11 +42,12 @@ def _summary_html(info: dict, events) -> str:
             if a not in advice:
                 advice.append(a)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["start_time"])) if info["start_time"] else "?"
+    config = json.dumps(json_safe(info["config"]), default=str)
     rows = "".join(f"<li>{escape(k)}: {n}</li>" for k, n in sorted(kinds.items())) or "<li>none</li>"
     tips = "".join(f"<li>{escape(a)}</li>" for a in advice[:10]) or "<li>none</li>"
     return (f'<section class="layers"><h2>Summary of run {escape(info["name"])}</h2>'
             f'<p>started {escape(started)} · status {escape(info["status"])} · steps {info["rows"]} · '
-            f'events {len(events)}</p><p>config: <code>{escape(json.dumps(json_safe(info["config"]), default=str))}</code></p>'
+            f'events {len(events)}</p><p>config: <code>{escape(config)}</code></p>'
             f'<h2>Events by kind</h2><ul>{rows}</ul><h2>Advice</h2><ol>{tips}</ol></section>')
 
 

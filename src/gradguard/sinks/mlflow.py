@@ -33,6 +33,10 @@ _BATCH = 1000          # MLflow's limit of metrics per log_batch call
 _PARAM_LEN = 6000      # MLflow's limit of a param value
 
 
+def _dumps(v) -> str:
+    return json.dumps(json_safe(v), default=str, allow_nan=False)  # NaN as "NaN": valid JSON
+
+
 class MlflowSink:
     """Write the guard's rows to an MLflow run.
 
@@ -83,8 +87,7 @@ class MlflowSink:
                                                  tags={"gradguard.run_name": run_name}).info.run_id
         params = {"gradguard.layers": len(layers)}
         params.update({f"gradguard.{metric_name(k)}": v for k, v in config.items()})
-        params = [Param(k, (v if isinstance(v, str) else json.dumps(json_safe(v), default=str, allow_nan=False))[:_PARAM_LEN])
-                  for k, v in params.items()]
+        params = [Param(k, (v if isinstance(v, str) else _dumps(v))[:_PARAM_LEN]) for k, v in params.items()]
         for a in range(0, len(params), 100):     # 100 params per batch at most
             self.client.log_batch(self.run_id, params=params[a:a + 100])
 
