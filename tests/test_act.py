@@ -1,7 +1,9 @@
 """Remedies: rollback restores bitwise and withholds batches, LR back-off and recovery, raise, config;
 the RemedyContext actions act through; every action's state round-trips."""
 import ast
+import gc
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -422,3 +424,18 @@ def test_flight_recorder_keeps_only_the_current_intervals_batches(tmp_path):
     assert torch.equal(d2["batch"], batches[2]) and d3["batch"] is None
     assert d2["global_cols"] == list(gg.layout.GLOBAL_COLS) and d2["rows"].shape == (4, width)
     assert d2["names"] == list(ctx.names)
+
+
+@pytest.mark.parametrize("spec", [None, {"spike": "rollback", "critical": ["lr_backoff", "record"]}])
+def test_remedies_do_not_keep_the_guard_alive(tmp_path, spec):
+    """The context holds no reference to the guard: dropping the guard frees it without the cycle collector."""
+    model = nn.Linear(2, 2)
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), remedies=spec, detectors=[])
+    ctx, ref = guard.remedies.ctx, weakref.ref(guard)
+    gc.disable()
+    try:
+        del guard
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert ctx.held == 0  # the context itself outlives the guard

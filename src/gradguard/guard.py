@@ -300,7 +300,8 @@ class Guard:
                                 "a detector needs bind, update, state_dict and load_state_dict")
             det.bind(self)
         run_info = RunInfo.describe(self.names, self.params, self.model)
-        self._remedy_ctx = RemedyContext(optimizer, self.params, run_info, lambda: self._step,
+        me = weakref.ref(self)  # the context must not keep the guard alive (no reference cycle)
+        self._remedy_ctx = RemedyContext(optimizer, self.params, run_info, lambda: me()._step,
                                          model=self.model, log_dir=log_dir)
         self.remedies = Remedies(remedies, self._remedy_ctx, log_dir)
         self.last_report: StepReport | None = None
