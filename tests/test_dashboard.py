@@ -115,7 +115,7 @@ def test_api_serves_the_store(server, log_dir):
         ref_h = store.layer_norms("guarded", 10, 30)["norm"]
         np.testing.assert_allclose(np.array(heat["log10_norm"], float).T, np.log10(ref_h), rtol=1e-5)
         ev = c.get("/api/runs/evil/events").json()
-        assert ev[0]["layers"] == [EVIL] and ev[0]["data"]["x"] is None      # NaN -> null, valid JSON
+        assert ev[0]["layers"] == [EVIL] and ev[0]["data"]["x"] == "NaN"     # valid JSON, the kind kept
         assert c.get("/api/runs/evil/layers").json()[0]["name"] == EVIL
         assert c.get("/api/runs/guarded/steps", params={"start": "x"}).status_code == 400
         page = c.get("/")
@@ -269,5 +269,38 @@ def test_newer_schema_store_gives_a_clear_api_error(tmp_path):
         r = httpx.get(srv.url + "/api/runs/future/steps", timeout=10)
         assert r.status_code == 400
         assert "upgrade" in r.json()["error"] and "99" in r.json()["error"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("old_form", [False, True], ids=["strings", "null"])
+def test_layers_table_reads_non_finite_norms_in_both_json_forms(tmp_path, browser, old_form):
+    """Non-finite numbers reach the page as "NaN"/"Inf" now and as null from older servers/reports."""
+    rec = open_recorder(tmp_path, run_name="nf", layers=[{"name": "a", "shape": [1], "order": 0},
+                                                         {"name": "b", "shape": [1], "order": 1}])
+    G = len(GLOBAL_COLS)
+    rows = np.ones((4, G + 4), np.float32)
+    rows[:, G + 1] = np.nan          # layer b never gets a gradient: NaN norm
+    rec.write_steps(np.arange(4), rows, GLOBAL_COLS)
+    rec.close()
+    srv = start_server(tmp_path, "127.0.0.1", 0)
+    try:
+        layers = httpx.get(srv.url + "/api/runs/nf/layers", timeout=10).json()
+        assert layers[1]["latest"] == "NaN" and layers[0]["latest"] == 1.0
+        page = browser.new_page(bypass_csp=True)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        if old_form:
+            old = [{k: (None if v == "NaN" else v) for k, v in l.items()} for l in layers]
+            page.route("**/api/runs/nf/layers", lambda route: route.fulfill(json=old))
+        page.goto(srv.url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=20000)
+        page.wait_for_function("document.querySelectorAll('#layers tbody tr').length === 2", timeout=20000)
+        a, b = (page.locator("#layers tbody tr").nth(i) for i in range(2))
+        assert "no grad (latest)" in b.text_content() and "no grad" not in a.text_content()
+        assert b.locator("td").nth(3).text_content() == ("–" if old_form else "NaN")
+        assert a.locator("td").nth(3).text_content() == "1.000"
+        assert not errors, errors
+        page.close()
     finally:
         srv.stop()

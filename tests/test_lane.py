@@ -216,7 +216,14 @@ def _imports(path: Path) -> list[tuple[str, int]]:
     mod = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = set()  # imports under `if TYPE_CHECKING:` are annotations, not edges
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only |= {id(n) for b in node.body for n in ast.walk(b)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = pkg
             for _ in range(max(node.level - 1, 0)):

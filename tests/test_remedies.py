@@ -1,4 +1,4 @@
-"""penalty() against the formula; tbptt chunking and detachment against full BPTT."""
+"""Training-loop helpers (gradguard.training): penalty() against the formula; tbptt chunking and detachment against full BPTT."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.remedies import detach_hidden, penalty, tbptt
+from gradguard.training import detach_hidden, penalty, tbptt
 
 
 def model():

@@ -4,7 +4,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard import cli
-from gradguard.act import FlightRecorder
+from gradguard.remedies import FlightRecorder, Remedies
 from gradguard.tools.replay import replay
 
 
@@ -88,15 +88,15 @@ def test_replay_clean_step_and_missing_batch(tmp_path, capsys):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = FlightRecorder(tmp_path)
     guard = gg.Guard(model, opt, detectors=[])
-    from gradguard.act import Remedies
-    guard.remedies = Remedies({"critical": rec}, guard)
+    ctx = guard.remedies.ctx
+    guard.remedies = Remedies({"critical": rec}, ctx)
     batch = torch.randn(3, 4)
     from gradguard.events import Event
     rec.on_step(0, batch)
-    rec(Event(0, "spike", "critical", [], "m"), guard)
+    rec(Event(0, "spike", "critical", [], "m"), ctx)
     res = replay(rec.dumps[0])
     assert res["phase"] is None and "no NaN" in str(res)
     rec2 = FlightRecorder(tmp_path / "b")
-    rec2.bind(guard)
-    rec2(Event(1, "spike", "critical", [], "m"), guard)
+    rec2.bind(ctx)
+    rec2(Event(1, "spike", "critical", [], "m"), ctx)
     assert cli.main(["replay", rec2.dumps[0]]) == 2

@@ -14,6 +14,7 @@ import torch
 import gradguard as gg
 from gradguard.guard import GLOBAL_COLS
 from gradguard.record import RunNotFound, RunStore, open_recorder
+from gradguard._json import json_safe
 from gradguard.record.schema import DB_NAME
 
 G = len(GLOBAL_COLS)
@@ -69,8 +70,8 @@ def test_guard_round_trip(tmp_path):
     ln = store.layer_norms("rt")
     np.testing.assert_allclose(ln["norm"][fin], np.array(ref_norms)[fin], rtol=1e-5)
     np.testing.assert_allclose(ln["max_abs"], np.array(ref_max), rtol=1e-6)
-    # json: NaN in event data compares equal as text
-    assert json.dumps([e.to_dict() for e in store.events("rt")]) == json.dumps([e.to_dict() for e in guard.events])
+    # event data comes back under the shared JSON convention (NaN/Inf as "NaN"/"Inf"/"-Inf")
+    assert [e.to_dict() for e in store.events("rt")] == json_safe([e.to_dict() for e in guard.events])
     assert store.events("rt")[0].step == 17
 
 
@@ -236,3 +237,43 @@ def test_failing_sink_and_bad_rows_never_raise(tmp_path, caplog):
     store = RunStore(tmp_path)
     np.testing.assert_array_equal(store.steps("f")["step"], np.arange(5))
     assert store.events("f")[0].layers == ["layer1"]
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"bare {token} in stored JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value, text", [(math.nan, "NaN"), (math.inf, "Inf"), (-math.inf, "-Inf"),
+                                         (np.float32(np.nan), "NaN"), (1e-300, 1e-300)])
+def test_non_finite_json_is_strict_on_disk_and_old_bare_tokens_still_read(tmp_path, value, text):
+    rec = open_recorder(tmp_path, run_name="j", layers=_layers(1), config={"clip": {"max_norm": value}})
+    rec.write_events([gg.Event(3, "spike", "warning", ["layer0"], "m", [], {"x": value, "xs": [value, 1.0]})])
+    rec.close()
+    db = tmp_path / "j" / DB_NAME
+    con = sqlite3.connect(db)
+    (data,) = con.execute("SELECT data FROM events").fetchone()
+    (config,) = con.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+    assert _strict(data) == {"x": text, "xs": [text, 1.0]}       # valid JSON, sign and kind kept
+    assert _strict(config) == {"clip": {"max_norm": text}}
+    store = RunStore(tmp_path)
+    assert store.events("j")[0].data == {"x": text, "xs": [text, 1.0]}
+    assert store.info("j")["config"] == {"clip": {"max_norm": text}}
+    # a store written before the shared convention: bare NaN / Infinity tokens
+    old = json.dumps({"x": float(value), "xs": [float(value), 1.0]})
+    con.execute("UPDATE events SET data = ?", (old,))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps({"clip": {"max_norm": float(value)}}),))
+    con.commit()
+    con.close()
+    assert store.events("j")[0].data == {"x": text, "xs": [text, 1.0]}
+    assert store.info("j")["config"] == {"clip": {"max_norm": text}}
+
+
+@pytest.mark.parametrize("bad, err", [(1, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError),
+                                      ("10", TypeError)])
+def test_bad_max_points_is_named(tmp_path, bad, err):
+    rec = open_recorder(tmp_path, run_name="mp", layers=_layers(1))
+    rec.close()
+    with pytest.raises(err, match="max_points"):
+        RunStore(tmp_path).steps("mp", max_points=bad)

@@ -10,11 +10,11 @@ import importlib
 
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
-from .act import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
                      UnusedDetector, VanishingDetector, WeightGrowthDetector, default_detectors)
 from .events import Event, NonFiniteGradientError
-from .remedies import detach_hidden, penalty, tbptt
+from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
+from .training import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
 from .stats import GradStats, grad_stats
 

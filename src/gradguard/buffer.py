@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._validate import check_int
 from .layout import N_GLOBAL as G
 from .stats import _index_tensor
 
@@ -20,10 +21,8 @@ __all__ = ["StepBuffer", "RowWriter"]
 
 class StepBuffer:
     def __init__(self, width: int, capacity: int, device: torch.device):
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.width = width
-        self.capacity = capacity
+        self.width = check_int("width", width, 0)
+        self.capacity = check_int("capacity", capacity, 1)
         self.device = torch.device(device)
         self._buf = torch.empty((capacity, width), dtype=torch.float32, device=self.device)
         self._steps: list[int] = []

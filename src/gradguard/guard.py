@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from . import _kernel
-from .act import Remedies
 from .apply import NoStep, is_fused, stepper_for
 from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
@@ -37,7 +36,8 @@ from .detect import _from_list, _module_types, _to_list, default_detectors, nonf
 from .events import Event, NonFiniteGradientError
 from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
-from .layout import COL, GLOBAL_COLS, N_GLOBAL
+from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
+from .remedies import RemedyContext, Remedies
 from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters, param_norm
 
 __all__ = ["Guard", "StepReport"]
@@ -114,7 +114,7 @@ class Guard:
             standard set (``detect.default_detectors()``); ``[]``: none.
         remedies: what to do per event kind or severity, e.g.
             ``{"exploding": "lr_backoff", "spike": gg.Rollback(every=50),
-            "critical": gg.FlightRecorder("dumps/")}`` (see ``act.py``).
+            "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``).
         param_norm_every: steps between measurements of the total parameter
             norm (the ``param_norm`` column, read by weight_growth); 0: never.
         backend: ``"auto"`` (default): decisions on host numbers for CPU
@@ -150,7 +150,6 @@ class Guard:
         self.param_norm_every = param_norm_every
         # for advice and rollback; a torch.compile'd model's own module (its names have no _orig_mod.)
         self.model = getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else None
-        self.hold_steps = 0  # next steps whose optimizer step is withheld (set by Rollback)
         self.names = [n for n, _ in pairs]
         self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
@@ -209,7 +208,11 @@ class Guard:
                 raise TypeError(f"detectors[{i}] ({type(det).__name__}) lacks {', '.join(missing_api)}: "
                                 "a detector needs bind, update, state_dict and load_state_dict")
             det.bind(self)
-        self.remedies = Remedies(remedies, self, log_dir)
+        run_info = RunInfo.describe(self.names, self.params, self.model)
+        me = weakref.ref(self)  # the context must not keep the guard alive (no reference cycle)
+        self._remedy_ctx = RemedyContext(optimizer, self.params, run_info, lambda: me()._step,
+                                         model=self.model, log_dir=log_dir)
+        self.remedies = Remedies(remedies, self._remedy_ctx, log_dir)
         self.last_report: StepReport | None = None
         # Distributed: decisions agree across ranks; one rank writes the store.
         self.process_group = process_group
@@ -256,6 +259,15 @@ class Guard:
     def steps(self) -> int:
         """Number of ``step()`` calls so far (skipped ones included)."""
         return self._step
+
+    @property
+    def hold_steps(self) -> int:
+        """Next steps whose optimizer step is withheld (set by a remedy such as Rollback)."""
+        return self._remedy_ctx.held
+
+    @hold_steps.setter
+    def hold_steps(self, n: int) -> None:
+        self._remedy_ctx.held = n
 
     @property
     def skipped_steps(self) -> int:
@@ -316,9 +328,7 @@ class Guard:
         xp = self._xp
         stats = self._statistics(names, grads, missing)
         loss_v, loss_bad = loss_value(loss, xp, stats.total)
-        held = self.hold_steps > 0  # a remedy (rollback) withholds the next batches
-        if held:
-            self.hold_steps -= 1
+        held = self._remedy_ctx.take_hold()  # a remedy (rollback) withholds the next batches
         local_params, local_grads_ = ((local_grads(params), local_grads(grads)) if self._sharded
                                       else (params, grads))  # clipping works on local shards (FSDP2 / TP)
         d, vstats = decide(stats, loss_bad, held=held, skip_nonfinite=self.on_nonfinite == "skip",
@@ -371,7 +381,7 @@ class Guard:
         self.flush()
         ev = next(e for e in reversed(self._events) if e.step == step and e.kind in ("nonfinite", "amp_overflow"))
         if self.remedies:
-            self.remedies.on_raise(self, ev)
+            self.remedies.on_raise(self._remedy_ctx, ev)
         raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
 
     def _agree(self, bad):
@@ -418,7 +428,7 @@ class Guard:
         for det in self.detectors:
             new_events += det.update(steps, rows, self)
         new_events.sort(key=lambda e: e.step)
-        alarm = self.remedies.after_flush(self, steps, rows, new_events) if self.remedies else None
+        alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
         self._events += new_events
         for fn in self._observers:
             try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ._extras import require
 from .dashboard.server import STATIC, _plotly_js, api_payload
 from .record import RunNotFound, RunStore
+from ._json import json_safe
 
 __all__ = ["write_report", "add_arguments", "run"]
 
@@ -25,9 +26,11 @@ def _script_safe(js: str) -> str:
     return re.sub(r"<(/script|!--)", lambda m: "<\\" + m.group(1), js, flags=re.IGNORECASE)
 
 
-def _json_safe(data) -> str:
+def _script_json(data) -> str:
+    """``data`` (API answers, already JSON-safe) as JSON that can sit inside a <script> element."""
+    # allow_nan=False: a stray NaN is an error here, not invalid JSON in the page.
     # In JSON "<" only occurs inside strings, where \u003c is the same character.
-    return json.dumps(data).replace("<", "\\u003c")
+    return json.dumps(data, allow_nan=False).replace("<", "\\u003c")
 
 
 def _summary_html(info: dict, events) -> str:
@@ -42,11 +45,12 @@ def _summary_html(info: dict, events) -> str:
             if a not in advice:
                 advice.append(a)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["start_time"])) if info["start_time"] else "?"
+    config = json.dumps(json_safe(info["config"]), default=str)
     rows = "".join(f"<li>{escape(k)}: {n}</li>" for k, n in sorted(kinds.items())) or "<li>none</li>"
     tips = "".join(f"<li>{escape(a)}</li>" for a in advice[:10]) or "<li>none</li>"
     return (f'<section class="layers"><h2>Summary of run {escape(info["name"])}</h2>'
             f'<p>started {escape(started)} · status {escape(info["status"])} · steps {info["rows"]} · '
-            f'events {len(events)}</p><p>config: <code>{escape(json.dumps(info["config"]))}</code></p>'
+            f'events {len(events)}</p><p>config: <code>{escape(config)}</code></p>'
             f'<h2>Events by kind</h2><ul>{rows}</ul><h2>Advice</h2><ol>{tips}</ol></section>')
 
 
@@ -81,7 +85,7 @@ def write_report(log_dir, run: str, out, max_points: int = 4000) -> Path:
     page = page.replace('<script src="static/plotly.min.js"></script>',
                         "<script>" + _script_safe(_plotly_js().read_text(encoding="utf-8")) + "</script>")
     page = page.replace('<script src="static/app.js"></script>',
-                        '<script type="application/json" id="gg-data">' + _json_safe(data) +
+                        '<script type="application/json" id="gg-data">' + _script_json(data) +
                         "</script><script>" + _script_safe((STATIC / "app.js").read_text()) + "</script>")
     page = page.replace("<title>gradguard dashboard</title>", "<title>gradguard report</title>")
     page = page.replace("</main>", _summary_html(info, store.events(run)) + "</main>")

@@ -11,11 +11,14 @@ Routes (all GET):
     /api/runs/{run}/events         events with messages and advice
 
 Unknown runs and anything that is not a run of the log dir answer 404.
-Non-finite numbers are sent as ``null`` (JSON has no NaN).
+JSON has no NaN/Inf.  The plotted series (steps, heatmap) send a non-finite
+value as ``null``, which Plotly draws as a gap (the NaN/Inf steps are marked
+separately).  Everything else (runs, layers, events) follows the package's
+convention (``gradguard._json.json_safe``): ``"NaN"``, ``"Inf"``, ``"-Inf"``.
+Before, those answers sent ``null`` too; the page reads both forms.
 """
 from __future__ import annotations
 
-import math
 import socket
 import threading
 from pathlib import Path
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .._extras import require
+from .._json import json_safe
 from ..record import RunNotFound, RunStore
 
 __all__ = ["create_app", "serve", "start_server", "api_payload", "STATIC"]
@@ -40,22 +44,12 @@ def _plotly_js() -> Path:
     return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 
-def _clean(a: np.ndarray) -> list:
-    """float array -> list with None for NaN/Inf (JSON has neither)."""
+def _series(a: np.ndarray) -> list:
+    """A plotted float array -> list with None (a gap in the plot) for NaN/Inf."""
     a = np.asarray(a, dtype=np.float64)
     out = a.astype(object)
     out[~np.isfinite(a)] = None
-    return out.tolist()
-
-
-def _clean_obj(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _clean_obj(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean_obj(v) for v in x]
-    return x
+    return out.tolist()  # numpy, no host sync
 
 
 def _int_arg(params, name):
@@ -72,21 +66,21 @@ def api_payload(store: RunStore, kind: str, run: str | None = None, start=None, 
                 max_points=None):
     """The JSON-ready answer of one API route (shared by the server and the report)."""
     if kind == "runs":
-        return _clean_obj(store.runs())
+        return json_safe(store.runs())
     if kind == "steps":
         s = store.steps(run, start, end, max_points or STEPS_POINTS)
-        return {k: (v.tolist() if k == "step" else _clean(v)) for k, v in s.items()}
+        return {k: (v.tolist() if k == "step" else _series(v)) for k, v in s.items()}
     if kind == "heatmap":
         h = store.layer_norms(run, start, end, max_points or HEAT_POINTS)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log10(h["norm"].astype(np.float64))
         return {"step": h["step"].tolist(), "step_hi": h["step_hi"].tolist(),
                 "layers": [l["name"] for l in store.layers(run)],
-                "log10_norm": _clean(z.T), "nonfinite": h["nonfinite"].T.astype(int).tolist()}
+                "log10_norm": _series(z.T), "nonfinite": h["nonfinite"].T.astype(int).tolist()}
     if kind == "layers":
-        return _clean_obj(store.layer_summary(run))
+        return json_safe(store.layer_summary(run))
     if kind == "events":
-        return _clean_obj([e.to_dict() for e in store.events(run, start, end)])
+        return json_safe([e.to_dict() for e in store.events(run, start, end)])
     raise ValueError(f"unknown API route {kind!r}")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._json import json_safe
+from .._validate import check_int
 from ..events import Event
 from .schema import DB_NAME, LEVELS, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, reduce_groups
 
@@ -115,7 +117,7 @@ class RunStore:
         status = m.get("status", "running")
         if status == "running" and m.get("host") == socket.gethostname() and not _alive(m.get("pid")):
             status = "interrupted"
-        return {"name": run, "config": json.loads(m.get("config", "{}")),
+        return {"name": run, "config": _loads(m.get("config", "{}")),
                 "start_time": _float(m.get("start_time")), "end_time": _float(m.get("end_time")),
                 "updated_time": _float(m.get("updated_time")), "status": status,
                 "rows": int(m.get("rows", 0)), "last_step": last, "n_events": n_events,
@@ -131,7 +133,11 @@ class RunStore:
         return [{"name": n, "shape": json.loads(s), "order": o} for n, s, o in rows]
 
     def events(self, run: str, start: int | None = None, end: int | None = None) -> list[Event]:
-        """Events in step order (``start <= step <= end`` when given)."""
+        """Events in step order (``start <= step <= end`` when given).
+
+        Non-finite numbers in ``data`` come back as ``"NaN"`` / ``"Inf"`` / ``"-Inf"``
+        (``gradguard._json.json_safe``), whichever gradguard version wrote the store.
+        """
         lo, hi = _range(start, end)
         con = self._connect(run)
         try:
@@ -140,7 +146,7 @@ class RunStore:
         finally:
             con.close()
         return [Event(step=s, kind=k, severity=sev, layers=json.loads(la), message=msg,
-                      advice=json.loads(adv), data=json.loads(d)) for s, k, sev, la, msg, adv, d in rows]
+                      advice=json.loads(adv), data=_loads(d)) for s, k, sev, la, msg, adv, d in rows]
 
     # -------------------------------------------------------------- series
     def steps(self, run: str, start: int | None = None, end: int | None = None,
@@ -278,9 +284,13 @@ class RunStore:
 
 
 def _points(max_points) -> int:
-    if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 2:
-        raise ValueError(f"max_points must be an int >= 2 or None, got {max_points!r}")
-    return int(max_points)
+    return check_int("max_points", max_points, 2)
+
+
+def _loads(text: str):
+    # Stores written before the shared JSON convention hold bare NaN/Infinity
+    # tokens (json.loads reads them); both forms come back as "NaN"/"Inf"/"-Inf".
+    return json_safe(json.loads(text))
 
 
 def _range(start, end) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._json import json_safe
 from .schema import (DB_NAME, DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, check_run_name,
                      level_aggregates, raw_aggregates, reduce_groups)
 
@@ -36,6 +37,11 @@ MAX_PENDING_BYTES = 512 * 2 ** 20    # beyond this, rows are dropped (and counte
 # flush() and close() cut the wait short; readers poll every ~2 s anyway.
 BATCH_SECONDS = 0.2
 BATCH_BYTES = 8 * 2 ** 20
+
+
+def _dumps(obj) -> str:
+    """Strict JSON (non-finite numbers as "NaN"/"Inf"/"-Inf"); objects JSON lacks as their str."""
+    return json.dumps(json_safe(obj), default=str, allow_nan=False)
 
 
 def _unique_run_dir(log_dir: Path, run_name: str | None) -> tuple[str, Path]:
@@ -77,7 +83,7 @@ class _StoreWriter:
         con.execute("BEGIN")
         con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         meta = {"schema_version": SCHEMA_VERSION, "run_name": run_name,
-                "config": json.dumps(config, default=str), "start_time": time.time(),
+                "config": _dumps(config), "start_time": time.time(),
                 "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
                 "updated_time": time.time(), "rows": 0}
         con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
@@ -147,7 +153,7 @@ class _StoreWriter:
                     "INSERT INTO events (step, kind, severity, layers, message, advice, data) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(int(e.step), str(e.kind), str(e.severity), json.dumps(list(e.layers)), str(e.message),
-                      json.dumps(list(e.advice)), json.dumps(e.data, default=str)) for e in events])
+                      json.dumps(list(e.advice)), _dumps(e.data)) for e in events])
             con.execute("INSERT OR REPLACE INTO meta VALUES ('updated_time', ?)", (str(time.time()),))
             con.execute("COMMIT")
         except BaseException:

@@ -1,4 +1,5 @@
-"""Shared per-row summary for the W&B and MLflow sinks (TensorBoard keeps its own).
+"""Shared per-row summary for the W&B and MLflow sinks (TensorBoard keeps its own), and the
+argument checks all three sinks share.
 
 One row (globals, per-layer norms, per-layer max |g|) becomes a handful of
 scalars plus a top-k list, never one value per parameter.
@@ -9,15 +10,15 @@ import re
 
 import numpy as np
 
+from .._validate import check_int
+
 QUANTILES = {"min": 0.0, "p50": 0.5, "p90": 0.9, "max": 1.0}
 _METRIC_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
-def check_common(top_k, every) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an int >= 1, got {every!r}")
+def check_common(top_k, every) -> tuple[int, int]:
+    """The arguments every sink takes: ``top_k`` >= 0 layers listed, one row in ``every``."""
+    return check_int("top_k", top_k, 0), check_int("every", every, 1)
 
 
 def metric_name(name: str) -> str:

@@ -25,12 +25,17 @@ import time
 import numpy as np
 
 from .._extras import require
+from .._json import json_safe
 from ._summary import check_common, event_text, metric_name, summarise_row
 
 __all__ = ["MlflowSink"]
 
 _BATCH = 1000          # MLflow's limit of metrics per log_batch call
 _PARAM_LEN = 6000      # MLflow's limit of a param value
+
+
+def _dumps(v) -> str:
+    return json.dumps(json_safe(v), default=str, allow_nan=False)  # NaN as "NaN": valid JSON
 
 
 class MlflowSink:
@@ -55,7 +60,7 @@ class MlflowSink:
     def __init__(self, tracking_uri: str | None = None, experiment: str = "gradguard",
                  run_id: str | None = None, top_k: int = 5, every: int = 1):
         require("MlflowSink", "mlflow", "mlflow")
-        check_common(top_k, every)
+        top_k, every = check_common(top_k, every)
         for arg, v in (("tracking_uri", tracking_uri), ("run_id", run_id)):
             if v is not None and not isinstance(v, str):
                 raise TypeError(f"{arg} must be a str or None, got {type(v).__name__}")
@@ -84,8 +89,7 @@ class MlflowSink:
                                                  tags={"gradguard.run_name": run_name}).info.run_id
         params = {"gradguard.layers": len(layers)}
         params.update({f"gradguard.{metric_name(k)}": v for k, v in config.items()})
-        params = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:_PARAM_LEN])
-                  for k, v in params.items()]
+        params = [Param(k, (v if isinstance(v, str) else _dumps(v))[:_PARAM_LEN]) for k, v in params.items()]
         for a in range(0, len(params), 100):     # 100 params per batch at most
             self.client.log_batch(self.run_id, params=params[a:a + 100])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._extras import require
+from ._summary import check_common
 
 __all__ = ["TensorBoardSink"]
 
@@ -33,13 +34,8 @@ class TensorBoardSink:
 
     def __init__(self, log_dir, top_k: int = 5, every: int = 1):
         require("TensorBoardSink", "tensorboard", "tensorboard")  # torch.utils.tensorboard needs it
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.top_k, self.every = check_common(top_k, every)
         self.log_dir = log_dir
-        self.top_k = top_k
-        self.every = every
         self.writer = None
         self.names: list[str] = []
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._extras import require
+from .._validate import check_int
 from ._summary import check_common, event_text, summarise_row
 
 __all__ = ["WandbSink"]
@@ -50,8 +51,8 @@ class WandbSink:
     def __init__(self, project: str | None = None, top_k: int = 5, every: int = 1, hist_bins: int = 32,
                  run=None, **init_kwargs):
         require("WandbSink", "wandb", "wandb")
-        check_common(top_k, every)
-        if isinstance(hist_bins, bool) or not isinstance(hist_bins, int) or not 0 <= hist_bins <= 512:
+        top_k, every = check_common(top_k, every)
+        if check_int("hist_bins", hist_bins, 0) > 512:
             raise ValueError(f"hist_bins must be an int in [0, 512], got {hist_bins!r}")
         if project is not None and not isinstance(project, str):
             raise TypeError(f"project must be a str or None, got {type(project).__name__}")

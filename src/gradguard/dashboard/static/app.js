@@ -22,8 +22,15 @@
     if (text !== undefined && text !== null) e.textContent = String(text);
     return e;
   }
+  // Non-finite numbers arrive as "NaN" / "Inf" / "-Inf" (older servers and reports: null).
+  const NONFINITE = {"NaN": NaN, "Inf": Infinity, "-Inf": -Infinity};
+  function num(v) {
+    if (v === null || v === undefined) return NaN;
+    return typeof v === "string" ? (v in NONFINITE ? NONFINITE[v] : NaN) : v;
+  }
   function fmt(v) {
     if (v === null || v === undefined) return "–";
+    if (typeof v === "string") return v;
     const a = Math.abs(v);
     return (a !== 0 && (a < 1e-3 || a >= 1e4)) ? v.toExponential(2) : v.toPrecision(4);
   }
@@ -180,16 +187,17 @@
   function renderLayers() {
     const tb = $("layers").tBodies[0];
     const hl = new Set(state.highlight);
-    const top = Math.max(...state.layers.map((l) => l.max ?? 0));
+    const finite = (v) => Number.isFinite(num(v));
+    const top = Math.max(...state.layers.map((l) => (finite(l.max) ? l.max : 0)));
     tb.replaceChildren(...state.layers.map((l, i) => {
       const tr = el("tr", hl.has(l.name) ? "hl" : "");
       tr.append(el("td", "num", i), el("td", "name", l.name), el("td", null, "[" + l.shape.join(", ") + "]"),
         el("td", "num", fmt(l.latest)), el("td", "num", fmt(l.max)), el("td", "num", fmt(l.min)), el("td", "num", l.nonfinite));
       const flags = el("td");
       if (l.nonfinite > 0) flags.append(el("span", "flag bad", "non-finite"));
-      if (l.latest === null) flags.append(el("span", "flag", "no grad (latest)"));
-      if (l.max !== null && l.max === top && state.layers.length > 1) flags.append(el("span", "flag warn", "largest"));
-      if (l.max !== null && l.max < 1e-7) flags.append(el("span", "flag warn", "vanishing"));
+      if (Number.isNaN(num(l.latest))) flags.append(el("span", "flag", "no grad (latest)"));
+      if (finite(l.max) && l.max === top && state.layers.length > 1) flags.append(el("span", "flag warn", "largest"));
+      if (finite(l.max) && l.max < 1e-7) flags.append(el("span", "flag warn", "vanishing"));
       tr.append(flags);
       return tr;
     }));

@@ -1,4 +1,4 @@
-"""Seed remedies the user adds to their own loop: a weight penalty and truncated BPTT.
+"""Helpers for the user's own training loop: a weight penalty and truncated BPTT.
 
     loss = loss_fn(model(x), y) + gg.penalty(model, l2=1e-4)
 
