@@ -34,8 +34,9 @@ from torch import Tensor
 
 from .clip import ClipPolicy
 from .act import Remedies
-from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
+from .detect import _from_list, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
+from .layout import RunInfo
 from .record.buffer import StepBuffer
 from . import _kernel
 from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters
@@ -248,8 +249,12 @@ class Guard:
         self.model = model if isinstance(model, torch.nn.Module) else None  # for advice and rollback
         self.hold_steps = 0  # next steps whose optimizer step is withheld (set by Rollback)
         self.names = [n for n, _ in pairs]
-        self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
+        # What detectors see of the run; the per-tensor norms are WeightGrowthDetector's reference
+        # (compute_stats: full-tensor norms, DTensor shards included).
+        init_norms = compute_stats(self.names, [p.detach() for p in self.params]).norms
+        self.run = RunInfo.describe(self.names, self.params, self.model, param_norm_every,
+                                    init_layer_norms=init_norms.double().cpu().numpy())  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
         watched = {id(p) for p in self.params}
         unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
@@ -298,7 +303,7 @@ class Guard:
             if missing_api:
                 raise TypeError(f"detectors[{i}] ({type(det).__name__}) lacks {', '.join(missing_api)}: "
                                 "a detector needs bind, update, state_dict and load_state_dict")
-            det.bind(self)
+            det.bind(self.run)
         self.remedies = Remedies(remedies, self, log_dir)
         self.last_report: StepReport | None = None
         # Distributed: decisions agree across ranks; one rank writes the store.
@@ -710,15 +715,6 @@ class Guard:
         # compute_stats: one pass, float64 sums, and full-tensor numbers for DTensor shards.
         return compute_stats(self.names, [p.detach() for p in self.params]).global_norm.float().to(dev)
 
-    def _nonfinite_event(self, step, stats: GradStats, loss_t, skipped: bool, scaler_on: bool) -> Event:
-        max_abs = np.zeros(len(self.names))
-        for n, v in zip(stats.names, stats.max_abs.double().cpu().numpy()):  # host sync: bad step only
-            max_abs[self._index[n]] = v
-        loss = float(loss_t) if loss_t is not None else math.nan  # host sync: bad step only
-        return nonfinite_event(step, self.names, max_abs, loss, not math.isfinite(loss) and loss_t is not None,
-                               float(stats.global_norm), skipped, amp=scaler_on,  # host sync: bad step
-                               module_types=self._module_types)
-
     def flush(self) -> None:
         """Read pending rows back (one copy), build events, hand rows to the store."""
         self._process(*self._buffer.drain())
@@ -727,21 +723,18 @@ class Guard:
         """Host side of a flush: events, detectors, remedies, the store."""
         if not steps:
             return
-        n = len(self.names)
         scaler_on = self._scaler_active()
         new_events: list[Event] = []
         for step, row in zip(steps, rows):
             self._skipped += int(row[1] > 0)  # poisoned steps and steps held by a remedy
             if row[0] > 0:
                 self._nonfinite += 1
-                ev = nonfinite_event(step, self.names, row[_G + n:_G + 2 * n].astype(np.float64),
-                                     float(row[2]), bool(row[3] > 0), float(row[4]),
-                                     bool(row[1] > 0), amp=scaler_on, module_types=self._module_types)
+                ev = nonfinite_event(step, self.run, row, amp=scaler_on)
                 new_events.append(ev)
                 if self.on_nonfinite == "warn":
                     warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=2)
         for det in self.detectors:
-            new_events += det.update(steps, rows, self)
+            new_events += det.update(steps, rows, self.run)
         new_events.sort(key=lambda e: e.step)
         alarm = self.remedies.after_flush(self, steps, rows, new_events) if self.remedies else None
         self._events += new_events
