@@ -34,34 +34,34 @@ def median_rows(w: np.ndarray) -> np.ndarray:
     return (p[:, h - 1] + p[:, h]) / 2
 
 
-def rolling_robust(cat: np.ndarray, pos: np.ndarray, size: int, mad: bool = True):
-    """(median, MAD scaled to a standard deviation) of the window before each position.
+def rolling_robust(cat: np.ndarray, first: int, size: int, mad: bool = True):
+    """(median, MAD scaled to a standard deviation) of the window before each of ``cat[first:]``.
 
-    The window of position ``p`` is ``cat[max(0, p - size):p]`` (``p >= 1``): the
+    The window of position ``p`` is ``cat[max(0, p - size):p]`` (``first >= 1``): the
     baseline a value at ``cat[p]`` is judged against.  Full windows are read as one
     strided block; the shorter ones (warm-up) one by one.  Without ``mad`` the second
-    array is left empty.
+    array is None.
     """
-    pos = np.asarray(pos, np.int64)
-    med = np.empty(len(pos))
-    sd = np.empty(len(pos) if mad else 0)
-    full = pos >= size
-    if full.any():
-        fp = pos[full]
-        lo, hi = int(fp[0]) - size, int(fp[-1])  # positions are increasing
-        block = np.lib.stride_tricks.as_strided(cat[lo:], (hi - lo - size + 1, size), (cat.strides[0],) * 2,
-                                                writeable=False)
-        w = block[fp - size - lo]
+    n = len(cat)
+    split = min(max(first, size), n)  # positions from here on have full windows
+    if split == first:  # the common case: warm, one block
+        w = np.lib.stride_tricks.as_strided(cat[first - size:], (n - first, size), (cat.strides[0],) * 2,
+                                            writeable=False)
+        med = median_rows(w)
+        return med, (MAD * median_rows(np.abs(w - med[:, None])) if mad else None)
+    med = np.empty(n - first)
+    sd = np.empty(n - first) if mad else None
+    for p in range(first, split):
+        w = cat[None, :p]
         m = median_rows(w)
-        med[full] = m
+        med[p - first] = m[0]
         if mad:
-            sd[full] = MAD * median_rows(np.abs(w - m[:, None]))
-    for j in np.flatnonzero(~full).tolist():  # numpy, no host sync
-        w = cat[None, :pos[j]]
-        m = median_rows(w)
-        med[j] = m[0]
+            sd[p - first] = MAD * median_rows(np.abs(w - m[:, None]))[0]
+    if split < n:
+        m, d = rolling_robust(cat, split, size, mad)
+        med[split - first:] = m
         if mad:
-            sd[j] = MAD * median_rows(np.abs(w - m[:, None]))[0]
+            sd[split - first:] = d
     return med, sd
 
 

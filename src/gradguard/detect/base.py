@@ -56,8 +56,8 @@ def valid_global(rows: np.ndarray) -> np.ndarray:
 class Detector:
     """Base class: binding, the batch loop, cooldown, advice and state.
 
-    Subclasses implement ``_scan(steps, rows) -> scan`` (an object with a boolean
-    ``fires`` array, one entry per row), ``_absorb(scan, a, b)`` (take rows ``a:b``,
+    Subclasses implement ``_scan(steps, rows) -> Scan`` (``fired``: the rows where the rule
+    holds, judged from the current state), ``_absorb(scan, a, b)`` (take rows ``a:b``,
     none of which fires, into the state) and ``_fire(scan, k) -> Event | None``.
 
     A detector emits at most one event of its kind per ``cooldown`` steps,
@@ -83,27 +83,28 @@ class Detector:
 
     def update(self, steps, rows: np.ndarray, run=None) -> list[Event]:
         """Events for ``rows`` (float32, one per step in ``steps``), in step order."""
-        steps = np.asarray(steps, np.int64).reshape(-1)
-        rows = np.asarray(rows).reshape(len(steps), -1)
+        if not isinstance(steps, np.ndarray) or steps.dtype != np.int64:
+            steps = np.asarray(steps, np.int64)
+        rows = np.asarray(rows)
+        if rows.ndim == 1:
+            rows = rows[None]
         out: list[Event] = []
         i, total = 0, len(steps)
         while i < total:
-            scan = self._scan(steps[i:], rows[i:])
-            fired = np.flatnonzero(scan.fires)
+            scan = self._scan(steps[i:], rows[i:]) if i else self._scan(steps, rows)
             start = 0
-            for k in fired.tolist():  # numpy, no host sync
+            for k in scan.fired:
                 self._absorb(scan, start, k)
                 ev = self._fire(scan, k)
                 if ev is not None:
                     out.append(ev)
                 start = k + 1
                 if self.rescan:
-                    break
-            if self.rescan and len(fired):
-                i += start
-                continue
-            self._absorb(scan, start, total - i)
-            break
+                    break  # the rest of the batch is judged again, against the new state
+            else:
+                self._absorb(scan, start, total - i)
+                break
+            i += start
         return out
 
     def _scan(self, steps: np.ndarray, rows: np.ndarray):
@@ -142,8 +143,21 @@ class Detector:
 
 
 class Scan:
-    """What ``_scan`` found: ``fires`` per row, plus whatever the detector needs (attributes)."""
+    """What ``_scan`` found: ``fired`` (ascending batch-row indices of the rows where the rule
+    holds), ``n`` (rows scanned), ``idx`` (the rows the rule reads, ascending) and whatever else
+    the detector keeps (attributes)."""
 
-    def __init__(self, fires: np.ndarray, **kw):
-        self.fires = fires
+    def __init__(self, fired: list, n: int, idx: np.ndarray, **kw):
+        self.fired, self.n, self.idx = fired, n, idx
         self.__dict__.update(kw)
+
+    def span(self, a: int, b: int) -> tuple[int, int]:
+        """Positions in ``idx`` of the rows ``a:b``."""
+        if a == 0 and b >= self.n:
+            return 0, len(self.idx)
+        ja, jb = np.searchsorted(self.idx, (a, b)).tolist()  # numpy, no host sync
+        return ja, jb
+
+    def at(self, k: int) -> int:
+        """Position in ``idx`` of row ``k`` (a row the rule read)."""
+        return int(np.searchsorted(self.idx, k))

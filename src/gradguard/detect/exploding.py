@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
@@ -65,56 +66,53 @@ class ExplodingDetector(Detector):
 
     def _scan(self, steps, rows):
         idx = valid_global(rows)
-        k = len(idx)
         g = rows[idx, COL["global_norm"]].astype(np.float64)
         lgs = W.logs(g.tolist())  # numpy, no host sync
-        lg = np.asarray(lgs)
-        rule = np.zeros(k, np.int8)  # 0 none, 1 absurd, 2 trend, 3 level, 4 depth (first that holds)
-        rule[g >= self.absurd] = 1
+        k, h, r = len(lgs), len(self._hist), len(self._recent)
+        # 0 none, 1 absurd, 2 trend, 3 level, 4 depth: the first rule that holds on each row
+        rule = (g >= self.absurd).astype(np.int8)
         log_tg = math.log(self.trend_growth)
 
-        # the history median before each row (level, and the trend's "above its median")
-        h = len(self._hist)
-        hpos = h + np.arange(k)
-        judged = np.minimum(hpos, self.history) >= self.warmup
-        med = np.full(k, np.nan)
-        if judged.any():
-            cat = np.concatenate([np.fromiter(self._hist, np.float64, h), lg])
-            med[judged] = W.rolling_robust(cat, hpos[judged], self.history, mad=False)[0]
+        # the history median before each row, for the rows past the warm-up (a suffix, from j0)
+        j0 = max(self.warmup - h, 0) if self.history >= self.warmup else k
+        med = None
+        if j0 < k:
+            cat = np.fromiter(chain(self._hist, lgs), np.float64, h + k)
+            med = W.rolling_robust(cat, h + j0, self.history, mad=False)[0]
 
-        # trend: the window of the last trend_window finite log norms ending at each row
-        r = len(self._recent)
-        full = np.minimum(r + np.arange(k), self._recent.maxlen) == self._recent.maxlen
-        trend = np.zeros(k, bool)
-        slope = np.zeros(k)
-        if full.any():
-            cat = [x[0] for x in self._recent] + lgs
-            n = self.trend_window
-            start = np.maximum(r + np.arange(k) - (n - 1), 0)  # where row j's window begins in cat
-            rise = lg - np.asarray(cat)[start]
-            for j in np.flatnonzero(full & (rise >= log_tg) & (rule == 0)).tolist():  # numpy, no host sync
-                win = cat[start[j]:start[j] + n]
+        # trend: the window of the last trend_window finite log norms ending at each row (from t0)
+        n = self.trend_window
+        t0 = max(n - 1 - r, 0)
+        slope = {}
+        if t0 < k:
+            cat_r = [x[0] for x in self._recent] + lgs
+            rise = np.subtract(lgs[t0:], cat_r[r + t0 - n + 1:r + k - n + 1])
+            for j in (np.flatnonzero(rise >= log_tg) + t0).tolist():  # numpy, no host sync
+                if rule[j]:
+                    continue
+                win = cat_r[r + j - n + 1:r + j + 1]
                 # least-squares slope of log-norm over the window (closed form of a degree-1 polyfit)
                 xm, ym = (n - 1) / 2, sum(win) / n
                 slope[j] = (sum((i - xm) * (y - ym) for i, y in enumerate(win))
                             / sum((i - xm) ** 2 for i in range(n)))
                 rising = sum(b > a for a, b in zip(win, win[1:])) / (n - 1)
-                above = not judged[j] or lgs[j] - med[j] >= log_tg  # a dip and a recovery is no trend
-                trend[j] = slope[j] >= math.log(self.min_rate) and rising >= 0.75 and above
-        rule[(rule == 0) & trend] = 2
+                above = j < j0 or lgs[j] - med[j - j0] >= log_tg  # a dip and a recovery is no trend
+                if slope[j] >= math.log(self.min_rate) and rising >= 0.75 and above:
+                    rule[j] = 2
 
         # level: consecutive rows far above the history median (the count waits out the warm-up)
-        with np.errstate(invalid="ignore"):
-            high = lg - med >= math.log(self.level_ratio)
-        above = np.full(k, self._above)
-        if judged.any():
-            above[judged] = W.runs(high[judged], self._above)
-        rule[(rule == 0) & judged & (above >= self.level_steps)] = 3
+        above = None
+        if j0 < k:
+            above = W.runs(np.subtract(lgs[j0:], med) >= math.log(self.level_ratio), self._above)
+            lvl = j0 + np.flatnonzero(above >= self.level_steps)
+            rule[lvl[rule[lvl] == 0]] = 3
 
-        # depth: on the guard's first finite step and every depth_every steps
-        if len(self.weight_idx) >= self.depth_min_layers and k:
-            st = steps[idx]
-            at = np.flatnonzero((rule == 0) & ((st % self.depth_every == 0) | (self._seen + np.arange(k) == 0)))
+        # depth: on the detector's first finite row and every depth_every steps
+        if k and len(self.weight_idx) >= self.depth_min_layers:
+            at = np.flatnonzero(steps[idx] % self.depth_every == 0)
+            if self._seen == 0 and (not len(at) or at[0] != 0):
+                at = np.concatenate([[0], at])
+            at = at[rule[at] == 0]
             if len(at):
                 w = self.layout.norms(rows[idx[at]])[:, self.weight_idx].astype(np.float64)
                 with np.errstate(all="ignore"):
@@ -122,22 +120,25 @@ class ExplodingDetector(Detector):
                     ratio = w[:, 0] / w[:, -1]
                     mono = (w[:, :-1] > w[:, 1:]).mean(1)
                 rule[at[ok & (ratio >= self.depth_ratio) & (mono >= self.depth_monotone)]] = 4
-        fires = np.zeros(len(rows), bool)
-        fires[idx] = rule > 0
-        return Scan(fires, rows=rows, steps=steps, idx=idx, lgs=lgs, rule=rule, med=med, slope=slope,
-                    above=above)
+        fired = idx[rule > 0].tolist()  # numpy, no host sync
+        return Scan(fired, len(rows), idx, rows=rows, steps=steps, lgs=lgs, rule=rule, j0=j0, med=med,
+                    slope=slope, above=above)
+
+    def _above_at(self, s, j: int) -> int:
+        return self._above if j < s.j0 else int(s.above[j - s.j0])
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.idx, (a, b))
-        if jb > ja:
-            lnorms = W.log(self.layout.norms(s.rows[s.idx[ja:jb]]))
-            self._recent.extend(zip(s.lgs[ja:jb], lnorms))
-            self._hist.extend(s.lgs[ja:jb])
-            self._above = int(s.above[jb - 1])
-            self._seen += int(jb - ja)
+        if b > a:
+            ja, jb = s.span(a, b)
+            if jb > ja:
+                lnorms = W.log(self.layout.norms(s.rows[s.idx[ja:jb]]))
+                self._recent.extend(zip(s.lgs[ja:jb], lnorms))
+                self._hist.extend(s.lgs[ja:jb])
+                self._above = self._above_at(s, jb - 1)
+                self._seen += jb - ja
 
     def _fire(self, s, k):
-        j = int(np.searchsorted(s.idx, k))
+        j = s.at(k)
         step, lg, rule = int(s.steps[k]), s.lgs[j], int(s.rule[j])
         norms = self.layout.norms(s.rows[k])
         g = float(s.rows[k, COL["global_norm"]])
@@ -149,7 +150,7 @@ class ExplodingDetector(Detector):
                      f"global grad norm {g:.3g} is above the absurd limit {self.absurd:.3g}.",
                      {"rule": "absurd", "global_norm": g, "shares": shares})
         elif rule == 2:
-            rise, slope = lg - self._recent[0][0], float(s.slope[j])
+            rise, slope = lg - self._recent[0][0], s.slope[j]
             layers, shares = W.jump_culprits(self.names, norms, self._recent[0][1])
             top = f"; {shares[0]:.0%} of the growth from {layers[0]}" if layers else ""
             found = ("warning", layers,
@@ -158,7 +159,7 @@ class ExplodingDetector(Detector):
                      {"rule": "trend", "global_norm": g, "growth": math.exp(rise),
                       "rate": math.exp(slope), "shares": shares})
         elif rule == 3:
-            med, above = float(s.med[j]), int(s.above[j])
+            med, above = float(s.med[j - s.j0]), self._above_at(s, j)
             base = np.median(np.array([r[1] for r in self._recent]), axis=0) if self._recent else None
             layers, shares = W.jump_culprits(self.names, norms, base)
             top = f"; {shares[0]:.0%} of the rise from {layers[0]}" if layers else ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
@@ -58,47 +59,56 @@ class LossSpikeDetector(BaselineDetector):
         idx = np.flatnonzero((rows[:, COL["loss_bad"]] <= 0) & np.isfinite(loss))
         new = loss[idx].tolist()  # numpy, no host sync
         k, h = len(new), len(self._hist)
-        pos = h + np.arange(k)
-        judged = np.minimum(pos, self.window) >= self.warmup
-        med = np.full(k, np.nan)
-        scale = np.full(k, np.nan)
-        logspace = np.zeros(k, bool)
-        x = np.asarray(new)
-        fires = np.zeros(len(rows), bool)
-        if judged.any():
-            cat = np.concatenate([np.fromiter(self._hist, np.float64, h), x])
+        # judged: rows with `warmup` losses in their window before them (a suffix of the batch)
+        j0 = max(self.warmup - h, 0) if self.window >= self.warmup else k
+        fired, x, med, scale, thr, logspace = [], None, None, None, None, None
+        if j0 < k:
+            cat = np.fromiter(chain(self._hist, new), np.float64, h + k)
+            x = cat[h + j0:]
             # log space while the loss and its whole window are positive
-            nonpos = np.concatenate([[0], np.cumsum(cat <= 0)])
-            in_window = nonpos[pos] - nonpos[np.maximum(pos - self.window, 0)]
-            logspace = judged & (x > 0) & (in_window == 0)
-            raw = judged & ~logspace
+            positive = min(new) > 0 and min(self._hist, default=1.0) > 0
+            if positive:  # the usual case
+                logspace = np.ones(k - j0, bool)
+            else:
+                nonpos = np.concatenate([[0], np.cumsum(cat <= 0)])
+                pos = np.arange(h + j0, h + k)
+                logspace = (x > 0) & (nonpos[pos] == nonpos[np.maximum(pos - self.window, 0)])
+            med = np.empty(k - j0)
+            scale = np.empty(k - j0)
             if logspace.any():
-                with np.errstate(all="ignore"):  # non-positive values lie outside these windows
+                if positive:
                     logcat = np.log(cat)
-                m, mad = W.rolling_robust(logcat, pos[logspace], self.window)
-                med[logspace], scale[logspace] = m, np.maximum(mad, self.min_scale)
+                else:
+                    with np.errstate(all="ignore"):  # non-positive losses lie outside these windows
+                        logcat = np.log(cat)
+                m, mad = W.rolling_robust(logcat, h + j0, self.window)
+                med[logspace], scale[logspace] = m[logspace], np.maximum(mad[logspace], self.min_scale)
                 x = x.copy()
                 x[logspace] = W.logs(x[logspace].tolist())  # numpy, no host sync
-            if raw.any():
-                m, mad = W.rolling_robust(cat, pos[raw], self.window)
-                med[raw], scale[raw] = m, np.maximum(mad, 0.0)
-        thr = med + np.maximum(self.z * scale, np.where(logspace, math.log(self.ratio), self.abs_min))
-        fires[idx] = x > thr  # NaN threshold (warming up): never
-        return Scan(fires, rows=rows, steps=steps, idx=idx, new=new, x=x, med=med, scale=scale, thr=thr,
-                    logspace=logspace)
+            if not logspace.all():
+                raw = ~logspace
+                m, mad = W.rolling_robust(cat, h + j0, self.window)
+                med[raw], scale[raw] = m[raw], np.maximum(mad[raw], 0.0)
+            jump = np.where(logspace, math.log(self.ratio), self.abs_min)
+            thr = med + np.maximum(self.z * scale, jump)
+            fired = idx[j0:][x > thr].tolist()  # numpy, no host sync
+        return Scan(fired, len(rows), idx, rows=rows, steps=steps, new=new, j0=j0, x=x, med=med, scale=scale,
+                    thr=thr, logspace=logspace)
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.idx, (a, b))
-        if jb > ja:
-            self._hist.extend(s.new[ja:jb])
-            at = s.idx[ja:jb]
-            ok = at[s.rows[at, COL["bad"]] == 0]
-            self._layers.push_many(W.log(self.layout.norms(s.rows[ok])))
+        if b > a:
+            ja, jb = s.span(a, b)
+            if jb > ja:
+                self._hist.extend(s.new[ja:jb])
+                at = s.idx[ja:jb]
+                ok = at[s.rows[at, COL["bad"]] == 0]
+                self._layers.push_many(W.log(self.layout.norms(s.rows[ok])))
 
     def _fire(self, s, k):
-        j = int(np.searchsorted(s.idx, k))
-        loss, x, logspace = s.new[j], float(s.x[j]), bool(s.logspace[j])
-        med, scale, thr = float(s.med[j]), float(s.scale[j]), float(s.thr[j])
+        j = s.at(k)
+        t = j - s.j0
+        loss, x, logspace = s.new[j], float(s.x[t]), bool(s.logspace[t])
+        med, scale, thr = float(s.med[t]), float(s.scale[t]), float(s.thr[t])
         row = s.rows[k]
         ok = row[COL["bad"]] == 0
         layers, shares = [], []

@@ -58,13 +58,12 @@ class OverClippingDetector(Detector):
         full = np.minimum(end, self.window) == self.window
         rate = count / self.window
         frequent = full & (count >= self.frac * self.window) & (rate >= self.frac)
-        fires = np.zeros(len(rows), bool)
-        fires[idx] = (run >= self.tiny_steps) | frequent
-        return Scan(fires, steps=steps, idx=idx, c=c.tolist(), g=g.tolist(), clipped=clipped.tolist(),  # numpy, no host sync
-                    run=run, rate=rate)
+        fired = idx[(run >= self.tiny_steps) | frequent].tolist()  # numpy, no host sync
+        return Scan(fired, len(rows), idx, steps=steps, c=c.tolist(), g=g.tolist(),  # numpy, no host sync
+                    clipped=clipped.tolist(), run=run, rate=rate)  # numpy, no host sync
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.idx, (a, b))
+        ja, jb = s.span(a, b) if b > a else (0, 0)
         if jb > ja:
             self._run = int(s.run[jb - 1])
             self._clipped.extend(s.clipped[ja:jb])
@@ -72,7 +71,7 @@ class OverClippingDetector(Detector):
             self._gnorms.extend(s.g[ja:jb])
 
     def _fire(self, s, k):
-        j = int(np.searchsorted(s.idx, k))
+        j = s.at(k)
         self._absorb(s, k, k + 1)
         c, g = s.c[j], s.g[j]
         med_g = float(np.median(self._gnorms))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
@@ -64,31 +65,30 @@ class SpikeDetector(BaselineDetector):
     def _scan(self, steps, rows):
         idx = valid_global(rows)
         lgs = W.logs(rows[idx, COL["global_norm"]].astype(np.float64).tolist())  # numpy, no host sync
-        h = len(self._hist)
-        pos = h + np.arange(len(lgs))
-        judged = np.flatnonzero(np.minimum(pos, self.window) >= self.warmup)
-        med = np.full(len(lgs), np.nan)
-        scale = np.full(len(lgs), np.nan)
-        fires = np.zeros(len(rows), bool)
-        if len(judged):
-            cat = np.fromiter(self._hist, np.float64, h)
-            cat = np.concatenate([cat, lgs])
-            m, mad = W.rolling_robust(cat, pos[judged], self.window)
-            med[judged], scale[judged] = m, np.maximum(mad, self.min_scale)
-        thr = med + np.maximum(self.z * scale, math.log(self.ratio))
-        with np.errstate(invalid="ignore"):
-            fires[idx] = np.asarray(lgs) > thr  # NaN threshold (warming up): never
-        return Scan(fires, rows=rows, steps=steps, idx=idx, lgs=lgs, med=med, scale=scale, thr=thr)
+        h, k = len(self._hist), len(lgs)
+        # judged: rows with `warmup` values in their window before them (a suffix of the batch)
+        j0 = max(self.warmup - h, 0) if self.window >= self.warmup else k
+        fired, med, scale, thr = [], None, None, None
+        if j0 < k:
+            cat = np.fromiter(chain(self._hist, lgs), np.float64, h + k)
+            med, mad = W.rolling_robust(cat, h + j0, self.window)
+            scale = np.maximum(mad, self.min_scale)
+            thr = med + np.maximum(self.z * scale, math.log(self.ratio))
+            fired = idx[j0:][cat[h + j0:] > thr].tolist()  # numpy, no host sync
+        return Scan(fired, len(rows), idx, rows=rows, steps=steps, lgs=lgs, j0=j0, med=med, scale=scale,
+                    thr=thr)
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.idx, (a, b))
-        if jb > ja:
-            self._hist.extend(s.lgs[ja:jb])
-            self._layers.push_many(W.log(self.layout.norms(s.rows[s.idx[ja:jb]])))
+        if b > a:
+            ja, jb = s.span(a, b)
+            if jb > ja:
+                self._hist.extend(s.lgs[ja:jb])
+                self._layers.push_many(W.log(self.layout.norms(s.rows[s.idx[ja:jb]])))
 
     def _fire(self, s, k):
-        j = int(np.searchsorted(s.idx, k))
-        lg, med, scale, thr = s.lgs[j], float(s.med[j]), float(s.scale[j]), float(s.thr[j])
+        j = s.at(k)
+        lg, t = s.lgs[j], j - s.j0
+        med, scale, thr = float(s.med[t]), float(s.scale[t]), float(s.thr[t])
         norms = self.layout.norms(s.rows[k])
         g = float(s.rows[k, COL["global_norm"]])
         ratio = math.exp(lg - med)

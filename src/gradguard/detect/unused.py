@@ -32,10 +32,10 @@ class UnusedDetector(Detector):
             self._seen = np.zeros(self.n, dtype=bool)
 
     def _scan(self, steps, rows):
-        fires = np.zeros(len(rows), bool)
+        fired = []
         if not self._done and self._count + len(rows) >= self.patience:
-            fires[max(self.patience - self._count - 1, 0)] = True  # the row that completes the count
-        return Scan(fires, steps=steps, rows=rows)
+            fired = [max(self.patience - self._count - 1, 0)]  # the row that completes the count
+        return Scan(fired, len(rows), None, steps=steps, rows=rows)
 
     def _absorb(self, s, a, b):
         if b > a and not self._done:

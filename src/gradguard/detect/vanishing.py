@@ -53,33 +53,33 @@ class VanishingDetector(Detector):
     def _scan(self, steps, rows):
         nw = len(self.weight_idx)
         if nw < 2:
-            return Scan(np.zeros(len(rows), bool), idx=np.zeros(0, np.int64))
+            return Scan([], len(rows), np.zeros(0, np.int64))
         w = self.layout.norms(rows)[:, self.weight_idx].astype(np.float64)
         # a layer without gradient this step (or a poisoned step): no verdict, no change
         idx = np.flatnonzero((rows[:, COL["bad"]] == 0) & np.isfinite(w).all(1))
         w = w[idx]
         top = w.max(1)
         tiny = (w < self.rel * top[:, None]) | (w < self.floor)
-        count = np.zeros(nw, np.int64) if self._count is None else self._count
-        count = runs(tiny, count)
-        with np.errstate(all="ignore"):
-            ratio = w[:, -1] / w[:, 0]
-            mono = (w[:, :-1] < w[:, 1:]).mean(1)
-        d_ok = (nw >= self.depth_min_layers) & (w[:, 0] > 0) & (ratio >= self.depth_ratio) \
-            & (mono >= self.depth_monotone)
+        count = runs(tiny, np.zeros(nw, np.int64) if self._count is None else self._count)
+        if nw >= self.depth_min_layers:
+            first = w[:, 0]
+            ratio = np.divide(w[:, -1], first, out=np.zeros(len(w)), where=first > 0)  # no verdict at 0
+            d_ok = (first > 0) & (ratio >= self.depth_ratio) & ((w[:, :-1] < w[:, 1:]).mean(1) >= self.depth_monotone)
+        else:
+            d_ok = np.zeros(len(w), bool)
         depth = runs(d_ok, self._depth)
         stuck = (count >= self.patience).any(1)
-        fires = np.zeros(len(rows), bool)
-        fires[idx] = stuck | (depth >= self.patience)
-        return Scan(fires, steps=steps, idx=idx, w=w, top=top, count=count, depth=depth, stuck=stuck)
+        fired = idx[stuck | (depth >= self.patience)].tolist()  # numpy, no host sync
+        return Scan(fired, len(rows), idx, steps=steps, w=w, top=top, count=count, depth=depth, stuck=stuck)
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.idx, (a, b))
-        if jb > ja:
-            self._count, self._depth = s.count[jb - 1], int(s.depth[jb - 1])
+        if b > a:
+            ja, jb = s.span(a, b)
+            if jb > ja:
+                self._count, self._depth = s.count[jb - 1], int(s.depth[jb - 1])
 
     def _fire(self, s, k):
-        j = int(np.searchsorted(s.idx, k))
+        j = s.at(k)
         self._absorb(s, k, k + 1)
         w, top, names, wi = s.w[j], float(s.top[j]), self.names, self.weight_idx
         if s.stuck[j]:

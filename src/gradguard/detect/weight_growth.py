@@ -38,6 +38,8 @@ class WeightGrowthDetector(Detector):
 
     kind = "weight_growth"
     rescan = False  # every measured row enters the window as it is, firing or not
+    # The rule reads one row in param_norm_every (the measuring steps): a short Python loop over
+    # those rows is cheaper than array set-up for a handful of values.
 
     def __init__(self, growth: float = 10.0, window: int = 200, max_rms: float = 100.0,
                  cooldown: int = 200):
@@ -57,39 +59,50 @@ class WeightGrowthDetector(Detector):
             self._init, self._ref = np.asarray(run.init_layer_norms, np.float64), "weights"
 
     def _scan(self, steps, rows):
-        pn = rows[:, COL["param_norm"]].astype(np.float64)
-        measured = (steps % self._every == 0) if self._every > 0 else np.zeros(len(steps), bool)
-        bad = (np.isnan(pn) & measured) | np.isinf(pn)  # a NaN off the measuring steps: not measured
-        fin = np.flatnonzero(np.isfinite(pn))
-        rms = pn[fin] / math.sqrt(self._numel)
-        h = len(self._hist)
-        cat_s = np.array([s for s, _ in self._hist] + steps[fin].tolist(), np.int64)  # numpy, no host sync
-        cat_r = np.array([r for _, r in self._hist] + rms.tolist())  # numpy, no host sync
-        # the minimum over the window before each row: entries within `window` steps, earlier in order
-        earlier = np.arange(h + len(fin))[None, :] < (h + np.arange(len(fin)))[:, None]
-        inside = earlier & (cat_s[None, :] >= steps[fin][:, None] - self.window)
-        lo = np.where(inside, cat_r[None, :], np.inf).min(1, initial=np.inf)
-        lo = np.where(inside.any(1), lo, rms)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            grown = (lo > 0) & (rms / lo >= self.growth)
-        fires = bad.copy()
-        fires[fin] = (rms >= self.max_rms) | grown
-        return Scan(fires, steps=steps, rows=rows, pn=pn, fin=fin, rms=rms, lo=lo)
+        pn = rows[:, COL["param_norm"]]
+        # rows with a measurement: a number, or NaN on a measuring step (a NaN in between: not measured)
+        read = ~np.isnan(pn)
+        if self._every > 0:
+            read |= steps % self._every == 0
+        idx = np.flatnonzero(read)
+        if not len(idx):
+            return Scan([], len(rows), idx)
+        p = pn[idx].astype(np.float64).tolist()  # numpy, no host sync
+        st = steps[idx].tolist()  # numpy, no host sync
+        rms = [v / math.sqrt(self._numel) for v in p]
+        # the minimum RMS over the `window` steps before each row: the history, then the earlier rows
+        hist = list(self._hist)
+        lo, fired = [], []
+        for j, (s, v, r) in enumerate(zip(st, p, rms)):
+            if not math.isfinite(v):
+                lo.append(math.nan)
+                fired.append(int(idx[j]))
+                continue
+            hist = [e for e in hist if e[0] >= s - self.window]
+            m = min((e[1] for e in hist), default=r)
+            lo.append(m)
+            hist.append((s, r))
+            if r >= self.max_rms or (m > 0 and r / m >= self.growth):
+                fired.append(int(idx[j]))
+        return Scan(fired, len(rows), idx, steps=steps, rows=rows, pn=p, rms=rms, lo=lo)
 
     def _absorb(self, s, a, b):
-        ja, jb = np.searchsorted(s.fin, (a, b))
-        if jb <= ja:
+        ja, jb = s.span(a, b) if b > a else (0, 0)
+        keep = [(int(s.steps[s.idx[j]]), s.rms[j]) for j in range(ja, jb) if math.isfinite(s.pn[j])]
+        if not keep:
             return
         if self._init is None:  # no reference from the guard: the first measured row is it
-            self._init = self.layout.norms(s.rows[s.fin[ja]]).astype(np.float64)
+            first = next(j for j in range(ja, jb) if math.isfinite(s.pn[j]))
+            self._init = self.layout.norms(s.rows[s.idx[first]]).astype(np.float64)
             self._ref = "gradients"
-        self._hist.extend(zip(s.steps[s.fin[ja:jb]].tolist(), s.rms[ja:jb].tolist()))  # numpy, no host sync
-        last = int(s.steps[s.fin[jb - 1]])
+        self._hist.extend(keep)
+        last = keep[-1][0]
         while self._hist and self._hist[0][0] < last - self.window:
             self._hist.popleft()
 
     def _fire(self, s, k):
-        step, pn = int(s.steps[k]), float(s.pn[k])
+        j = s.at(k)
+        step, pn = int(s.steps[k]), s.pn[j]
         if not math.isfinite(pn):
             bad = np.flatnonzero(~np.isfinite(self.layout.max_abs(s.rows[k])))
             layers = [self.names[i] for i in bad]
@@ -97,8 +110,7 @@ class WeightGrowthDetector(Detector):
             return self._emit(step, "critical", layers,
                               f"parameter norm is {W.fmt(pn)}: the weights hold NaN/Inf{grads}.",
                               {"param_norm": pn})
-        j = int(np.searchsorted(s.fin, k))
-        rms, lo = float(s.rms[j]), float(s.lo[j])
+        rms, lo = s.rms[j], s.lo[j]
         self._absorb(s, k, k + 1)
         if rms >= self.max_rms:
             sev, msg = "critical", (f"RMS weight {rms:.3g} (parameter norm {pn:.3g}) is above the limit "
