@@ -238,11 +238,11 @@ def test_detector_state_never_absorbs_nan(data):
     guard = _guard()
     dets = default_detectors()
     for d in dets:
-        d.bind(guard)
+        d.bind(guard.run)
     batch = data.draw(rows(len(guard.names)))
     steps = list(range(len(batch)))
     for d in dets:
-        d.update(steps, batch, guard)
+        d.update(steps, batch, guard.run)
         sd = d.state_dict()
         for key in FINITE_KEYS:
             if key not in sd:
@@ -253,7 +253,7 @@ def test_detector_state_never_absorbs_nan(data):
                 assert math.isfinite(v), f"{type(d).__name__}.{path} = {v}"
         # and the state round-trips (what resume relies on)
         fresh = type(d)()
-        fresh.bind(guard)
+        fresh.bind(guard.run)
         fresh.load_state_dict(sd)
         assert _canon(fresh.state_dict()) == _canon(sd)
 
@@ -271,9 +271,9 @@ def _canon(x):
 def test_over_clipping_detector_guards_its_own_baseline():
     guard = _guard()
     det = next(d for d in default_detectors() if type(d).__name__ == "OverClippingDetector")
-    det.bind(guard)
+    det.bind(guard.run)
     row = np.zeros((1, len(GLOBAL_COLS) + 2 * len(guard.names)), np.float32)
     row[0, GLOBAL_COLS.index("global_norm")] = math.nan
     row[0, GLOBAL_COLS.index("clip_coef")] = 1.0
-    det.update([0], row, guard)
+    det.update([0], row, guard.run)
     assert all(math.isfinite(v) for v in det.state_dict()["gnorms"])

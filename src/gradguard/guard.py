@@ -32,7 +32,7 @@ from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
-from .detect import _from_list, _module_types, _to_list, default_detectors, nonfinite_event
+from .detect import _from_list, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
@@ -151,8 +151,12 @@ class Guard:
         # for advice and rollback; a torch.compile'd model's own module (its names have no _orig_mod.)
         self.model = getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else None
         self.names = [n for n, _ in pairs]
-        self._module_types = _module_types(self)  # parameter name -> module type, for advice
         self.params = [p for _, p in pairs]
+        # What detectors and remedies see of the run; the per-tensor norms are
+        # WeightGrowthDetector's reference (full-tensor norms, DTensor shards included).
+        init_norms = compute_stats(self.names, [p.detach() for p in self.params]).norms
+        self.run = RunInfo.describe(self.names, self.params, self.model, param_norm_every,
+                                    init_layer_norms=init_norms.double().cpu().numpy())  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
         watched = {id(p) for p in self.params}
         unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
@@ -207,10 +211,9 @@ class Guard:
             if missing_api:
                 raise TypeError(f"detectors[{i}] ({type(det).__name__}) lacks {', '.join(missing_api)}: "
                                 "a detector needs bind, update, state_dict and load_state_dict")
-            det.bind(self)
-        run_info = RunInfo.describe(self.names, self.params, self.model)
+            det.bind(self.run)
         me = weakref.ref(self)  # the context must not keep the guard alive (no reference cycle)
-        self._remedy_ctx = RemedyContext(optimizer, self.params, run_info, lambda: me()._step,
+        self._remedy_ctx = RemedyContext(optimizer, self.params, self.run, lambda: me()._step,
                                          model=self.model, log_dir=log_dir)
         self.remedies = Remedies(remedies, self._remedy_ctx, log_dir)
         self.last_report: StepReport | None = None
@@ -410,7 +413,6 @@ class Guard:
         """Host side of a flush: events, detectors, remedies, observers, the store."""
         if not steps:
             return
-        n = len(self.names)
         scaler_on = self._scaler_active()
         new_events: list[Event] = []
         bad, skipped = rows[:, COL["bad"]] > 0, rows[:, COL["skipped"]] > 0
@@ -418,15 +420,12 @@ class Guard:
         for i in np.flatnonzero(bad):
             row = rows[i]
             self._nonfinite += 1
-            ev = nonfinite_event(steps[i], self.names, row[N_GLOBAL + n:N_GLOBAL + 2 * n].astype(np.float64),
-                                 float(row[COL["loss"]]), bool(row[COL["loss_bad"]] > 0),
-                                 float(row[COL["global_norm"]]), bool(skipped[i]), amp=scaler_on,
-                                 module_types=self._module_types)
+            ev = nonfinite_event(steps[i], self.run, row, amp=scaler_on)
             new_events.append(ev)
             if self.on_nonfinite == "warn":
                 warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=3)
         for det in self.detectors:
-            new_events += det.update(steps, rows, self)
+            new_events += det.update(steps, rows, self.run)
         new_events.sort(key=lambda e: e.step)
         alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
         self._events += new_events
