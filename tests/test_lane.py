@@ -303,7 +303,8 @@ def test_compiled_model_has_the_plain_names():
     model = _model()
     compiled = torch.compile(model)
     assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_parameters())
-    plain = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    plain = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     clip=gg.PerLayer({"0.*": gg.GlobalNorm(1.0)}, default=gg.GlobalNorm(2.0)))
     guard = gg.Guard(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1),
                      clip=gg.PerLayer({"0.*": gg.GlobalNorm(1.0)}, default=gg.GlobalNorm(2.0)))
     assert guard.names == plain.names

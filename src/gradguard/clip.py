@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .backend import DEVICE, norm_coefficient
+from .shards import dtensor_type as _dtensor_type
 from .stats import GradStats, compute_stats
 
 __all__ = [
@@ -109,6 +110,9 @@ class ClipPolicy:
         coef = stats.xp.tensor(coef)
         _scale_(grads, coef)
         return coef.expand(len(grads))
+
+    def check_sharded(self) -> None:
+        """Raise ValueError if the policy cannot work on per-rank shards (FSDP2)."""
 
     @staticmethod
     def scale_(grads: list[Tensor], coef: Tensor) -> None:
@@ -292,6 +296,10 @@ class PerLayer(ClipPolicy):
             coefs.index_copy_(0, torch.as_tensor(idx, device=stats.device), c.to(coefs.dtype))
         return coefs
 
+    def check_sharded(self):
+        for pol in [*self.rules.values(), *([self.default] if self.default is not None else [])]:
+            pol.check_sharded()
+
     def state_dict(self):
         return {"rules": {p: pol.state_dict() for p, pol in self.rules.items()},
                 "default": self.default.state_dict() if self.default is not None else None}
@@ -369,3 +377,10 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None) -> Tensor:
     stats = compute_stats(names, grads, xp=DEVICE)
     Value(clip_value).clip_([], grads, stats)
     return stats.global_norm
+
+
+def refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
+    """Refuse a policy that cannot clip sharded (DTensor) parameters correctly (FSDP2)."""
+    dt = _dtensor_type()
+    if dt is not None and any(isinstance(p, dt) for p in params):
+        clip.check_sharded()

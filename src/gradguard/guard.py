@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _kernel
 from .apply import NoStep, is_fused, stepper_for
 from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
-from .clip import ClipPolicy
+from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
 from .detect import _from_list, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
@@ -38,7 +37,7 @@ from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
 from .remedies import RemedyContext, Remedies
-from .stats import GradStats, all_dense, compute_stats, kernel_stats, local_grads, named_parameters, param_norm
+from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
 
 __all__ = ["Guard", "StepReport"]
 
@@ -47,35 +46,9 @@ STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 _G = N_GLOBAL  # kept for one release: old code read the layout from here
 
 
-def _sqlite_error():
-    import sqlite3  # the store's error type; imported with the store, not with gradguard
-
-    return sqlite3.Error
-
-
 # CPU default flush interval: detectors and the store take rows in batches of
 # 16 (a poisoned step is flushed at once); the skip decision is still per step.
 CPU_FLUSH_EVERY = 16
-
-
-def _refuse_unitwise_on_shards(clip: ClipPolicy, params: list[Tensor]) -> None:
-    """AGC's whole-tensor units (biases, norms) would be clipped per shard under FSDP2."""
-    from .adaptive import AGC
-    from .clip import PerLayer
-    from .stats import _dtensor_type
-
-    dt = _dtensor_type()
-    if dt is None or not any(isinstance(p, dt) for p in params):
-        return
-    stack = [clip]
-    while stack:
-        pol = stack.pop()
-        if isinstance(pol, AGC):
-            raise ValueError("clip: AGC is not supported with sharded (DTensor) parameters: its "
-                             "whole-tensor units (biases, norm weights) would be clipped shard by "
-                             "shard. Use GlobalNorm, AutoClip, ZClip or AdaGC under FSDP2.")
-        if isinstance(pol, PerLayer):
-            stack += list(pol.rules.values()) + ([pol.default] if pol.default is not None else [])
 
 
 _dtype = operator.attrgetter("dtype")
@@ -100,26 +73,22 @@ class Guard:
         scaler: a ``torch.amp.GradScaler``; the guard unscales, clips on the
             unscaled gradients and calls ``scaler.step(optimizer)``.  You still
             call ``scaler.update()``.
-        flush_every: steps between two flushes of the recorded rows to the
-            detectors, remedies and the store (default 16 on CPU, 32 on
-            accelerators).  Events appear at flush time; a step with NaN/Inf
-            is flushed at once on CPU.  On an accelerator a flush is the one
-            host sync of the interval; on CPU the skip decision is taken on
-            the host every step (one read of the loss, free: host memory).
+        flush_every: steps between two flushes of the rows to the detectors,
+            remedies and the store (default 16 on CPU, 32 on accelerators, where
+            a flush is the interval's one host sync).  A step with NaN/Inf is
+            flushed at once on CPU.
         run_name: name of the run in the store.
-        detectors: objects with ``bind(guard)``, ``update(steps, rows, guard)
-            -> list[Event]``, ``state_dict()`` / ``load_state_dict()``.  They
-            read the rows drained from the device buffer (layout: ``GLOBAL_COLS``,
-            then per-layer norms, then per-layer max |g|).  None (default): the
-            standard set (``detect.default_detectors()``); ``[]``: none.
+        detectors: objects with ``bind(run)``, ``update(steps, rows, run) ->
+            list[Event]``, ``state_dict()`` / ``load_state_dict()`` (``run``: a
+            ``gradguard.layout.RunInfo``; rows: ``gradguard.layout``).  None
+            (default): ``detect.default_detectors()``; ``[]``: none.
         remedies: what to do per event kind or severity, e.g.
             ``{"exploding": "lr_backoff", "spike": gg.Rollback(every=50),
             "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``).
         param_norm_every: steps between measurements of the total parameter
             norm (the ``param_norm`` column, read by weight_growth); 0: never.
-        backend: ``"auto"`` (default): decisions on host numbers for CPU
-            parameters, on device tensors elsewhere; ``"device"`` forces the
-            accelerator lane (device tensors, no reads) on CPU too.
+        backend: ``"auto"``: decide on host numbers for CPU parameters, on
+            device tensors elsewhere; ``"device"``: the accelerator lane on CPU too.
 
     Example:
         >>> guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0))
@@ -168,7 +137,7 @@ class Guard:
         self.clip = clip
         if clip is not None:
             clip.bind(self.names)
-            _refuse_unitwise_on_shards(clip, self.params)
+            refuse_unitwise_on_shards(clip, self.params)
         self.on_nonfinite = on_nonfinite
         self.scaler = scaler
         self.fused = is_fused(optimizer)
@@ -188,12 +157,7 @@ class Guard:
         # How the optimizer is stepped, chosen once (apply.py); check() never steps.
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
-        # The CPU kernel's per-step input that does not change: the parameters' dtypes.
-        self._kernel_dtypes, self._kernel_out = None, torch.float32
-        dts = [p.dtype for p in self.params]
-        if self._xp is HOST and not self._sharded and set(dts) <= _kernel.KERNEL_DTYPES.keys():
-            self._kernel_dtypes = tuple(dts)
-            self._kernel_out = torch.float64 if torch.float64 in dts else torch.float32
+        self._statistics = Statistics(self.params, self._xp)  # how, chosen once
         self._buffer = StepBuffer(N_GLOBAL + 2 * len(self.names), self.flush_every, self.device)
         self._writer = RowWriter(self._buffer, self.names, self._xp)
         self._step = 0
@@ -241,7 +205,9 @@ class Guard:
                                               config=self.config(), sinks=sinks)
                 # A guard dropped without close() still ends its writer thread and connection.
                 weakref.finalize(self, self.recorder.close)
-            except (OSError, _sqlite_error()) as exc:  # a log sink never stops training
+            except (ValueError, TypeError):  # a bad argument (run_name, log_dir...) is the caller's
+                raise
+            except Exception as exc:  # a log sink never stops training (OSError, sqlite3.Error...)
                 warnings.warn(f"gradguard: cannot write the run store in log_dir {log_dir} ({exc}); "
                               "training continues without it", RuntimeWarning, stacklevel=2)
 
@@ -354,15 +320,6 @@ class Guard:
         if len(self._buffer) >= self.flush_every or (xp.on_host and d.bad):
             self.flush()
         return report
-
-    def _statistics(self, names, grads, missing) -> GradStats:
-        kd = self._kernel_dtypes
-        if (kd is not None and not missing and _kernel.available() and tuple(map(_dtype, grads)) == kd
-                and all_dense(grads)):
-            # compute_stats' checks, minus what torch already enforces for a parameter's
-            # gradient (its device and size); dtype and layout are checked just above.
-            return kernel_stats(names, grads, missing, kd, self._kernel_out)
-        return compute_stats(names, grads, missing, xp=self._xp)
 
     def _param_norm(self):
         """The ``param_norm`` column: every ``param_norm_every`` steps (None in between).

@@ -19,7 +19,6 @@ but its ``global_norm`` is Inf: ``GradStats.bad`` covers both.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import operator
 from collections.abc import Iterable
@@ -30,8 +29,9 @@ from torch import Tensor, nn
 
 from . import _kernel, _triton_stats
 from .backend import DEVICE, HOST
+from .shards import dtensor_type as _dtensor_type, local_grads, reduce_shards
 
-__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm"]
+__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm", "Statistics"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", "is_cpu"))
@@ -295,29 +295,6 @@ def _kernel_ok(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.dtype in _kernel.KERNEL_DTYPES and dense(g)
 
 
-@functools.lru_cache(maxsize=None)
-def _dtensor_type():
-    """DTensor's class when torch.distributed is usable, else None (imported lazily, once)."""
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
-def local_grads(grads: list[Tensor]) -> list[Tensor]:
-    """The local shard of every DTensor gradient (a view: in-place ops reach the DTensor)."""
-    dt = _dtensor_type()
-    if dt is None or not any(isinstance(g, dt) for g in grads):
-        return grads
-    return [g.to_local() if isinstance(g, dt) else g for g in grads]
-
-
 def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | None = None,
                   *, xp=DEVICE) -> GradStats:
     """``grad_stats`` on gradients already gathered (the guard's hot path).
@@ -325,7 +302,7 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     ``xp``: the backend of the result: ``backend.DEVICE`` (tensors, the default) or
     ``HOST`` (numpy; CPU gradients only).  DTensor gradients (FSDP2,
     tensor parallel) are reduced to full-tensor numbers with one collective for all
-    tensors (see ``_reduce_shards``).
+    tensors (``shards.reduce_shards``).
     """
     missing = list(missing or [])
     if not grads:
@@ -343,7 +320,7 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     if dt is not None and any(issubclass(t, dt) for t in set(map(type, grads))):
         sharded = [i for i, g in enumerate(grads) if isinstance(g, dt)]
         sumsq, maxabs = _local_sumsq_maxabs(local_grads(grads))
-        sumsq, maxabs = _reduce_shards(grads, sharded, sumsq, maxabs, names)
+        sumsq, maxabs = reduce_shards(grads, sharded, sumsq, maxabs, names)
         return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
     if (_kernel.available() and set(dtypes) <= _kernel.KERNEL_DTYPES.keys()
             and all(map(_is_cpu, grads)) and all_dense(grads)):
@@ -441,60 +418,32 @@ def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     return sumsq_all, maxabs_all
 
 
-def _reduce_shards(grads, sharded: list[int], sumsq: Tensor, maxabs: Tensor, names) -> tuple[Tensor, Tensor]:
-    """Full-tensor sums of squares and max |g| from per-rank shards, in ONE collective.
-
-    Every rank all-gathers its (2, P) vector of local sums of squares and max |g|,
-    then sums the squares over the ranks that hold distinct shards and takes the
-    max over all.  A tensor replicated over a mesh dimension is counted once
-    (divided by the replication factor); a NaN on any rank's shard reaches every
-    rank, so every rank takes the same decision.
-    """
-    import torch.distributed as dist
-    from torch.distributed.tensor import Partial, Replicate, Shard
-
-    mesh = grads[sharded[0]].device_mesh
-    for i in sharded:
-        g = grads[i]
-        if g.device_mesh != mesh:
-            raise ValueError(f"gradient {names[i]!r} lives on another device mesh; gradguard reduces "
-                             "statistics over one mesh per guard")
-        for pl in g.placements:
-            if isinstance(pl, Partial):
-                raise ValueError(f"gradient {names[i]!r} has a Partial placement (not yet reduced); "
-                                 "run the guard after the gradient reduction")
-            if not isinstance(pl, (Shard, Replicate)):
-                raise ValueError(f"gradient {names[i]!r} has an unsupported placement {pl}")
-    if mesh.ndim == 1:
-        group = mesh.get_group()
-    elif mesh.size() == dist.get_world_size():
-        group = None  # the whole world is the mesh
-    else:
-        raise ValueError("gradguard reduces statistics over 1-D meshes or a mesh spanning all ranks")
-    world = dist.get_world_size(group)
-    # Replication factor of each tensor over the mesh (1 for plain FSDP2 shards).
-    repl = torch.ones(len(grads), dtype=torch.float64, device=sumsq.device)
-    sharded_set = set(sharded)
-    for i in range(len(grads)):
-        if i in sharded_set:
-            f = 1
-            for d, pl in enumerate(grads[i].placements):
-                if isinstance(pl, Replicate):
-                    f *= mesh.size(d)
-            repl[i] = f
-        else:
-            repl[i] = world  # a plain tensor is the same on every rank (e.g. DDP-averaged)
-    n = sumsq.numel()
-    comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else sumsq.device
-    local = torch.cat([sumsq, maxabs]).to(comm_device)
-    gathered = torch.empty(world * 2 * n, dtype=local.dtype, device=comm_device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, local, group=group)
-    gathered = gathered.view(world, 2, n).to(sumsq.device, non_blocking=True)
-    return gathered[:, 0].sum(0) / repl, gathered[:, 1].amax(0)
-
-
 def param_norm(params: list[Tensor], xp) -> object:
     """Total L2 norm of ``params`` in backend ``xp`` (full-tensor numbers for DTensor shards)."""
     names = [str(i) for i in range(len(params))]
     return compute_stats(names, [p.detach() for p in params], xp=xp).total
+
+
+class Statistics:
+    """How one guard computes its per-step statistics, chosen once for its parameters.
+
+    CPU parameters of the kernel's dtypes on the host backend: the C kernel with the
+    parameters' dtypes prepared once; everything else: ``compute_stats``.
+    """
+
+    def __init__(self, params: list[Tensor], xp):
+        self.xp = xp
+        self.dtypes, self.out = None, torch.float32
+        dts = tuple(p.dtype for p in params)
+        if xp is HOST and local_grads(params) is params and set(dts) <= _kernel.KERNEL_DTYPES.keys():
+            self.dtypes = dts
+            self.out = torch.float64 if torch.float64 in dts else torch.float32
+
+    def __call__(self, names: list[str], grads: list[Tensor], missing: list[str]) -> GradStats:
+        kd = self.dtypes
+        if (kd is not None and not missing and _kernel.available() and tuple(map(_dtype, grads)) == kd
+                and all_dense(grads)):
+            # compute_stats' checks, minus what torch already enforces for a parameter's
+            # gradient (its device and size); dtype and layout are checked just above.
+            return kernel_stats(names, grads, missing, kd, self.out)
+        return compute_stats(names, grads, missing, xp=self.xp)

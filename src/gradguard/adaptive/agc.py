@@ -99,5 +99,10 @@ class AGC(ClipPolicy):
             return stats.norms.new_ones(0)
         return torch.stack(coefs).to(stats.norms.dtype)
 
+    def check_sharded(self):
+        raise ValueError("clip: AGC is not supported with sharded (DTensor) parameters: its "
+                         "whole-tensor units (biases, norm weights) would be clipped shard by "
+                         "shard. Use GlobalNorm, AutoClip, ZClip or AdaGC under FSDP2.")
+
     def config(self):
         return {"policy": "AGC", "clipping": self.clipping, "eps": self.eps, "exclude": list(self.exclude)}
