@@ -167,3 +167,19 @@ def test_no_host_sync_on_cuda():
         torch.cuda.set_sync_debug_mode(prev)
     assert torch.equal(out1[0], out2[0]) and torch.equal(out1[1], out2[1])
     check(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_views_at_odd_offsets(device, dtype):
+    """Views into one buffer at offsets that are not 16-byte multiples (bucketed DDP
+    gradients): the launch must not assume aligned vectors."""
+    g = torch.Generator().manual_seed(7)
+    flat = torch.randn(3 * CHUNK32 + 50, generator=g).to(dtype).to(device)
+    cuts = [1, 4, 4 + 2 * CHUNK32 + 3, 3 * CHUNK32 + 50]
+    views = [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+    assert any(v.data_ptr() % 16 for v in views)
+    check(views)
+    lay = ts._layout(views, flat.device)
+    assert lay.aligned == [False]
+    check([flat[:CHUNK32 * 2], flat[CHUNK32 * 2:]])  # aligned views of the same buffer
+    assert ts._layout([flat[:CHUNK32 * 2], flat[CHUNK32 * 2:]], flat.device).aligned == [True]

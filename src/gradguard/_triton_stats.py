@@ -37,14 +37,20 @@ Numerics (what the kernel returns):
 
 Block sizes (chosen for an H200: 132 SMs, ~4.8 TB/s, memory-bound):
 - ``BLOCK`` = 16 bytes per thread per load x 2 loads x 128 threads (4 warps): 1024
-  float32 or 2048 float16/bfloat16 elements, i.e. 8 KiB per iteration, all loads 16-byte
-  vectors.  ``ITERS`` = 8 iterations, unrolled at compile time (``static_range``) so
-  a program can keep all eight loads in flight: 64 KiB per program.
-- GPT-2-small (124M float32) is then ~15K programs, >100 per SM: the grid is far
-  larger than the number of resident programs, so the tail wave is a small fraction,
-  and each SM holds up to 16 programs x 64 KiB of outstanding loads, more than the
-  ~40 KiB per SM that 4.8 TB/s x ~1 us memory latency needs.  A small tensor (a bias
-  of 768) costs one mostly-masked program; masked-off lanes issue no memory traffic.
+  float32 or 2048 float16/bfloat16 elements, 4 KiB per iteration.  ``ITERS`` = 8
+  iterations unrolled at compile time (``static_range``): the compiled code issues all
+  16 vector loads of a thread before the arithmetic, so a program has its whole 32 KiB
+  chunk in flight at once.
+- GPT-2-small (124M float32) is then ~15K programs (7.6K in bf16), >50 per SM: the tail
+  wave is a small fraction of the run, and a handful of resident programs per SM already
+  keep more than the ~40 KiB per SM in flight that 4.8 TB/s x ~1 us latency needs.  A
+  small tensor (a bias of 768) costs one mostly-masked program; masked-off lanes issue
+  no memory traffic.
+- Full chunks load without a mask and, when every pointer of the launch is 16-byte
+  aligned (``ALIGNED``; the caching allocator's blocks are), as 16-byte vectors (checked
+  in the PTX for sm_90: ``ld.global.v4.b32``).  A tensor's last, partial chunk is
+  masked, and the mask (against a length read from memory) makes those loads scalar;
+  so does a group holding a view at an odd offset (e.g. a bucketed DDP gradient view).
 """
 from __future__ import annotations
 
@@ -86,23 +92,35 @@ def _kernels():
         return None
 
     @triton.jit
-    def _partials(ptrs, blk_tensor, blk_start, numels, part_sum, part_max, blk_base,
-                  DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    def _partials(ptrs, blk_tensor, blk_chunk, numels, part_sum, part_max, blk_base,
+                  DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                  ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(blk_tensor + pid)
-        start = tl.load(blk_start + pid)  # int64: offsets past 2**31 elements stay exact
+        # int64: offsets past 2**31 elements stay exact; a multiple of the chunk (a
+        # constant), so the compiler knows every vector below starts 16-byte aligned
+        start = tl.load(blk_chunk + pid).to(tl.int64) * (BLOCK * ITERS)
         n = tl.load(numels + t)
         base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # every pointer of this launch is a multiple of 16: 16-byte vector loads
+            base = tl.multiple_of(base, 16)  # (on the pointer: a hint on the int is lost in the cast)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         mx = tl.zeros([BLOCK], dtype=tl.int32)
         lanes = tl.arange(0, BLOCK)
-        for i in tl.static_range(ITERS):
-            offs = start + i * BLOCK + lanes
-            mask = offs < n
-            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += x * x
-            # |x| as bits: sign cleared, finite < Inf < NaN in integer order
-            mx = tl.maximum(mx, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        if start + BLOCK * ITERS <= n:
+            # a full chunk, unmasked: a mask against a loaded length would have unknown
+            # alignment and turn every load into scalar loads
+            for i in tl.static_range(ITERS):
+                x = tl.load(base + (start + i * BLOCK) + lanes).to(tl.float32)
+                acc += x * x
+                # |x| as bits: sign cleared, finite < Inf < NaN in integer order
+                mx = tl.maximum(mx, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        else:  # the tensor's last, partial chunk
+            for i in tl.static_range(ITERS):
+                offs = start + i * BLOCK + lanes
+                x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
+                acc += x * x
+                mx = tl.maximum(mx, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         out = blk_base + pid
         tl.store(part_sum + out, tl.sum(acc, axis=0))
         tl.store(part_max + out, tl.max(mx, axis=0))
@@ -181,7 +199,8 @@ class _Layout:
         self.device = device
         numels = [g.numel() for g in grads]
         self.numels = _upload(numels, torch.int64, device)
-        self.groups = []  # (dtype, block, n_blocks, blk_base, tables...)
+        self.groups = []  # (dtype, block, n_blocks, blk_base, n_members, tables...)
+        self.members = []  # per group: indices into grads
         base = 0
         for dtype in _SUPPORTED:
             members = [i for i, g in enumerate(grads) if g.dtype == dtype]
@@ -189,22 +208,24 @@ class _Layout:
                 continue
             block = _block(dtype)
             chunk = block * _ITERS
-            blk_tensor, blk_start, lo, hi = [], [], [], []
+            blk_tensor, blk_chunk, lo, hi = [], [], [], []
             for i in members:
                 lo.append(len(blk_tensor))
-                for s in range(0, numels[i], chunk):
-                    blk_tensor.append(i)
-                    blk_start.append(s)
+                nchunks = -(-numels[i] // chunk)
+                blk_tensor += [i] * nchunks
+                blk_chunk += range(nchunks)
                 hi.append(len(blk_tensor))
             nblk = len(blk_tensor)
             tables = tuple(_upload(v, dt, device) for v, dt in (
-                (blk_tensor, torch.int32), (blk_start, torch.int64), (members, torch.int32),
+                (blk_tensor, torch.int32), (blk_chunk, torch.int32), (members, torch.int32),
                 (lo, torch.int32), (hi, torch.int32)))
             self.groups.append((dtype, block, nblk, base, len(members)) + tables)
+            self.members.append(members)
             base += nblk
         self.n_blocks = base
         self.ptrs_host: list[int] | None = None
         self.ptrs: Tensor | None = None
+        self.aligned: list[bool] = []  # per group: every pointer a multiple of 16 bytes
 
     def pointers(self, grads: list[Tensor]) -> Tensor:
         """The device table of ``data_ptr()``s, re-uploaded only when one changed."""
@@ -214,6 +235,8 @@ class _Layout:
             # stream keeps reading the table it was given
             self.ptrs = _upload(now, torch.int64, self.device)
             self.ptrs_host = now
+            # views into a flat buffer (bucketed DDP gradients) can start anywhere
+            self.aligned = [all(now[i] % 16 == 0 for i in m) for m in self.members]
         return self.ptrs
 
 
@@ -253,10 +276,12 @@ def sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     maxabs = torch.empty(p, dtype=torch.float32, device=device)
     part_sum = torch.empty(max(lay.n_blocks, 1), dtype=torch.float32, device=device)
     part_max = torch.empty(max(lay.n_blocks, 1), dtype=torch.int32, device=device)
-    for dtype, block, nblk, base, nmem, blk_tensor, blk_start, members, lo, hi in lay.groups:
+    for (dtype, block, nblk, base, nmem, blk_tensor, blk_chunk, members, lo, hi), aligned in zip(
+            lay.groups, lay.aligned):
         if nblk:
-            partials[(nblk,)](ptrs, blk_tensor, blk_start, lay.numels, part_sum, part_max, base,
-                              DTYPE=tl_dtypes[dtype], BLOCK=block, ITERS=_ITERS, num_warps=_NUM_WARPS)
+            partials[(nblk,)](ptrs, blk_tensor, blk_chunk, lay.numels, part_sum, part_max, base,
+                              DTYPE=tl_dtypes[dtype], BLOCK=block, ITERS=_ITERS, ALIGNED=aligned,
+                              num_warps=_NUM_WARPS)
         reduce_[(nmem,)](part_sum, part_max, members, lo, hi, base, sumsq, maxabs,
                          RBLOCK=_RBLOCK, num_warps=4)
     return sumsq, maxabs
