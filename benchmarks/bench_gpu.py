@@ -216,6 +216,9 @@ def section_p1g(b: Bench, cfg, reps, inner) -> dict:
         }
         if _triton_stats is not None and _triton_stats.available(grads):
             fns["triton kernel alone"] = lambda: _triton_stats.sumsq_maxabs(grads)
+        else:
+            out["triton_note"] = ("gradguard._triton_stats missing" if _triton_stats is None else
+                                  "Triton kernel not available here (needs CUDA tensors and Triton)")
         res = b.interleaved(fns, reps, inner=inner, reserve=30)
         nbytes = flat.numel() * flat.element_size()
         rows = {}
@@ -272,7 +275,8 @@ def section_p2g(b: Bench, cfg, reps) -> dict:
 
 def _train_setup(b: Bench, cfg, seed=0):
     torch.manual_seed(seed)
-    model = GPT(**{k: v for k, v in cfg.items() if k != "batch"}).to(b.device)
+    with b.device:  # initialised where it trains: no 0.5 GB host init and copy
+        model = GPT(**{k: v for k, v in cfg.items() if k != "batch"})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["ctx"] + 1), generator=g).to(b.device)
@@ -371,24 +375,51 @@ class SyncCounter:
         self._cm.__exit__(*exc)
 
 
+class FlushProbe:
+    """A do-nothing detector: detectors are fed the drained rows at every flush, so it
+    notes the training step of each flush (the schedule is the guard's business)."""
+
+    def __init__(self):
+        self.current, self.flush_steps = -1, []
+
+    def bind(self, guard):
+        pass
+
+    def update(self, steps, rows, guard):
+        self.flush_steps.append(self.current)
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 def section_p4g(b: Bench, cfg, steps, tmp) -> dict:
     model, opt, xb, yb = _train_setup(b, cfg, seed=1)
     flush_every = 32
+    probe = FlushProbe()
     guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), log_dir=os.path.join(tmp, "p4"),
-                     flush_every=flush_every)
+                     flush_every=flush_every, detectors=gg.default_detectors() + [probe])
     cuda = b.device.type == "cuda"
     with SyncCounter(cuda) as sc:
         for step in range(steps):
-            sc.step = step
+            sc.step = probe.current = step
             loss = _fwd_bwd(model, opt, xb, yb, b.device)
             guard.step(loss=loss)
         b.sync()
+    probe.current = steps  # the flush in close() is no training step's
     guard.close()
     per_step = collections.Counter(h["step"] for h in sc.hits)
     gg_per_step = collections.Counter(h["step"] for h in sc.hits if h["in_gradguard"])
     frames = collections.Counter(h["where"] for h in sc.hits if h["step"] > 0)
     after0 = [per_step.get(s, 0) for s in range(1, steps)]
-    return {"steps": steps, "flush_every": flush_every, "sync_debug_mode": cuda,
+    flushes = sorted({s for s in probe.flush_steps if 0 <= s < steps})
+    return {"flush_steps": flushes,
+            "gradguard_syncs_outside_flushes_after_0": sum(
+                n for s, n in gg_per_step.items() if s > 0 and s not in flushes),
+            "gradguard_syncs_in_flushes": sum(n for s, n in gg_per_step.items() if s in flushes),"steps": steps, "flush_every": flush_every, "sync_debug_mode": cuda,
             "syncs_per_step": [per_step.get(s, 0) for s in range(steps)],
             "gradguard_syncs_per_step": [gg_per_step.get(s, 0) for s in range(steps)],
             "steps_after_0_with_syncs": [s for s in range(1, steps) if per_step.get(s, 0)],
@@ -414,7 +445,8 @@ def env_info(device: torch.device) -> dict:
 
 def _md_p1g(r) -> list[str]:
     lines = [f"{r['tensors']} tensors, {r['params'] / 1e6:.1f}M parameters. Medians; ratios are "
-             "medians of paired per-round ratios.", ""]
+             "medians of paired per-round ratios." + (f" {r['triton_note']}." if r.get("triton_note") else ""),
+             ""]
     for dt, d in r["dtypes"].items():
         lines += [f"**{dt}** ({d['bytes'] / 1e6:.0f} MB of gradients)", "",
                   "| variant | ms | x one read | x clip_grad_norm_ | GB/s | vs targets |",
@@ -452,6 +484,9 @@ def _md_p4g(r) -> list[str]:
              f"- syncs after step 0: **{r['syncs_after_step_0']}** "
              f"({fmt(r['mean_syncs_per_step_after_0'], 2)} per step), at steps "
              f"{r['steps_after_0_with_syncs'] or 'none'}",
+             f"- gradguard syncs outside flush steps after step 0: "
+             f"**{r['gradguard_syncs_outside_flushes_after_0']}** (target 0); in the flushes "
+             f"(steps {r['flush_steps']}): {r['gradguard_syncs_in_flushes']}",
              f"- syncs per step: {r['syncs_per_step']}",
              f"- of which in gradguard's code: {r['gradguard_syncs_per_step']}"]
     if r["frames_after_step_0"]:

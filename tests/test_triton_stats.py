@@ -6,6 +6,10 @@ executes the same kernel source with numpy. Tensors over 2**31 bytes are out of 
 """
 import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,22 +18,37 @@ from gradguard import _triton_stats as ts
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+# Triton's interpreter must be chosen before Triton is first imported (another test may
+# import it through torch), so the "interpret" cases run in a child process that starts
+# with TRITON_INTERPRET=1: test_interpreter_cases below.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(params=["interpret", "cuda"])
-def device(request, monkeypatch):
+def device(request):
     if not HAS_TRITON:
         pytest.skip("triton not installed")
     if request.param == "cuda":
-        if not HAS_CUDA:
-            pytest.skip("needs a CUDA device")
+        if INTERPRETED or not HAS_CUDA:
+            pytest.skip("needs a CUDA device (and no interpreter)")
         return torch.device("cuda")
-    # Rebuild the kernels as interpreted functions for this test only; the cache of
-    # compiled kernels (if any) comes back when monkeypatch undoes the attribute.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(ts, "_kernels_cache", None)
-    monkeypatch.setattr(ts, "_layouts", {})
+    if not INTERPRETED:
+        pytest.skip("runs in a child process under TRITON_INTERPRET=1 (test_interpreter_cases)")
     return torch.device("cpu")
+
+
+def test_interpreter_cases():
+    """Every "interpret" case of this file, in a child process under Triton's interpreter."""
+    if INTERPRETED or not HAS_TRITON:
+        pytest.skip("this is the child process, or no Triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=str(root / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           str(Path(__file__)), "-k", "interpret and not test_interpreter_cases"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 def reference(grads):
