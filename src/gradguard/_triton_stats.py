@@ -54,6 +54,8 @@ Block sizes (chosen for an H200: 132 SMs, ~4.8 TB/s, memory-bound):
 """
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 
 import torch
@@ -66,6 +68,11 @@ _NUM_WARPS = 4
 _ITERS = 8
 _RBLOCK = 256  # partials per iteration in _reduce (a tensor has up to ~5K partials in GPT-2)
 _MAX_LAYOUTS = 8  # cached layouts (a training run has one or two)
+# per-step scans over ~150 tensors run in C (map) rather than in a Python loop
+_numel, _data_ptr, _is_contiguous = Tensor.numel, Tensor.data_ptr, Tensor.is_contiguous
+_dtype, _device, _layout_of = (operator.attrgetter(a) for a in ("dtype", "device", "layout"))
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _block(dtype: torch.dtype) -> int:
@@ -168,14 +175,16 @@ def available(grads: list[Tensor]) -> bool:
     switched off by the environment variable ``GRADGUARD_NO_TRITON=1``."""
     if not grads or _disabled():
         return False
-    dev = grads[0].device
-    if dev.type != "cuda":
+    devices = set(map(_device, grads))
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return False
-    for g in grads:
-        # plain tensors only: a DTensor's data_ptr() is one shard's, not the whole gradient
-        if (type(g) not in (Tensor, torch.nn.Parameter) or g.device != dev or g.dtype not in _SUPPORTED
-                or g.layout != torch.strided or not _dense(g)):
-            return False
+    # plain tensors only: a DTensor's data_ptr() is one shard's, not the whole gradient
+    if not set(map(type, grads)) <= _PLAIN or not set(map(_dtype, grads)) <= set(_SUPPORTED):
+        return False
+    if set(map(_layout_of, grads)) != {torch.strided}:
+        return False
+    if not (all(map(_is_contiguous, grads)) or all(map(_dense, grads))):
+        return False
     return _kernels() is not None
 
 
@@ -229,7 +238,7 @@ class _Layout:
 
     def pointers(self, grads: list[Tensor]) -> Tensor:
         """The device table of ``data_ptr()``s, re-uploaded only when one changed."""
-        now = [g.data_ptr() for g in grads]
+        now = list(map(_data_ptr, grads))
         if now != self.ptrs_host:
             # a new device tensor, not an in-place copy: a launch still queued on another
             # stream keeps reading the table it was given
@@ -244,7 +253,7 @@ _layouts: dict[tuple, _Layout] = {}
 
 
 def _layout(grads: list[Tensor], device: torch.device) -> _Layout:
-    key = (device, tuple((g.numel(), g.dtype) for g in grads))
+    key = (device, tuple(map(_numel, grads)), tuple(map(_dtype, grads)))
     lay = _layouts.get(key)
     if lay is None:
         if len(_layouts) >= _MAX_LAYOUTS:
@@ -276,12 +285,14 @@ def sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     maxabs = torch.empty(p, dtype=torch.float32, device=device)
     part_sum = torch.empty(max(lay.n_blocks, 1), dtype=torch.float32, device=device)
     part_max = torch.empty(max(lay.n_blocks, 1), dtype=torch.int32, device=device)
-    for (dtype, block, nblk, base, nmem, blk_tensor, blk_chunk, members, lo, hi), aligned in zip(
-            lay.groups, lay.aligned):
-        if nblk:
-            partials[(nblk,)](ptrs, blk_tensor, blk_chunk, lay.numels, part_sum, part_max, base,
-                              DTYPE=tl_dtypes[dtype], BLOCK=block, ITERS=_ITERS, ALIGNED=aligned,
-                              num_warps=_NUM_WARPS)
-        reduce_[(nmem,)](part_sum, part_max, members, lo, hi, base, sumsq, maxabs,
-                         RBLOCK=_RBLOCK, num_warps=4)
+    # Triton launches on the current device: make it the gradients' (cuda:1 while cuda:0 is current)
+    with torch.cuda.device(device) if device.type == "cuda" else _NO_CONTEXT:
+        for (dtype, block, nblk, base, nmem, blk_tensor, blk_chunk, members, lo, hi), aligned in zip(
+                lay.groups, lay.aligned):
+            if nblk:
+                partials[(nblk,)](ptrs, blk_tensor, blk_chunk, lay.numels, part_sum, part_max, base,
+                                  DTYPE=tl_dtypes[dtype], BLOCK=block, ITERS=_ITERS, ALIGNED=aligned,
+                                  num_warps=_NUM_WARPS)
+            reduce_[(nmem,)](part_sum, part_max, members, lo, hi, base, sumsq, maxabs,
+                             RBLOCK=_RBLOCK, num_warps=4)
     return sumsq, maxabs
