@@ -1,5 +1,7 @@
 """The GPU path: statistics on device, no host sync per step (skipped without CUDA)."""
 import math
+import traceback
+import warnings
 
 import pytest
 import torch
@@ -53,3 +55,67 @@ def test_cuda_guard_step_has_no_host_sync():
         if step == 6:
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert guard.skipped_steps == 1 and guard.events[0].step == 6
+
+
+class _FlushProbe:
+    """A detector that notes which training step each flush happened in (detectors are
+    fed the drained rows at every flush), so the test does not guess the guard's schedule."""
+
+    def __init__(self):
+        self.current, self.flush_steps = -1, []
+
+    def bind(self, guard):
+        pass
+
+    def update(self, steps, rows, guard):
+        self.flush_steps.append(self.current)
+        return []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_cuda_guard_syncs_only_at_flushes(tmp_path):
+    """30 steps, fused AdamW, GlobalNorm, default detectors, a store, flush_every=8: after
+    step 0 (the fused optimizer's state is made on the host) the only host syncs are the
+    flushes, one each. Counted with set_sync_debug_mode("warn"), each with its stack."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    probe = _FlushProbe()
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), log_dir=tmp_path, flush_every=8,
+                     detectors=gg.default_detectors() + [probe])
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 4, device="cuda")
+    syncs = []  # (step, stack) of every synchronizing CUDA operation
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            syncs.append((probe.current, "".join(traceback.format_stack(limit=12)[:-1])))
+
+    prev = torch.cuda.get_sync_debug_mode()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            for step in range(30):
+                probe.current = step
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn" if step > 0 else 0)
+                guard.step(loss=loss)
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    probe.current = 30  # the flush in close() is no training step's
+    guard.close()
+    flushes = [s for s in probe.flush_steps if 0 < s < 30]
+    assert len(flushes) == 3, probe.flush_steps  # 30 steps, a flush per 8 rows
+    outside = [(s, st) for s, st in syncs if s not in flushes]
+    assert not outside, f"host sync outside a flush at step {outside[0][0]}:\n{outside[0][1]}"
+    assert len(syncs) == len(flushes), [s for s, _ in syncs]  # one sync per flush
+    assert guard.skipped_steps == 0
