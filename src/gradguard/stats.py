@@ -378,8 +378,8 @@ _F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # float64 values from here on round to 
 
 
 def _from_sumsq(names, missing, out_dtype, sumsq: Tensor, maxabs: Tensor, xp) -> GradStats:
-    return _result(names, missing, xp, sumsq=sumsq, norms=sumsq.sqrt().to(out_dtype), max_abs=maxabs,
-                   total=sumsq.sum().sqrt().to(out_dtype))
+    # norms are derived from sumsq on first access (two launches fewer when nobody asks)
+    return _result(names, missing, xp, sumsq=sumsq, max_abs=maxabs, total=sumsq.sum().sqrt().to(out_dtype))
 
 
 def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
