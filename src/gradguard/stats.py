@@ -35,6 +35,7 @@ __all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "loca
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", "is_cpu"))
+_numel = Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
 
 
@@ -328,11 +329,12 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     if _triton_stats.available(grads):
         sumsq, maxabs = _triton_stats.sumsq_maxabs(grads)
         return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
-    if grads[0].device.type != "cpu" and len(set(dtypes)) == 1 and len({g.device for g in grads}) == 1:
+    if len(set(dtypes)) == 1 and len({g.device for g in grads}) == 1 and 0 not in map(_numel, grads):
+        # (the inf-norm of an empty tensor is an error in torch: empties take the general path)
         # One multi-tensor launch per statistic, whatever the number of tensors.
         acc = torch.float32 if dtypes[0] in _LOW_PRECISION else None
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=acc))
-        maxabs = torch.stack(torch._foreach_norm(grads, float("inf")))
+        maxabs = torch.stack(torch._foreach_norm(grads, float("inf"))).to(out_dtype)
         total = torch.linalg.vector_norm(norms)  # torch's clip_grad_norm_ total, same order
         return _result(names, missing, xp, norms=norms.to(out_dtype), max_abs=maxabs,
                        total=total.to(out_dtype))
