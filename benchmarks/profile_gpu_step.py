@@ -10,6 +10,9 @@ repetitions with fresh gradients; the fused optimizer's own cost of ``found_inf`
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import statistics
 import sys
@@ -109,6 +112,19 @@ def main(argv=None) -> int:
                                       row_limit=40)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    # host time by Python function (what launches cost on the CPU side)
+    for name, fn in (("guard_step", g.step), ("grad_stats", lambda: gg.grad_stats(named))):
+        pr = cProfile.Profile()
+        for _ in range(20):
+            fresh()
+            sync()
+            pr.enable()
+            fn()
+            pr.disable()
+        sync()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+        (out / f"cprofile_{name}.txt").write_text(buf.getvalue())
     (out / "profile_step.json").write_text(json.dumps(res, indent=1))
     (out / "profile_step.txt").write_text(table)
     for k in variants:

@@ -41,6 +41,10 @@ class Backend:
     def isfinite(self, x):
         raise NotImplementedError
 
+    def nonfinite(self, x):
+        """NaN or +-Inf, elementwise."""
+        raise NotImplementedError
+
     def minimum(self, x, cap: float):
         raise NotImplementedError
 
@@ -76,6 +80,9 @@ class _Host(Backend):
     def isfinite(self, x):
         return np.isfinite(x)
 
+    def nonfinite(self, x):
+        return ~np.isfinite(x)
+
     def minimum(self, x, cap):
         return np.minimum(x, x.dtype.type(cap))
 
@@ -84,7 +91,9 @@ class _Host(Backend):
             return np.reciprocal(x)
 
     def where(self, cond, x, other):
-        return np.asarray(np.where(cond, x, np.asarray(other, np.result_type(x))))
+        # a Python number takes the array argument's dtype (torch's rule for scalars)
+        dt = np.result_type(*[a for a in (x, other) if isinstance(a, (np.ndarray, np.generic))])
+        return np.asarray(np.where(cond, np.asarray(x, dt), np.asarray(other, dt)))
 
     def tensor(self, x):
         return torch.from_numpy(np.asarray(x))
@@ -111,6 +120,11 @@ class _Device(Backend):
     def isfinite(self, x):
         return torch.isfinite(x)
 
+    def nonfinite(self, x):
+        # x - x is 0 for every finite x and NaN for NaN/Inf: two kernels where
+        # ~isfinite() launches five (abs, ne, eq, mul, not)
+        return (x - x) != 0
+
     def minimum(self, x, cap):
         return x.clamp(max=cap)
 
@@ -130,16 +144,16 @@ class _Device(Backend):
 HOST, DEVICE = _Host(), _Device()
 
 
-def norm_coefficient(max_norm, total, xp: Backend):
+def norm_coefficient(max_norm, total, xp: Backend, bad=None):
     """``min(1, max_norm / (total + 1e-6))``, 1 where ``total`` is NaN/Inf.
 
     torch's ``clip_grad_norm_`` formula; ``reciprocal() * max_norm`` is what
     ``max_norm / t`` runs in torch, spelled out so that both backends perform the
     very same IEEE operations.  ``max_norm`` may be a float or an array (AutoClip's
-    threshold).
+    threshold).  ``bad``: ``total``'s non-finite flag when the caller has it already.
     """
     coef = xp.minimum(xp.reciprocal(total + EPS) * max_norm, 1.0)
-    return xp.where(xp.isfinite(total), coef, 1.0)
+    return xp.where(xp.nonfinite(total) if bad is None else bad, 1.0, coef)
 
 
 EPS = 1e-6  # torch's clip_grad_norm_ adds this to the total norm

@@ -127,11 +127,18 @@ class RowWriter:
             f32 = torch.float32
             dev = buf.device
             lr_t = self._lr(lr, dev)
+            bad = d.bad.to(f32)
             torch.stack([t.to(f32) for t in (
-                d.bad, skipped, self._nan if loss is None else loss, d.loss_bad, stats.total,
-                coef, lr_t, self._nan if param_norm is None else param_norm)], out=row[:G])
+                bad, bad if skipped is d.bad else skipped, self._nan if loss is None else loss,
+                d.loss_bad, stats.total, coef, lr_t, self._nan if param_norm is None else param_norm)],
+                out=row[:G])
             if not missing:
-                torch.cat([stats.norms.to(f32), stats.max_abs.to(f32)], out=row[G:])
+                sumsq = stats.device_sumsq
+                if sumsq is not None:  # the norms straight into the row: one kernel
+                    torch.sqrt(sumsq, out=row[G:G + n])
+                else:
+                    row[G:G + n].copy_(stats.norms)
+                row[G + n:].copy_(stats.max_abs_raw)
             else:
                 row[G:G + n].fill_(float("nan"))
                 row[G + n:].zero_()

@@ -172,6 +172,8 @@ class GlobalNorm(ClipPolicy):
         self.norm_type = check_norm_type(norm_type)
 
     def coefficient(self, grads, stats):
+        if self.norm_type == 2.0:  # the statistics' own total, and its non-finite flag
+            return norm_coefficient(self.max_norm, stats.total, stats.xp, bad=stats.total_bad)
         return norm_coefficient(self.max_norm, _total_norm(grads, stats, self.norm_type), stats.xp)
 
     def config(self):

@@ -102,12 +102,18 @@ class GradStats:
         return self._a["total"]
 
     @property
+    def total_bad(self):
+        """() bool in this object's backend: a gradient holds NaN/Inf or the global norm
+        overflowed (the guard's veto not included)."""
+        a = self._a
+        if a["bad"] is None:
+            a["bad"] = self.xp.nonfinite(a["total"])
+        return a["bad"]
+
+    @property
     def flag(self):
         """() bool in this object's backend: ``bad`` without making a tensor."""
-        a = self._a
-        bad = a["bad"]
-        if bad is None:
-            bad = a["bad"] = ~self.xp.isfinite(a["total"])
+        bad = self.total_bad
         return bad if self.veto is None else bad | self.veto
 
     def host(self, field: str):
@@ -118,6 +124,17 @@ class GradStats:
             with np.errstate(over="ignore", invalid="ignore"):
                 self._a["norms"] = np.sqrt(self._a["sumsq"]).astype(self._a["total"].dtype)
         return self._a[field]
+
+    @property
+    def device_sumsq(self):
+        """The sums of squares as held (device backend, before any norm was derived), or None."""
+        a = self._a
+        return a["sumsq"] if not self.xp.on_host and a["norms"] is None else None
+
+    @property
+    def max_abs_raw(self):
+        """max |g| as held by the backend (any float dtype)."""
+        return self._a["max_abs"]
 
     # ---- tensor fields
     def _tensor(self, key, make):
@@ -329,8 +346,10 @@ def compute_stats(names: list[str], grads: list[Tensor], missing: list[str] | No
     if _triton_stats.available(grads):
         sumsq, maxabs = _triton_stats.sumsq_maxabs(grads)
         return _from_sumsq(names, missing, out_dtype, sumsq, maxabs, xp)
-    if len(set(dtypes)) == 1 and len({g.device for g in grads}) == 1 and 0 not in map(_numel, grads):
-        # (the inf-norm of an empty tensor is an error in torch: empties take the general path)
+    if (len(set(dtypes)) == 1 and len({g.device for g in grads}) == 1 and 0 not in map(_numel, grads)
+            and not (grads[0].device.type == "cpu" and _kernel.available())):
+        # (the inf-norm of an empty tensor is an error in torch: empties take the general path;
+        # CPU tensors the kernel can partly read too)
         # One multi-tensor launch per statistic, whatever the number of tensors.
         acc = torch.float32 if dtypes[0] in _LOW_PRECISION else None
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=acc))
