@@ -285,8 +285,10 @@ def sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     maxabs = torch.empty(p, dtype=torch.float32, device=device)
     part_sum = torch.empty(max(lay.n_blocks, 1), dtype=torch.float32, device=device)
     part_max = torch.empty(max(lay.n_blocks, 1), dtype=torch.int32, device=device)
-    # Triton launches on the current device: make it the gradients' (cuda:1 while cuda:0 is current)
-    with torch.cuda.device(device) if device.type == "cuda" else _NO_CONTEXT:
+    # Triton launches on the current device: make it the gradients' (cuda:1 while cuda:0 is
+    # current); the context costs a few microseconds, so only when it is another device
+    switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else _NO_CONTEXT:
         for (dtype, block, nblk, base, nmem, blk_tensor, blk_chunk, members, lo, hi), aligned in zip(
                 lay.groups, lay.aligned):
             if nblk:

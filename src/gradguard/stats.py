@@ -1,24 +1,21 @@
-"""Per-tensor gradient statistics in one pass, on the gradients' device.
+"""Per-tensor gradient statistics in one read, on the gradients' device.
 
 ``grad_stats`` is the first arrow of gradguard's flow (gradients -> statistics):
-for every parameter with a gradient it yields the L2 norm, the largest |g| and
-a non-finite flag, plus the global L2 norm, as device tensors.  Nothing here
-reads a value back to the host.
+for every parameter with a gradient it yields the L2 norm, the largest |g| and a
+non-finite flag, plus the global L2 norm.  Nothing here reads a value back.
 
-How the pass is done:
-- CPU tensors of float32/float64/float16/bfloat16: one read per tensor in a
-  small C kernel (``_cstats.c``), sum of squares in float64 and max |g| as
-  integer bits (NaN and Inf propagate).
-- Everything else (CUDA, or no compiled kernel): grouped by (device, dtype),
-  ``torch._foreach_norm`` for the L2 norms (float32 accumulation for
-  fp16/bf16) and ``_foreach_norm(.., inf)`` / ``aminmax`` for max |g|.
-NaN/Inf anywhere in a tensor makes its max |g| non-finite; that is the flag.
-A finite gradient whose squared norm overflows is *not* flagged non-finite,
-but its ``global_norm`` is Inf: ``GradStats.bad`` covers both.
+How the read is done (``compute_stats``; a guard picks its path once, ``Statistics``):
+- CPU, float32/64/16/bf16: the C kernel (``_cstats.c``), float64 sums, host numbers.
+- CUDA with Triton: one multi-tensor kernel (``_triton_stats``), no host sync.
+- Otherwise: ``torch._foreach_norm`` (L2 and inf), a constant number of launches.
+NaN/Inf in a tensor make its max |g| non-finite.  A finite gradient whose squared
+norm overflows is not flagged non-finite, but the global norm is Inf: ``bad``
+covers both.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 from collections.abc import Iterable
@@ -246,14 +243,18 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
         raise TypeError("model: expected an nn.Module or an iterable of (name, parameter) pairs, "
                         "got a single Tensor; pass [('weight', tensor)]")
     elif isinstance(model, Iterable):
-        pairs = []
-        for item in model:
+        pairs = list(model)
+        if _plain_pairs(pairs):  # the common case, checked with C-level passes
+            return pairs
+        checked = []
+        for item in pairs:
             if (not isinstance(item, (tuple, list)) or len(item) != 2
                     or not isinstance(item[0], str) or not isinstance(item[1], Tensor)):
                 raise TypeError(
                     "model: expected an nn.Module or an iterable of (name, parameter) pairs; "
                     f"got an item of type {type(item).__name__}")
-            pairs.append((item[0], item[1]))
+            checked.append((item[0], item[1]))
+        pairs = checked
     else:
         raise TypeError("model: expected an nn.Module or an iterable of (name, parameter) pairs, "
                         f"got {type(model).__name__}")
@@ -276,6 +277,28 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
                             "real floating-point parameters only")
         seen[name] = p
     return pairs
+
+
+def _plain_pairs(pairs: list) -> bool:
+    """Whether ``pairs`` are valid ``(str, floating Tensor)`` pairs with distinct names and
+    tensors, none on the meta device: ``grad_stats`` may be called every step, and a
+    Python loop over ~150 pairs costs more than the statistics.  False: let the loop
+    below find the error and name it."""
+    if not pairs or not all(map(_is_pair, pairs)):
+        return False
+    names, tensors = zip(*pairs)
+    return (all(map(_is_str, names)) and all(map(_is_tensor, tensors))
+            and len(set(names)) == len(names) and len(set(map(id, tensors))) == len(tensors)
+            and all(map(Tensor.is_floating_point, tensors)) and not any(map(_is_meta, tensors)))
+
+
+def _is_pair(x) -> bool:
+    return type(x) in (tuple, list) and len(x) == 2
+
+
+_is_str = functools.partial(lambda t, x: isinstance(x, t), str)
+_is_tensor = functools.partial(lambda t, x: isinstance(x, t), Tensor)
+_is_meta = operator.attrgetter("is_meta")
 
 
 def grad_stats(named_params) -> GradStats:
@@ -454,17 +477,23 @@ class Statistics:
 
     def __init__(self, params: list[Tensor], xp):
         self.xp = xp
-        self.dtypes, self.out = None, torch.float32
+        self.dtypes, self.out, self.triton = None, torch.float32, False
         dts = tuple(p.dtype for p in params)
-        if xp is HOST and local_grads(params) is params and set(dts) <= _kernel.KERNEL_DTYPES.keys():
+        plain = local_grads(params) is params
+        if xp is HOST and plain and set(dts) <= _kernel.KERNEL_DTYPES.keys():
             self.dtypes = dts
-            self.out = torch.float64 if torch.float64 in dts else torch.float32
+        elif xp is DEVICE and plain and _triton_stats.available(params):
+            self.dtypes, self.triton = dts, True
+        self.out = torch.float64 if torch.float64 in dts else torch.float32
 
     def __call__(self, names: list[str], grads: list[Tensor], missing: list[str]) -> GradStats:
         kd = self.dtypes
-        if (kd is not None and not missing and _kernel.available() and tuple(map(_dtype, grads)) == kd
-                and all_dense(grads)):
-            # compute_stats' checks, minus what torch already enforces for a parameter's
-            # gradient (its device and size); dtype and layout are checked just above.
-            return kernel_stats(names, grads, missing, kd, self.out)
+        # compute_stats' checks, minus what torch already enforces for a parameter's
+        # gradient (its device and size); dtype and layout are checked here.
+        if kd is not None and not missing and tuple(map(_dtype, grads)) == kd and all_dense(grads):
+            if self.triton:
+                sumsq, maxabs = _triton_stats.sumsq_maxabs(grads)
+                return _from_sumsq(names, missing, self.out, sumsq, maxabs, self.xp)
+            if _kernel.available():
+                return kernel_stats(names, grads, missing, kd, self.out)
         return compute_stats(names, grads, missing, xp=self.xp)
