@@ -18,8 +18,9 @@ _grad = operator.attrgetter("grad")
 _NoneType = type(None)
 
 
-def gather(names: list[str], params: list[Tensor]):
-    """``(names, params, grads, missing)`` of the parameters that have a gradient."""
+def gather(names: list[str], params: list[Tensor], allow_none: bool = False):
+    """``(names, params, grads, missing)`` of the parameters that have a gradient
+    (RuntimeError when none has, unless ``allow_none``)."""
     grads = list(map(_grad, params))
     if _NoneType not in map(type, grads):  # the common case: one C-level pass
         return names, params, grads, []
@@ -31,7 +32,7 @@ def gather(names: list[str], params: list[Tensor]):
             kept_names.append(n)
             kept_params.append(p)
             kept.append(g)
-    if not kept:
+    if not kept and not allow_none:
         raise RuntimeError("guard.step(): no watched parameter has a gradient; "
                            "call loss.backward() before guard.step()")
     return kept_names, kept_params, kept, missing

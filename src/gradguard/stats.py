@@ -15,7 +15,6 @@ covers both.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import operator
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from . import _kernel, _triton_stats
 from .backend import DEVICE, HOST
+from .gather import gather
 from .shards import dtensor_type as _dtensor_type, local_grads, reduce_shards
 
 __all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm", "Statistics"]
@@ -284,20 +284,16 @@ def _plain_pairs(pairs: list) -> bool:
     tensors, none on the meta device: ``grad_stats`` may be called every step, and a
     Python loop over ~150 pairs costs more than the statistics.  False: let the loop
     below find the error and name it."""
-    if not pairs or not all(map(_is_pair, pairs)):
+    if not pairs or not set(map(type, pairs)) <= _PAIR_TYPES or set(map(len, pairs)) != {2}:
         return False
     names, tensors = zip(*pairs)
-    return (all(map(_is_str, names)) and all(map(_is_tensor, tensors))
+    return (set(map(type, names)) == {str} and set(map(type, tensors)) <= _TENSOR_TYPES
             and len(set(names)) == len(names) and len(set(map(id, tensors))) == len(tensors)
             and all(map(Tensor.is_floating_point, tensors)) and not any(map(_is_meta, tensors)))
 
 
-def _is_pair(x) -> bool:
-    return type(x) in (tuple, list) and len(x) == 2
-
-
-_is_str = functools.partial(lambda t, x: isinstance(x, t), str)
-_is_tensor = functools.partial(lambda t, x: isinstance(x, t), Tensor)
+_PAIR_TYPES = frozenset((tuple, list))
+_TENSOR_TYPES = frozenset((Tensor, nn.Parameter))
 _is_meta = operator.attrgetter("is_meta")
 
 
@@ -316,13 +312,7 @@ def grad_stats(named_params) -> GradStats:
         >>> s.global_norm, s.names, s.norms   # device tensors; read them when you need them
     """
     pairs = named_parameters(named_params)
-    names, grads, missing = [], [], []
-    for name, p in pairs:
-        if p.grad is None:
-            missing.append(name)
-        else:
-            names.append(name)
-            grads.append(p.grad)
+    names, params, grads, missing = gather([n for n, _ in pairs], [p for _, p in pairs], allow_none=True)
     return compute_stats(names, grads, missing)
 
 
