@@ -143,3 +143,12 @@ def test_guard_state_round_trip(tmp_path):
 def test_bad_arguments(bad, exc):
     with pytest.raises(exc):
         GradGuardCallback(**bad)
+
+
+def test_default_detectors_are_kept(tmp_path):
+    """The logging window is a row observer, not a detector: the guard keeps its default
+    detectors (before, passing the window as `detectors` replaced them)."""
+    cb = GradGuardCallback()
+    make_trainer(tmp_path, tiny_model(), [cb], steps=2).train()
+    assert [type(d).__name__ for d in cb.guard.detectors] == [type(d).__name__ for d in gg.default_detectors()]
+    assert cb.window in cb.guard._observers

@@ -51,6 +51,21 @@ UNUSED_ADVICE = [
     "If they are meant to be frozen, set requires_grad_(False) (and leave them out of the optimizer).",
 ]
 
+# The same advice by topic, for ``gradguard diagnose`` (one catalogue for both).
+TOPICS = {
+    "lstm": RNN_ADVICE,
+    "tbptt": TBPTT_ADVICE,
+    "clip": CLIP_ADVICE,
+    "fewer": "Use fewer layers, or add residual connections so gradients have a short path.",
+    "relu": ACT_ADVICE,
+    "leaky": "Use LeakyReLU or ELU (non-zero slope for negative inputs) so dead units can recover.",
+    "init": INIT_ADVICE,
+    "norm": NORM_ADVICE,
+    "reg": L2_ADVICE,
+    "lr": LR_ADVICE,
+    "orth": RECUR_INIT_ADVICE,
+}
+
 
 def advice_for(kind: str, layers, owner, all_types, data: dict | None = None) -> list[str]:
     """Concrete remedies for an event of ``kind`` whose culprits are ``layers``.

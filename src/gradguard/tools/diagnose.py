@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..advice import TOPICS
 from ..events import SEVERITIES
 
 __all__ = ["diagnose", "Diagnosis", "Finding", "LayerInfo", "add_arguments", "run", "ADVICE"]
@@ -48,19 +49,7 @@ INIT_LARGE, INIT_SMALL = 2.0, 0.3          # std vs He (large) and vs LeCun 1/sq
 RADIUS_HIGH, RADIUS_LOW = 1.0, 0.5
 DEEP = 10                                  # weight layers
 
-ADVICE = {
-    "lstm": "Replace the plain RNN with nn.LSTM or nn.GRU: gated units keep long-range gradients bounded.",
-    "tbptt": "Use truncated backpropagation through time (detach the hidden state every k steps).",
-    "clip": "Clip gradients, e.g. gg.Guard(model, opt, clip=gg.GlobalNorm(1.0)) (Keras: clipnorm=1.0, clipvalue=0.5).",
-    "fewer": "Use fewer layers, or add residual connections so gradients have a short path.",
-    "relu": "Use ReLU, LeakyReLU or ELU instead of sigmoid/tanh in hidden layers: they do not squash gradients.",
-    "leaky": "Use LeakyReLU or ELU (non-zero slope for negative inputs) so dead units can recover.",
-    "init": "Initialise with He (kaiming_normal_, for ReLU) or Xavier (xavier_uniform_, for tanh/sigmoid) for each layer's fan-in.",
-    "norm": "Add BatchNorm (CNN/MLP) or LayerNorm (RNN/transformer) between layers to keep activations in range.",
-    "reg": "Add L2 (weight_decay) or L1 weight regularization to keep weights from growing.",
-    "lr": "Lower the learning rate, or use a smaller batch.",
-    "orth": "Initialise recurrent weights orthogonally (nn.init.orthogonal_) so the spectral radius is 1.",
-}
+ADVICE = TOPICS  # the advice catalogue shared with the detectors (gradguard.advice)
 
 _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
