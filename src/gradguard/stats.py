@@ -436,16 +436,16 @@ def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         if i not in in_kernel:
             groups.setdefault((g.device, g.dtype), []).append(i)
     for (device, dtype), idxs in groups.items():
-        gs = [grads[i] for i in idxs]
+        group = [grads[i] for i in idxs]
         acc = torch.float32 if dtype in _LOW_PRECISION else None
-        norms = torch._foreach_norm(gs, 2.0, dtype=acc)
+        norms = torch._foreach_norm(group, 2.0, dtype=acc)
         if device.type == "cpu":
             # _foreach_norm(.., inf) is ~15x one read on CPU; aminmax is ~1x.
             mm = [torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
-                  for g in gs]
+                  for g in group]
             maxabs = [torch.maximum(-lo, hi) for lo, hi in mm]
         else:
-            maxabs = torch._foreach_norm(gs, float("inf"))
+            maxabs = torch._foreach_norm(group, float("inf"))
         idx = _index_tensor(tuple(idxs), main)
         sumsq_all.index_copy_(0, idx, torch.stack(norms).to(main, torch.float64, non_blocking=True).square())
         maxabs_all.index_copy_(0, idx, torch.stack(maxabs).to(main, torch.float64, non_blocking=True))
@@ -477,13 +477,13 @@ class Statistics:
         self.out = torch.float64 if torch.float64 in dts else torch.float32
 
     def __call__(self, names: list[str], grads: list[Tensor], missing: list[str]) -> GradStats:
-        kd = self.dtypes
+        dtypes = self.dtypes
         # compute_stats' checks, minus what torch already enforces for a parameter's
         # gradient (its device and size); dtype and layout are checked here.
-        if kd is not None and not missing and tuple(map(_dtype, grads)) == kd and all_dense(grads):
+        if dtypes is not None and not missing and tuple(map(_dtype, grads)) == dtypes and all_dense(grads):
             if self.triton:
                 sumsq, maxabs = _triton_stats.sumsq_maxabs(grads)
                 return _from_sumsq(names, missing, self.out, sumsq, maxabs, self.xp)
             if _kernel.available():
-                return kernel_stats(names, grads, missing, kd, self.out)
+                return kernel_stats(names, grads, missing, dtypes, self.out)
         return compute_stats(names, grads, missing, xp=self.xp)
