@@ -1,6 +1,6 @@
 """Per-tensor sum of squares and max |g| of many CUDA gradients in one read (Triton).
 
-A leaf module: imports only torch (and Triton, lazily, on first use with CUDA
+A leaf module: imports only torch (and gradguard.gather) (and Triton, lazily, on first use with CUDA
 tensors, so ``import gradguard`` stays cheap and works without Triton).
 
     available(grads) -> bool
@@ -60,6 +60,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from .gather import dense as _dense
 
 __all__ = ["available", "sumsq_maxabs"]
 
@@ -157,16 +159,6 @@ def _kernels():
 
 def _disabled() -> bool:
     return os.environ.get("GRADGUARD_NO_TRITON", "") not in ("", "0")
-
-
-def _dense(g: Tensor) -> bool:
-    """Elements fill ``numel`` consecutive slots (contiguous or channels-last): the
-    statistics do not depend on the order, so the kernel reads such a tensor linearly."""
-    if g.is_contiguous():
-        return True
-    d = g.dim()
-    return ((d == 4 and g.is_contiguous(memory_format=torch.channels_last))
-            or (d == 5 and g.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
 def available(grads: list[Tensor]) -> bool:

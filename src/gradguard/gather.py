@@ -9,13 +9,15 @@ from __future__ import annotations
 import operator
 import weakref
 
+import torch
 from torch import Tensor
 
-__all__ = ["gather", "grad_signature", "same_grads"]
+__all__ = ["gather", "grad_signature", "same_grads", "dense", "all_dense"]
 
 _version = operator.attrgetter("_version")
 _grad = operator.attrgetter("grad")
 _NoneType = type(None)
+_is_contiguous = Tensor.is_contiguous
 
 
 def gather(names: list[str], params: list[Tensor], allow_none: bool = False):
@@ -56,3 +58,20 @@ def same_grads(sig: tuple[list, list] | None, grads: list[Tensor]) -> bool:
     if refs[0]() is not grads[0] or versions[0] != grads[0]._version:
         return False
     return all(r() is g for r, g in zip(refs, grads)) and versions == list(map(_version, grads))
+
+
+def dense(g: Tensor) -> bool:
+    """Whether ``g``'s elements fill ``numel`` consecutive slots (any order): contiguous, or
+    channels-last (conv weights and their gradients under ``memory_format=channels_last``).
+    Norms and max |g| do not depend on the order, so the kernel reads such a tensor linearly.
+    Sparse tensors are never dense here."""
+    if g.is_contiguous():
+        return True
+    d = g.dim()
+    return ((d == 4 and g.is_contiguous(memory_format=torch.channels_last))
+            or (d == 5 and g.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def all_dense(grads: list[Tensor]) -> bool:
+    """``dense`` for every tensor (the common all-contiguous case in one C-level pass)."""
+    return all(map(_is_contiguous, grads)) or all(map(dense, grads))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import _kernel, _triton_stats
 from .backend import DEVICE, HOST
-from .gather import gather
+from .gather import all_dense, dense, gather  # noqa: F401 (dense: public here since 0.1)
 from .shards import dtensor_type as _dtensor_type, local_grads, reduce_shards
 
 __all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm", "Statistics"]
@@ -33,24 +33,6 @@ __all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "loca
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", "is_cpu"))
 _numel = Tensor.numel
-_is_contiguous = torch.Tensor.is_contiguous
-
-
-def dense(g: Tensor) -> bool:
-    """Whether ``g``'s elements fill ``numel`` consecutive slots (any order): contiguous, or
-    channels-last (conv weights and their gradients under ``memory_format=channels_last``).
-    Norms and max |g| do not depend on the order, so the kernel reads such a tensor linearly.
-    Sparse tensors are never dense here."""
-    if g.is_contiguous():
-        return True
-    d = g.dim()
-    return ((d == 4 and g.is_contiguous(memory_format=torch.channels_last))
-            or (d == 5 and g.is_contiguous(memory_format=torch.channels_last_3d)))
-
-
-def all_dense(grads: list[Tensor]) -> bool:
-    """``dense`` for every tensor (the common all-contiguous case in one C-level pass)."""
-    return all(map(_is_contiguous, grads)) or all(map(dense, grads))
 
 
 class GradStats:
