@@ -19,11 +19,14 @@ withheld step.  ``_step`` is the one place that calls ``optimizer.step``.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
 from .clip import _scale_
 
-__all__ = ["Stepper", "PlainStep", "FusedStep", "ScalerStep", "NoStep", "stepper_for", "is_fused"]
+__all__ = ["Stepper", "PlainStep", "FusedStep", "ScalerStep", "NoStep", "stepper_for", "is_fused",
+           "AfterApplied"]
 
 _MISSING = object()
 
@@ -149,8 +152,12 @@ class FusedStep(Stepper):
 
 
 class ScalerStep(Stepper):
-    """GradScaler: it unscaled the gradients already (the guard calls ``unscale_``);
-    our skip is added to its ``found_inf`` so that ``scaler.step`` withholds the step."""
+    """A ``torch.amp.GradScaler``: the guard unscaled the gradients already (``unscale_``).
+
+    The scaler backs off on its own overflow only, never on a step the guard withholds for
+    another reason (a NaN loss with finite gradients, a held step): its ``found_inf`` is
+    left alone and our skip reaches the optimizer directly.
+    """
 
     def __init__(self, optimizer, scaler):
         super().__init__(optimizer, scaler)
@@ -159,22 +166,33 @@ class ScalerStep(Stepper):
     def apply(self, d, clip, params, grads, stats, closure=None):
         xp = stats.xp
         opt, scaler = self.optimizer, self.scaler
-        fused = is_fused(opt)
+        if not is_fused(opt):
+            coef = self._clip_in_place(d, clip, params, grads, stats)
+            # scaler.step() reads its found_inf on the host anyway; ours is read with it
+            if d.may_skip and self._read_skip(d):
+                return coef  # scaler.update() then sees its own found_inf only
+            _step(opt, closure, scaler=scaler)
+            return coef
+        # GradScaler.step's branch for fused optimizers, with our skip joined to the
+        # optimizer's found_inf and not to the scaler's.
         attrs = {}
-        if fused and clip is not None and d.coef is not None:
+        if clip is not None and d.coef is not None:
             coef = d.coef
-            # kept by GradScaler when the gradients are already unscaled
             attrs["grad_scale"] = xp.tensor(xp.reciprocal(coef))
         else:
             coef = self._clip_in_place(d, clip, params, grads, stats)
-        found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
-        if d.may_skip and found:
-            t = next(iter(found.values()))
-            t.add_(xp.tensor(d.skip).to(t.device, t.dtype, non_blocking=True))
-            if fused and not self._fused._ready(params) and sum(
-                    float(v) for v in found.values()) > 0:  # host sync: a fused optimizer's first steps only
-                return coef  # scaler.update() still backs off: it reads the same found_inf
-        _step(opt, closure, scaler=scaler, **attrs)
+        state = scaler._per_optimizer_states[id(opt)]
+        founds = list(state["found_inf_per_device"].values())
+        dev = founds[0].device if founds else params[0].device
+        found = sum(f.to(dev, non_blocking=True) for f in founds) if founds else torch.zeros((), device=dev)
+        if d.may_skip:
+            # the fused kernels skip on found_inf == 1 exactly: a sum of two flags must stay 1
+            found = (found + xp.tensor(d.skip).to(dev, found.dtype, non_blocking=True)).clamp(max=1.0)
+        if not self._fused._ready(params) and float(found) > 0:  # host sync: a fused optimizer's first steps only
+            return coef
+        attrs["found_inf"] = found
+        _step(opt, closure, **attrs)
+        state["stage"] = OptState.STEPPED
         return coef
 
 
@@ -183,3 +201,33 @@ def stepper_for(optimizer, scaler=None) -> Stepper:
     if scaler is not None:
         return ScalerStep(optimizer, scaler)
     return FusedStep(optimizer) if is_fused(optimizer) else PlainStep(optimizer)
+
+
+class AfterApplied:
+    """What follows an *applied* update only: the LR scheduler's step and an EMA/SWA update.
+
+    A withheld step advances neither (an LR schedule counts updates, and an average must not
+    take in the weights of a step that did not happen).  On the device backend knowing
+    "applied" is one read of the skip flag per step, paid only when one of them is given.
+    """
+
+    def __init__(self, scheduler=None, ema=None, model=None):
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler must be an LR scheduler (with step()), got {type(scheduler).__name__}")
+        if ema is not None and not callable(getattr(ema, "update_parameters", None)):
+            raise TypeError("ema must be a torch.optim.swa_utils.AveragedModel (with update_parameters), "
+                            f"got {type(ema).__name__}")
+        if ema is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError("ema needs the model: pass an nn.Module as model")
+        self.scheduler, self.ema = scheduler, ema
+        self.model = getattr(model, "_orig_mod", model)
+
+    def run(self, d) -> None:
+        if self.scheduler is None and self.ema is None:
+            return
+        if d.may_skip and bool(d.skip):  # host sync: on an accelerator, one read per step
+            return
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.scheduler is not None:
+            self.scheduler.step()

@@ -16,9 +16,9 @@ stay bitwise unchanged on a withheld step.
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
+import threading
 import warnings
 import weakref
 
@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .apply import NoStep, is_fused, stepper_for
+from .apply import AfterApplied, NoStep, is_fused, stepper_for
 from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
-from .detect import _from_list, _to_list, default_detectors, nonfinite_event
+from .detect import _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
+from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
@@ -42,7 +43,6 @@ from .stats import Statistics, compute_stats, local_grads, named_parameters, par
 __all__ = ["Guard", "StepReport"]
 
 BACKENDS = ("auto", "host", "device")
-STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 _G = N_GLOBAL  # kept for one release: old code read the layout from here
 
 
@@ -89,6 +89,10 @@ class Guard:
             norm (the ``param_norm`` column, read by weight_growth); 0: never.
         backend: ``"auto"``: decide on host numbers for CPU parameters, on
             device tensors elsewhere; ``"device"``: the accelerator lane on CPU too.
+        scheduler: an LR scheduler the guard steps after each *applied* update
+            only (a skipped step does not advance it); ``ema``: an
+            ``AveragedModel`` (EMA/SWA) updated after applied updates only.  On an
+            accelerator either costs one read of the skip flag per step.
 
     Example:
         >>> guard = gg.Guard(model, optimizer, clip=gg.GlobalNorm(1.0))
@@ -100,7 +104,7 @@ class Guard:
                  run_name: str | None = None, detectors: list | None = None,
                  remedies: dict | None = None, param_norm_every: int = 10,
                  process_group=None, log_rank: int | str = 0, sinks: list | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", scheduler=None, ema=None):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -134,6 +138,11 @@ class Guard:
                              f"(shapes {unseen[:3]}); clipping would silently miss them. Pass the "
                              "whole model, or every (name, parameter) the optimizer trains.")
         self.optimizer = optimizer
+        self._groups_seen = self._group_sizes()
+        self._after = AfterApplied(scheduler, ema, model)  # follows applied updates only
+        self.scheduler, self.ema = scheduler, ema
+        self._busy = threading.Lock()  # one step at a time (steps from two threads are refused)
+        self.failures = {"detectors": 0, "observers": 0}
         self.clip = clip
         if clip is not None:
             clip.bind(self.names)
@@ -284,7 +293,28 @@ class Guard:
         """
         return self._run(loss, batch, None, self._no_step)
 
+    def _group_sizes(self) -> tuple:
+        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
+
     def _run(self, loss, batch, closure, stepper) -> StepReport:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("guard.step() is already running in another thread: a Guard is stepped "
+                               "from one thread (its step counter and buffer are not shared)")
+        try:
+            return self._run_locked(loss, batch, closure, stepper)
+        finally:
+            self._busy.release()
+
+    def _run_locked(self, loss, batch, closure, stepper) -> StepReport:
+        if self._group_sizes() != self._groups_seen:  # add_param_group() after Guard()
+            watched = {id(p) for p in self.params}
+            unseen = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+                      if id(p) not in watched]
+            if unseen:
+                raise ValueError(f"optimizer gained {len(unseen)} parameter(s) the guard does not watch "
+                                 f"(shapes {unseen[:3]}, e.g. by add_param_group): their NaN would be "
+                                 "stepped. Build a new Guard over every parameter the optimizer trains.")
+            self._groups_seen = self._group_sizes()
         if self._scaler_active():
             from torch.amp.grad_scaler import OptState
 
@@ -309,6 +339,8 @@ class Guard:
             return self._raise(stats, d, loss_v, pnorm, grads)
         coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
         skipped = d.skip
+        if stepper is self._stepper:
+            self._after.run(d)
         self._writer.write(self._step, stats, d, coef, skipped, loss_v,
                            self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
         self._last_grads = grad_signature(grads)
@@ -382,7 +414,12 @@ class Guard:
             if self.on_nonfinite == "warn":
                 warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=3)
         for det in self.detectors:
-            new_events += det.update(steps, rows, self.run)
+            try:
+                new_events += det.update(steps, rows, self.run)
+            except Exception as exc:  # a failing detector is reported and counted, rows still go on
+                self.failures["detectors"] += 1
+                warnings.warn(f"gradguard: detector {det!r} failed on steps {steps[0]}-{steps[-1]} "
+                              f"({exc!r}); training continues", RuntimeWarning, stacklevel=3)
         new_events.sort(key=lambda e: e.step)
         alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
         self._events += new_events
@@ -390,6 +427,7 @@ class Guard:
             try:
                 fn(steps, rows)
             except Exception as exc:  # an observer never stops training
+                self.failures["observers"] += 1
                 warnings.warn(f"gradguard: row observer {fn!r} failed: {exc!r}", RuntimeWarning, stacklevel=3)
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
@@ -439,40 +477,11 @@ class Guard:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "version" not in state_dict:
-            raise TypeError("state_dict must be a dict made by Guard.state_dict()")
-        if state_dict["version"] > STATE_VERSION:
-            raise ValueError(f"state_dict has version {state_dict['version']}; this gradguard reads "
-                             f"up to {STATE_VERSION}: upgrade gradguard")
-        if list(state_dict["names"]) != self.names:
-            theirs = set(state_dict["names"])
-            diff = sorted(theirs.symmetric_difference(self.names))[:3]
-            raise ValueError(f"state_dict was saved for another model (parameter names differ, "
-                             f"e.g. {diff})")
-        saved = state_dict.get("clip_config", state_dict.get("clip") and {"policy": "?"})
-        mine = self.clip.config() if self.clip is not None else None
-        if "clip_config" in state_dict and (saved or {}).get("policy") != (mine or {}).get("policy"):
-            def name(c):
-                return "None" if c is None else c.get("policy", "?")
-            raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
-                             f"clip={name(mine)}: its learned state would be lost or misread")
-        dets = state_dict.get("detectors", [])
-        if len(dets) != len(self.detectors):
-            raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
-                             f"{len(self.detectors)} detectors")
-        # Load into copies first: a state that fails half-way must leave this guard untouched.
-        clip = copy.deepcopy(self.clip)
-        if clip is not None and state_dict.get("clip") is not None:
-            clip.load_state_dict(state_dict["clip"])
-        keep = {id(p): p for p in self.params}  # never copy the model's tensors
-        for d, sd in zip(copy.deepcopy(self.detectors, keep), dets):
-            d.load_state_dict(sd)
-        events = [Event.from_dict(e) for e in state_dict["events"]]
-        pending = state_dict.get("pending") or {"steps": [], "rows": []}
-        rows = _from_list(pending["rows"]).astype(np.float32).reshape(len(pending["rows"]), -1) \
-            if pending["rows"] else np.zeros((0, self._buffer.width), np.float32)
-        if len(rows) != len(pending["steps"]) or (len(rows) and rows.shape[1] != self._buffer.width):
-            raise ValueError("state_dict['pending'] does not hold rows of this guard's layout")
+        dets = state_dict.get("detectors", []) if isinstance(state_dict, dict) else []
+        # Validate everything, and load into copies first: a state that fails half-way must
+        # leave this guard untouched.
+        events, pending, rows = check_state(state_dict, self.names, self.clip, self.detectors,
+                                            self.params, self._buffer.width)
         self.flush()
         self._step = int(state_dict["step"])
         self._skipped = int(state_dict["skipped"])

@@ -15,6 +15,8 @@ object may serve several keys (one shared snapshot for all).
 """
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 from ..events import KINDS, Event
@@ -52,6 +54,7 @@ class Remedies:
             raise TypeError(f"remedies must be a dict {{kind: action}} or None, got {type(spec).__name__}")
         if not isinstance(ctx, RemedyContext):
             raise TypeError(f"ctx must be a RemedyContext, got {type(ctx).__name__}")
+        self.failures = 0  # actions that raised (reported with a warning, never fatal)
         if log_dir is None:
             log_dir = ctx.log_dir
         self.ctx = ctx
@@ -95,7 +98,10 @@ class Remedies:
     def after_flush(self, ctx: RemedyContext, steps, rows, events: list[Event]) -> Exception | None:
         """Run the actions for ``events``; return the exception to raise once they are recorded."""
         for a in self.actions:
-            a.on_flush(ctx, steps, rows, events)
+            try:
+                a.on_flush(ctx, steps, rows, events)
+            except Exception as exc:  # a failing remedy is reported and counted, never fatal
+                self._failed(a, exc)
         pending = None
         for ev in events:
             acts = list(self.table.get(ev.kind, []))
@@ -107,9 +113,17 @@ class Remedies:
                 except GuardAlarm as exc:
                     pending = pending or exc
                     done = "raised GuardAlarm"
+                except Exception as exc:
+                    self._failed(a, exc)
+                    done = f"failed: {exc!r}"
                 if done:
                     ev.data.setdefault("actions", []).append(done)
         return pending
+
+    def _failed(self, action, exc: Exception) -> None:
+        self.failures += 1
+        warnings.warn(f"gradguard: remedy {action!r} failed ({exc!r}); training continues",
+                      RuntimeWarning, stacklevel=4)
 
     def on_raise(self, ctx: RemedyContext, event: Event) -> None:
         """The core is raising NonFiniteGradientError now: write flight records first."""
