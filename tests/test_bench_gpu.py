@@ -42,7 +42,7 @@ def test_smoke_subprocess(tmp_path):
         assert all(r["median_ms"] > 0 and r["rounds"] >= 3 for r in rows.values())
     assert set(res["sections"]["P3g"]["rows"]) == {
         "plain (fused AdamW)", "torch clip_grad_norm_", "gradguard defaults (store)",
-        "gradguard flush_every=1", "naive .norm().item() + clip"}
+        "gradguard flush_every=1", "gradguard monitoring only (clip=None)", "naive .norm().item() + clip"}
     p4 = res["sections"]["P4g"]
     assert len(p4["syncs_per_step"]) == p4["steps"] == 6
     md = (tmp_path / "gpu_section.md").read_text()
