@@ -120,8 +120,8 @@ def _backward(model, x=None):
 GUARD_ARGS = [
     ("on_nonfinite", dict(on_nonfinite="ignore"), ValueError, r"on_nonfinite must be one of"),
     ("clip", dict(clip=1.0), TypeError, r"clip must be a gradguard ClipPolicy"),
-    ("flush_every-0", dict(flush_every=0), ValueError, r"flush_every must be a positive int"),
-    ("flush_every-float", dict(flush_every=2.0), ValueError, r"flush_every"),
+    ("flush_every-0", dict(flush_every=0), ValueError, r"flush_every must be an int >= 1"),
+    ("flush_every-float", dict(flush_every=2.0), TypeError, r"flush_every"),
     ("param_norm_every", dict(param_norm_every=-1), ValueError, r"param_norm_every must be an int >= 0"),
     ("scaler", dict(scaler=object()), TypeError, r"scaler must be a torch.amp.GradScaler"),
     ("remedies-type", dict(remedies=["lr_backoff"]), TypeError, r"remedies must be a dict"),

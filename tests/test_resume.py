@@ -8,6 +8,7 @@ stateless), detector baselines, remedy state, counters and events.
 """
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,36 @@ def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
     for col in want:
         np.testing.assert_array_equal(got[col], want[col], err_msg=col)
     assert [e.to_dict() for e in store.events("r")] == [e.to_dict() for e in ref.events("r")]
+
+
+def test_state_saved_by_0_1_0_loads_and_continues(tmp_path):
+    """tests/data/guard_state_0_1_0.pt was written by gradguard 0.1.0 (ZClip, an LRBackoff
+    remedy, a NaN step, three rows pending a flush). This version loads it, keeps its counters,
+    events and policy state, and records the pending rows at their own steps."""
+    saved = torch.load(Path(__file__).parent / "data" / "guard_state_0_1_0.pt", weights_only=False)
+    assert saved["gradguard"] == "0.1.0"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    model.load_state_dict(saved["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.load_state_dict(saved["opt"])
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup=5), flush_every=8, log_dir=tmp_path, run_name="r",
+                     remedies={"spike": gg.LRBackoff()})
+    guard.load_state_dict(saved["guard"])
+    assert guard.steps == 21 and guard.skipped_steps == 1
+    assert [e.step for e in guard.events if e.kind == "nonfinite"] == [9]
+    clip_state = guard.clip.state_dict()
+    for k, v in saved["guard"]["clip"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(clip_state[k], v), k
+    for i in range(21, 26):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss=loss)
+    guard.close()
+    steps = gg.RunStore(tmp_path).steps("r")
+    assert steps["step"].tolist() == list(range(18, 26))  # the pending rows, then the new ones
+    assert all(math.isfinite(v) for v in steps["loss"].tolist())

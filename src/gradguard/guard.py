@@ -35,7 +35,7 @@ from .detect import _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
-from ._validate import check_choice
+from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
 from .remedies import RemedyContext, Remedies
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
@@ -43,7 +43,6 @@ from .stats import Statistics, compute_stats, local_grads, named_parameters, par
 __all__ = ["Guard", "StepReport"]
 
 BACKENDS = ("auto", "host", "device")
-_G = N_GLOBAL  # kept for one release: old code read the layout from here
 
 
 # CPU default flush interval: detectors and the store take rows in batches of
@@ -112,15 +111,11 @@ class Guard:
             raise TypeError(f"clip must be a gradguard ClipPolicy (e.g. gg.GlobalNorm(1.0)) or None, "
                             f"got {type(clip).__name__}")
         check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-        if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, int)
-                                        or flush_every < 1):
-            raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
+        if flush_every is not None:
+            check_int("flush_every", flush_every, 1)
         if scaler is not None and not hasattr(scaler, "unscale_"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-
-        if isinstance(param_norm_every, bool) or not isinstance(param_norm_every, int) or param_norm_every < 0:
-            raise ValueError(f"param_norm_every must be an int >= 0, got {param_norm_every!r}")
-        self.param_norm_every = param_norm_every
+        self.param_norm_every = check_int("param_norm_every", param_norm_every, 0)
         # for advice and rollback; a torch.compile'd model's own module (its names have no _orig_mod.)
         self.model = getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else None
         self.names = [n for n, _ in pairs]
@@ -131,13 +126,8 @@ class Guard:
         self.run = RunInfo.describe(self.names, self.params, self.model, param_norm_every,
                                     init_layer_norms=init_norms.double().cpu().numpy())  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
-        watched = {id(p) for p in self.params}
-        unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
-        if unseen:
-            raise ValueError(f"optimizer holds {len(unseen)} parameter(s) the guard does not watch "
-                             f"(shapes {unseen[:3]}); clipping would silently miss them. Pass the "
-                             "whole model, or every (name, parameter) the optimizer trains.")
         self.optimizer = optimizer
+        self._check_watched("holds")
         self._groups_seen = self._group_sizes()
         self._after = AfterApplied(scheduler, ema, model)  # follows applied updates only
         self.scheduler, self.ema = scheduler, ema
@@ -228,8 +218,7 @@ class Guard:
     def config(self) -> dict:
         return {"clip": self.clip.config() if self.clip is not None else None,
                 "on_nonfinite": self.on_nonfinite, "optimizer": type(self.optimizer).__name__,
-                "fused": self.fused, "flush_every": self.flush_every,
-                "amp": self.scaler is not None,
+                "fused": self.fused, "flush_every": self.flush_every, "amp": self.scaler is not None,
                 "detectors": [type(d).__name__ for d in getattr(self, "detectors", [])],
                 "world_size": getattr(self, "_world", 1)}
 
@@ -293,6 +282,17 @@ class Guard:
         """
         return self._run(loss, batch, None, self._no_step)
 
+    def _check_watched(self, verb: str) -> None:
+        """Every parameter the optimizer trains is watched: clipping and skipping would miss
+        the others (their NaN would be stepped)."""
+        watched = {id(p) for p in self.params}
+        unseen = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+                  if id(p) not in watched]
+        if unseen:
+            raise ValueError(f"optimizer {verb} {len(unseen)} parameter(s) the guard does not watch "
+                             f"(shapes {unseen[:3]}); clipping and skipping would miss them. Pass the "
+                             "whole model, or every (name, parameter) the optimizer trains.")
+
     def _group_sizes(self) -> tuple:
         return tuple(len(g["params"]) for g in self.optimizer.param_groups)
 
@@ -307,13 +307,7 @@ class Guard:
 
     def _run_locked(self, loss, batch, closure, stepper) -> StepReport:
         if self._group_sizes() != self._groups_seen:  # add_param_group() after Guard()
-            watched = {id(p) for p in self.params}
-            unseen = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
-                      if id(p) not in watched]
-            if unseen:
-                raise ValueError(f"optimizer gained {len(unseen)} parameter(s) the guard does not watch "
-                                 f"(shapes {unseen[:3]}, e.g. by add_param_group): their NaN would be "
-                                 "stepped. Build a new Guard over every parameter the optimizer trains.")
+            self._check_watched("gained (by add_param_group)")
             self._groups_seen = self._group_sizes()
         if self._scaler_active():
             from torch.amp.grad_scaler import OptState
