@@ -16,12 +16,13 @@ from .events import Event, NonFiniteGradientError
 from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .training import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
+from .watch import watch
 from .stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Guard", "StepReport", "GradStats", "grad_stats",
+    "Guard", "StepReport", "watch", "GradStats", "grad_stats",
     "ClipPolicy", "GlobalNorm", "PerTensorNorm", "Value", "PerLayer",
     "AutoClip", "AGC", "ZClip", "AdaGC",
     "clip_grad_norm_", "clip_grad_value_",

@@ -35,9 +35,11 @@ from .detect import _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
+from .hooks import OptimizerHooks
 from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
 from .remedies import RemedyContext, Remedies
+from .shards import agree_any
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
 
 __all__ = ["Guard", "StepReport"]
@@ -165,6 +167,7 @@ class Guard:
         self._events: list[Event] = []
         self._last_grads: list | None = None
         self._observers: list = []
+        self._hooks = OptimizerHooks(self)  # warns when the optimizer is also stepped directly
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
         self.detectors = list(detectors) if detectors is not None else default_detectors()
@@ -324,14 +327,20 @@ class Guard:
         held = self._remedy_ctx.take_hold()  # a remedy (rollback) withholds the next batches
         local_params, local_grads_ = ((local_grads(params), local_grads(grads)) if self._sharded
                                       else (params, grads))  # clipping works on local shards (FSDP2 / TP)
+        agree = ((lambda bad: agree_any(bad, xp, self._comm_device, self.device, self.process_group))
+                 if self._world > 1 else None)
         d, vstats = decide(stats, loss_bad, held=held, skip_nonfinite=self.on_nonfinite == "skip",
-                           clip=self.clip, grads=local_grads_,
-                           agree=self._agree if self._world > 1 else None)
+                           clip=self.clip, grads=local_grads_, agree=agree)
         # measured before the update, like every other column of the row
         pnorm = self._param_norm()
         if self.on_nonfinite == "raise" and bool(d.bad):  # host sync: "raise" needs to know now
             return self._raise(stats, d, loss_v, pnorm, grads)
-        coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
+        self._hooks.stepping = True  # the optimizer's post-step hook must not call this "direct"
+        try:
+            coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
+        finally:
+            self._hooks.stepping = False
+        self._hooks.expect_external = stepper is self._no_step  # check(): the caller steps next
         skipped = d.skip
         if stepper is self._stepper:
             self._after.run(d)
@@ -369,16 +378,6 @@ class Guard:
         if self.remedies:
             self.remedies.on_raise(self._remedy_ctx, ev)
         raise NonFiniteGradientError(f"step {ev.step}: {ev.message}", ev.step, ev.layers, ev)
-
-    def _agree(self, bad):
-        """Every rank skips if any rank must (a NaN loss is per rank): one tiny all-reduce."""
-        import torch.distributed as dist
-
-        xp = self._xp
-        flag = xp.tensor(bad).to(self._comm_device, torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        out = flag[0] > 0
-        return xp.asarray(out) if xp.on_host else out.to(self.device, non_blocking=True)
 
     def flush(self) -> None:
         """Read pending rows back (one copy), build events, hand rows to the store."""
@@ -431,6 +430,7 @@ class Guard:
 
     def close(self) -> None:
         """Flush pending rows and close the run store (even if the last flush raises)."""
+        self._hooks.remove()
         try:
             self.flush()
         finally:

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["dtensor_type", "local_grads", "reduce_shards"]
+__all__ = ["dtensor_type", "local_grads", "reduce_shards", "agree_any"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,3 +88,16 @@ def reduce_shards(grads, sharded: list[int], sumsq: Tensor, maxabs: Tensor, name
     gather(gathered, local, group=group)
     gathered = gathered.view(world, 2, n).to(sumsq.device, non_blocking=True)
     return gathered[:, 0].sum(0) / repl, gathered[:, 1].amax(0)
+
+
+def agree_any(bad, xp, comm_device, device, group=None):
+    """Every rank skips if any rank must (a NaN loss is per rank): one tiny all-reduce.
+
+    ``bad``: this rank's flag in backend ``xp``; the result is in the same backend.
+    """
+    import torch.distributed as dist
+
+    flag = xp.tensor(bad).to(comm_device, torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    out = flag[0] > 0
+    return xp.asarray(out) if xp.on_host else out.to(device, non_blocking=True)
