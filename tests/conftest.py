@@ -7,6 +7,17 @@ import torch
 import gradguard._kernel as _kernel
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Global torch settings a test changes (threads, default dtype, grad mode) are restored
+    after it, so that no test depends on the order the suite runs in."""
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def stats_path(request, monkeypatch):
     """Run a test through the compiled CPU kernel and through the pure-torch path."""
