@@ -14,7 +14,7 @@ class OverClippingDetector(Detector):
     """The clip threshold freezing training.
 
     - tiny: the clip coefficient < ``tiny`` for ``tiny_steps`` consecutive
-      steps (critical: updates are scaled to almost nothing; methods.md §1).
+      steps (critical: updates are scaled to almost nothing).
     - frequent: clipped (coefficient < 1) on at least ``frac`` of the last
       ``window`` steps (warning).
 

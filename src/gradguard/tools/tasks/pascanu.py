@@ -1,6 +1,6 @@
 """The synthetic long-sequence tasks of Pascanu, Mikolov & Bengio (2013).
 
-Exactly as ../shared/reference/methods.md §5 (the paper's setup: 50 hidden
+As in Pascanu, Mikolov & Bengio (2013), section 5 (the paper's setup: 50 hidden
 units, SGD lr 0.01, minibatch 20, clip threshold 1.0; success = under 1%
 errors on 10,000 fresh sequences):
 
