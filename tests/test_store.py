@@ -151,6 +151,8 @@ def test_reader_while_writer_writes(tmp_path):
     t.start()
     seen, statuses = [], set()
     while not done.is_set() or len(seen) < 2:
+        if not (tmp_path / "live" / DB_NAME).exists():
+            continue  # the store appears, complete, with the first flush
         s = store.steps("live")
         n = len(s["step"])
         np.testing.assert_array_equal(s["step"], np.arange(n))      # committed prefix, never torn
