@@ -599,7 +599,10 @@ class Recorder:
                 return
             if self._pending_bytes + nbytes > MAX_PENDING_BYTES:
                 if item[0] == "steps":
-                    self._dropped_queue += len(item[1])
+                    if self._store is not None:
+                        self._store.dropped += len(item[1])  # under _cv, like the writer's count
+                    else:
+                        self._dropped_queue += len(item[1])
                 self._fail("recorder", RuntimeError("writer fell behind; dropping rows"))
                 return
             self._pending.append(item)
@@ -634,27 +637,27 @@ class Recorder:
                 target = self.path.parent / check_run_name(run_name)
             except ValueError:
                 target = None
-            if target is None or self._store.seq or not (target / DB_NAME).is_file():
-                self._store.parent = (run_name, step)
-                self._pending.append(("parent",))
-                self._cv.notify()
-                return False
-            fd = _lock_with_retry(target / LOCK_NAME)
-            why = "it has a live writer (another process or guard still writes it)"
-            store = None
-            if fd is not None:
-                try:
-                    store = _StoreWriter(target / DB_NAME, run_name)
-                    store.reopen(step)
-                except Exception as e:
+            fd, why, store = None, None, None
+            if target is not None and not self._store.seq and target.is_dir():
+                # The lock first: a live writer may not have published its store yet.
+                fd = _lock_with_retry(target / LOCK_NAME)
+                if fd is None:
+                    why = "it has a live writer (another process or guard still writes it)"
+                elif (target / DB_NAME).is_file():
+                    try:
+                        store = _StoreWriter(target / DB_NAME, run_name)
+                        store.reopen(step)
+                    except Exception as e:
+                        why, store = f"it cannot be continued ({e})", None
+                if store is None:
                     _unlock(fd)
-                    why, store = f"it cannot be continued ({e})", None
             if store is None:
                 self._store.parent = (run_name, step)
                 self._pending.append(("parent",))
                 self._cv.notify()
-                log.warning("gradguard: not continuing run %r from step %d: %s; writing run %r instead",
-                            run_name, step, why, self.run_name)
+                if why is not None:
+                    log.warning("gradguard: not continuing run %r from step %d: %s; writing run %r "
+                                "instead", run_name, step, why, self.run_name)
                 return False
             old_store, old_path, old_fd = self._store, self.path, self._lock_fd
             self._store, self.path, self.run_name, self._lock_fd = store, target, run_name, fd
@@ -796,7 +799,8 @@ class Recorder:
                 try:
                     store.write(steps, rows, cols, ev)
                 except Exception as e:
-                    store.dropped += len(steps)
+                    with self._cv:
+                        store.dropped += len(steps)
                     self._fail("store", e)
                     if ev and len(steps) and not store.gone:
                         try:

@@ -84,6 +84,8 @@ def _load_model(dump: dict, factory: str | None, trust_pickle: bool = False):
     else:
         raise ValueError("the dump holds no pickled model: pass --factory MODULE:FN returning "
                          "(model, loss_fn)")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"the model is a {type(model).__name__}, not a torch.nn.Module")
     if dump.get("loss_fn") is not None and loss_fn is None and trust_pickle:
         loss_fn = torch.load(io.BytesIO(dump["loss_fn"]), weights_only=False)
     model.load_state_dict(dump["model"])
