@@ -207,7 +207,9 @@ def test_newer_schema_is_refused(tmp_path):
     con.close()
     with pytest.raises(ValueError, match="schema v99.*upgrade"):
         RunStore(tmp_path).steps("new")
-    assert RunStore(tmp_path).runs() == []          # listings skip it rather than fail
+    # listings show it with its error rather than fail or hide it (issue 19, item 13)
+    (run,) = RunStore(tmp_path).runs()
+    assert run["status"] == "unreadable" and "upgrade" in run["error"]
 
 
 class _BrokenSink:
