@@ -22,12 +22,13 @@ After every kill:
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
 import random
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,50 +37,57 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("create", "resume", "train", "close")
 
-CHILD = r"""
-import os, sys, math
-import torch
-import gradguard as gg
-log_dir, ckpt, progress, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-def mark(s):
-    os.write(fd, (s + "\n").encode())  # survives SIGKILL (page cache)
-torch.set_num_threads(1)
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-mark("M create")
-guard = gg.Guard(model, opt, log_dir=log_dir, run_name="k", flush_every=3)
-start = 0
-if os.path.exists(ckpt):
-    state = torch.load(ckpt)
-    mark("M resume")
-    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
-    guard.load_state_dict(state["guard"])
-    start = state["guard"]["step"]
-    mark(f"R {start}")
-mark("M train")
-for i in range(start, start + total):
-    opt.zero_grad()
-    loss = model(torch.randn(4, 8)).pow(2).mean()
-    loss.backward()
-    if i % 7 == 3:
-        model[0].weight.grad[0, 0] = math.nan
-    guard.step(loss=loss)
-    if (i + 1) % 3 == 0:
-        guard.flush()
-        guard.recorder.flush()
-        mark(f"C {i}")
-        if (i + 1) % 6 == 0:
-            tmp = ckpt + ".tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "guard": guard.state_dict()}, tmp)
-            os.replace(tmp, ckpt)
-            mark(f"K {i + 1}")
-mark("M close")
-guard.close()
-mark("M closed")
-"""
+def child(log_dir: str, ckpt: str, progress: str, total: int) -> None:
+    """The training process (forked: torch is imported once, a kill costs no start-up)."""
+    import torch
+
+    import gradguard as gg
+
+    fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def mark(s):
+        os.write(fd, (s + "\n").encode())  # survives SIGKILL (page cache)
+
+    _body(torch, gg, mark, log_dir, ckpt, total)
+
+
+def _body(torch, gg, mark, log_dir, ckpt, total):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mark("M create")
+    guard = gg.Guard(model, opt, log_dir=log_dir, run_name="k", flush_every=3)
+    start = 0
+    if os.path.exists(ckpt):
+        state = torch.load(ckpt)
+        mark("M resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        guard.load_state_dict(state["guard"])
+        start = state["guard"]["step"]
+        mark(f"R {start}")
+    mark("M train")
+    for i in range(start, start + total):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        if i % 7 == 3:
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss=loss)
+        if (i + 1) % 3 == 0:
+            guard.flush()
+            guard.recorder.flush()
+            mark(f"C {i}")
+            if (i + 1) % 6 == 0:
+                tmp = ckpt + ".tmp"
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "guard": guard.state_dict()}, tmp)
+                os.replace(tmp, ckpt)
+                mark(f"K {i + 1}")
+    mark("M close")
+    guard.close()
+    mark("M closed")
 
 
 def _lines(progress: Path) -> list[str]:
@@ -151,8 +159,12 @@ def main() -> int:
     ap.add_argument("--chain", type=int, default=8, help="kills per log dir (default 8)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    importlib.import_module("gradguard")  # imported once, before the forks
+
+    torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="gg-kill-"))
     kills, trials, closes, failures = 0, 0, 0, []
     by_phase = {p: 0 for p in PHASES}
@@ -165,24 +177,42 @@ def main() -> int:
         log_dir, ckpt, progress = chain_dir / "log", chain_dir / "ckpt.pt", chain_dir / "progress"
         trials += 1
         phase = rng.choice(PHASES)
-        total = rng.randint(4, 40)
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(log_dir), str(ckpt), str(progress),
-                                 str(total)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        total = rng.randint(20, 120)
         n0 = len(_lines(progress))
+        pid = os.fork()
+        if pid == 0:  # the child trains until killed (or closes and exits)
+            code = 0
+            try:
+                child(str(log_dir), str(ckpt), str(progress), total)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
         target = {"create": "M create", "resume": "M resume", "train": "M train", "close": "M close"}[phase]
-        delay = {"create": 0.15, "resume": 0.3, "train": 0.6, "close": 0.15}[phase] * rng.random()
-        while proc.poll() is None and target not in _lines(progress)[n0:]:
+        delay = {"create": 0.15, "resume": 0.3, "train": 0.5, "close": 0.02}[phase] * rng.random()
+
+        done = None
+        while True:
+            got = os.waitpid(pid, os.WNOHANG)
+            if got != (0, 0):
+                done = got[1]
+                break
+            seen = _lines(progress)[n0:]
+            if target in seen or (phase == "resume" and "M train" in seen):
+                break  # (no checkpoint yet: nothing to resume, kill during training instead)
             time.sleep(0.002)
-            if phase == "resume" and "M train" in _lines(progress)[n0:]:
-                break  # no checkpoint yet: nothing to resume, kill during training instead
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        err = proc.stderr.read().decode(errors="replace")
-        killed = proc.returncode == -signal.SIGKILL
-        if not killed and proc.returncode != 0:
-            failures.append(f"trial {trials}: child failed rc={proc.returncode}: {err[-500:]}")
+        if done is None:
+            time.sleep(delay)
+            got = os.waitpid(pid, os.WNOHANG)
+            if got == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                got = os.waitpid(pid, 0)
+            done = got[1]
+        killed = os.WIFSIGNALED(done) and os.WTERMSIG(done) == signal.SIGKILL
+        if not killed and os.waitstatus_to_exitcode(done) != 0:
+            failures.append(f"trial {trials}: child failed (status {done})")
             break
         kills += killed
         closes += not killed

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import math
 import os
 import shutil
 import signal
