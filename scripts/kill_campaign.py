@@ -9,12 +9,13 @@ chained: the next child resumes the killed one's checkpoint in the same log dir.
 
 After every kill:
 - every store file passes ``PRAGMA integrity_check``;
-- ``RunStore.runs()`` lists exactly run ``k`` (or nothing before its first flush), readable
-  through every query: no half-created run, no ``k-2`` left by a killed resume;
-- its status is ``interrupted`` when the child was killed, ``finished`` when it closed: never
-  ``running`` or ``stale``;
-- its steps are ``0..m`` with no gap and no duplicate, and ``m`` is at least the last step the
-  latest child confirmed (and at least the resumed checkpoint's last step).
+- ``RunStore.runs()`` never raises; every run it lists is readable through every query, is
+  ``finished`` or ``interrupted`` (never ``running``/``stale``/half-created) and holds
+  consecutive steps without duplicates (a run killed after its first flush but before a
+  checkpoint is a finished attempt: the next child starts ``k-2``, and later children, asked
+  for ``k``, continue that one);
+- the run the latest child wrote is ``interrupted`` when it was killed, ``finished`` when it
+  closed; it holds every step that child confirmed (and the resumed checkpoint's steps).
 
     python scripts/kill_campaign.py             # 60 kills
     python scripts/kill_campaign.py 200 --seed 3
@@ -58,6 +59,7 @@ def _body(torch, gg, mark, log_dir, ckpt, total):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mark("M create")
     guard = gg.Guard(model, opt, log_dir=log_dir, run_name="k", flush_every=3)
+    mark(f"N {guard.recorder.run_name}")
     start = 0
     if os.path.exists(ckpt):
         state = torch.load(ckpt)
@@ -65,6 +67,7 @@ def _body(torch, gg, mark, log_dir, ckpt, total):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         guard.load_state_dict(state["guard"])
+        mark(f"N {guard.recorder.run_name}")
         start = state["guard"]["step"]
         mark(f"R {start}")
     mark("M train")
@@ -118,12 +121,18 @@ def _check(log_dir: Path, progress: Path, killed: bool) -> str | None:
     store = RunStore(log_dir)
     runs = store.runs()
     names = [r["name"] for r in runs]
-    ever = any(l.startswith("C ") for l in lines)
-    if names not in (["k"], [] if not ever else ["k"]):
-        return f"runs listed: {names}"
-    if not runs:
+    mine_name = ([l.split()[1] for l in mine if l.startswith("N ")] or [None])[-1]
+    for r in runs:  # every run readable, none left running or half-created
+        if r["status"] not in ("finished", "interrupted"):
+            return f"run {r['name']} has status {r['status']!r}"
+        s = store.steps(r["name"])["step"].tolist()
+        if s and s != list(range(s[0], s[0] + len(s))):
+            return f"run {r['name']}: steps with gaps or duplicates"
+    if mine_name not in names:
+        if confirmed:
+            return f"run {mine_name} with confirmed steps is not listed ({names})"
         return None
-    info = runs[0]
+    info = next(r for r in runs if r["name"] == mine_name)
     touched = bool(confirmed or resumed)
     if closed:
         want = {"finished"}
@@ -137,18 +146,18 @@ def _check(log_dir: Path, progress: Path, killed: bool) -> str | None:
         want = {"interrupted"}
     if info["status"] not in want:
         return f"status {info['status']!r}, expected {sorted(want)}"
-    steps = store.steps("k")["step"].tolist()
-    if steps != list(range(len(steps))):
+    steps = store.steps(mine_name)["step"].tolist()
+    if steps and steps != list(range(steps[0], steps[0] + len(steps))):
         return f"steps not 0..m without gaps/duplicates: {steps[:5]}..{steps[-5:]} ({len(steps)})"
     if info["rows"] != len(steps):
         return f"rows {info['rows']} != {len(steps)} stored steps"
-    m = len(steps) - 1
+    m = steps[-1] if steps else -1
     need = max(confirmed + [r - 1 for r in resumed] + [-1])
     if m < need:
         return f"committed step lost: store ends at {m}, {need} was confirmed"
-    store.layer_norms("k")
-    store.layer_summary("k")
-    store.events("k")
+    store.layer_norms(mine_name)
+    store.layer_summary(mine_name)
+    store.events(mine_name)
     return None
 
 

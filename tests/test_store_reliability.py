@@ -609,3 +609,21 @@ def test_killed_resume_leaves_no_empty_run(tmp_path):
     """
     assert _py(code, tmp_path).returncode == -signal.SIGKILL
     assert [r["name"] for r in RunStore(tmp_path).runs()] == ["r"]
+
+
+def test_a_checkpoint_of_name_k_resumes_under_the_same_requested_name(tmp_path):
+    # A script asked for "r", got "r-2" (r was taken) and checkpointed; restarted with "r",
+    # it continues "r-2" rather than branching again and again.
+    for _ in range(2):
+        rec = open_recorder(tmp_path, run_name="r", layers=_layers())
+        _write(rec, range(6))
+        rec.close()
+    again = open_recorder(tmp_path, run_name="r", layers=_layers())
+    assert again.run_name == "r-3"
+    assert again.resume("r-2", 4) is True and again.run_name == "r-2"
+    again.close()
+    assert sorted(r["name"] for r in RunStore(tmp_path).runs()) == ["r", "r-2"]
+    assert RunStore(tmp_path).steps("r-2")["step"].tolist() == list(range(4))
+    other = open_recorder(tmp_path, run_name="rr", layers=_layers())
+    assert other.resume("r", 2) is False and other.parent == ("r", 2)  # "rr" is not "r-k"
+    other.close()

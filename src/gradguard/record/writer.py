@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -196,8 +197,8 @@ class Recorder:
     def resume(self, run_name: str, step: int) -> bool:
         """Continue the earlier run ``run_name`` of this log dir from ``step``.
 
-        Resumes only when this recorder was opened without a run name or with the checkpoint's
-        own (then a taken name gave this one ``NAME-2``): rows and events the earlier run holds
+        Resumes only when this recorder was opened without a run name, or with the name the
+        checkpoint's run was asked for (``NAME``, or ``NAME-k`` when ``NAME`` was taken): rows and events the earlier run holds
         at or after ``step`` are dropped, and this recorder's own run, still empty, is removed.
         Otherwise this recorder keeps its own new run and records that it branched from
         ``(run_name, step)`` (``meta`` ``parent_run`` / ``parent_step``): a checkpoint of another
@@ -212,7 +213,10 @@ class Recorder:
         step = int(step)
         self.flush()
         with self._cv:
-            if self._requested is not None and self._requested != run_name:
+            # Same script, same name: the checkpoint's run is NAME or the NAME-k it was given
+            # because NAME was taken; any other name is another run's checkpoint: branch.
+            if self._requested is not None and not re.fullmatch(re.escape(self._requested) + r"(-\d+)?",
+                                                                 run_name):
                 self._store.parent = (run_name, step)
                 self._pending.append(("parent",))
                 self._cv.notify()
