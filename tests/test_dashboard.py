@@ -267,7 +267,7 @@ def test_newer_schema_store_gives_a_clear_api_error(tmp_path):
     srv = start_server(tmp_path, "127.0.0.1", 0)
     try:
         r = httpx.get(srv.url + "/api/runs/future/steps", timeout=10)
-        assert r.status_code == 400
+        assert r.status_code == 409  # the run exists but cannot be read (was 400 before issue 19)
         assert "upgrade" in r.json()["error"] and "99" in r.json()["error"]
     finally:
         srv.stop()

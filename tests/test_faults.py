@@ -173,6 +173,7 @@ def test_rows_and_their_events_commit_together(tmp_path):
     guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="r")
     _train(model, opt, guard, 2)
     guard.recorder.flush()
+    guard.recorder._store.ensure()  # the store is published with the first flush; this one is pending
     tx = _Tx(guard.recorder._store.con)
     guard.recorder._store.con = tx
     _train(model, opt, guard, 2, start=2)  # step 3 is poisoned: a row and an event
@@ -282,6 +283,7 @@ class _FailingCommits:
 def _failing_store(guard, message="database or disk is full"):
     store = guard.recorder._store
     guard.recorder.flush()
+    store.ensure()  # published with the first flush, which may not have come yet
     proxy = _FailingCommits(store.con, message)
     store.con = proxy
     return proxy

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from urllib.parse import quote
 from pathlib import Path
 
 from ._extras import require
 from .dashboard.server import STATIC, _plotly_js, api_payload
-from .record import RunNotFound, RunStore
+from .record import RunNotFound, RunStore, RunUnreadable
 from ._json import json_safe
 
 __all__ = ["write_report", "add_arguments", "run"]
@@ -109,8 +110,11 @@ def run(args) -> int:
         log_dir, name = Path(args.log_dir), args.run
     try:
         out = write_report(log_dir, name, args.output, args.max_points)
-    except RunNotFound as e:
-        print(f"gradguard report: {e}")
+    except (RunNotFound, RunUnreadable) as e:  # one line, not a traceback: the store is the problem
+        print(f"gradguard report: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"gradguard report: cannot write {args.output}: {e}", file=sys.stderr)
         return 2
     print(f"gradguard report: wrote {out}")
     return 0

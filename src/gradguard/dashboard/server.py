@@ -10,7 +10,12 @@ Routes (all GET):
     /api/runs/{run}/layers         ``RunStore.layer_summary()``
     /api/runs/{run}/events         events with messages and advice
 
-Unknown runs and anything that is not a run of the log dir answer 404.
+Unknown runs and anything that is not a run of the log dir answer 404; a run
+whose store cannot be read (not SQLite, truncated, newer schema) answers 409
+with the reason, and is listed by ``/api/runs`` with status ``unreadable``.
+``max_points`` is capped on the server (``MAX_STEPS_POINTS``, and
+``MAX_HEAT_CELLS`` points x layers for the heatmap): one request cannot make
+the server build an answer of hundreds of MB.
 JSON has no NaN/Inf.  The plotted series (steps, heatmap) send a non-finite
 value as ``null``, which Plotly draws as a gap (the NaN/Inf steps are marked
 separately).  Everything else (runs, layers, events) follows the package's
@@ -27,13 +32,17 @@ import numpy as np
 
 from .._extras import require
 from .._json import json_safe
-from ..record import RunNotFound, RunStore
+from ..record import RunNotFound, RunStore, RunUnreadable
 
-__all__ = ["create_app", "serve", "start_server", "api_payload", "STATIC"]
+__all__ = ["create_app", "serve", "start_server", "api_payload", "STATIC", "LOOPBACK",
+           "MAX_STEPS_POINTS", "MAX_HEAT_CELLS", "allowed_hosts_for"]
 
 STATIC = Path(__file__).parent / "static"
 STEPS_POINTS = 2000
 HEAT_POINTS = 400
+MAX_STEPS_POINTS = 20_000       # ~1 MB of JSON per series column; the page asks for 2000
+MAX_HEAT_CELLS = 1_000_000      # heatmap points x layers
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -68,10 +77,11 @@ def api_payload(store: RunStore, kind: str, run: str | None = None, start=None, 
     if kind == "runs":
         return json_safe(store.runs())
     if kind == "steps":
-        s = store.steps(run, start, end, max_points or STEPS_POINTS)
+        s = store.steps(run, start, end, min(max_points or STEPS_POINTS, MAX_STEPS_POINTS))
         return {k: (v.tolist() if k == "step" else _series(v)) for k, v in s.items()}
     if kind == "heatmap":
-        h = store.layer_norms(run, start, end, max_points or HEAT_POINTS)
+        cap = max(2, MAX_HEAT_CELLS // max(1, len(store.layers(run))))
+        h = store.layer_norms(run, start, end, min(max_points or HEAT_POINTS, cap))
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log10(h["norm"].astype(np.float64))
         return {"step": h["step"].tolist(), "step_hi": h["step_hi"].tolist(),
@@ -124,6 +134,8 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
                                    _int_arg(q, "end"), _int_arg(q, "max_points"))
             except RunNotFound:
                 return JSONResponse({"error": "run not found"}, 404, headers=headers)
+            except RunUnreadable as e:
+                return JSONResponse({"error": str(e)}, 409, headers=headers)
             except (ValueError, TypeError) as e:
                 return JSONResponse({"error": str(e)}, 400, headers=headers)
             return JSONResponse(body, headers=headers)
@@ -135,10 +147,26 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
     return Starlette(routes=routes, middleware=middleware)
 
 
-def _allowed_hosts(host: str) -> list[str] | None:
-    if host in ("127.0.0.1", "localhost", "::1"):
-        return ["127.0.0.1", "localhost", "[::1]", "::1"]
-    return None
+def allowed_hosts_for(host: str, extra=()) -> list[str]:
+    """Host headers accepted for a server bound to ``host`` (a DNS-rebinding guard, on for every
+    bind): the loopback names, and for a wider bind this machine's names and addresses, the bound
+    address itself and ``extra`` (``--allowed-host``)."""
+    names = ["127.0.0.1", "localhost", "[::1]", "::1"]
+    if host not in LOOPBACK:
+        if host not in ("0.0.0.0", "::", ""):
+            names.append(host)
+        for n in (socket.gethostname(), socket.getfqdn()):
+            names.append(n)
+            try:
+                names += [a[4][0] for a in socket.getaddrinfo(n, None)]
+            except OSError:
+                pass
+    names += [str(e) for e in extra]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _allowed_hosts(host: str, extra=()) -> list[str]:
+    return allowed_hosts_for(host, extra)
 
 
 class DashboardServer:
@@ -164,17 +192,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(log_dir, host, port):
+def _server(log_dir, host, port, allowed_hosts=()):
     require("the gradguard dashboard", "dashboard", "starlette", "uvicorn", "plotly")
     import uvicorn
 
     sock = _bind(host, port)
-    config = uvicorn.Config(create_app(log_dir, _allowed_hosts(host)), log_level="warning",
+    config = uvicorn.Config(create_app(log_dir, _allowed_hosts(host, allowed_hosts)), log_level="warning",
                             access_log=False, lifespan="off")
     return uvicorn.Server(config), sock
 
 
-def start_server(log_dir, host: str = "127.0.0.1", port: int = 0) -> DashboardServer:
+def start_server(log_dir, host: str = "127.0.0.1", port: int = 0, allowed_hosts=()) -> DashboardServer:
     """Serve ``log_dir`` on a thread; port 0 picks a free port. Returns a ``DashboardServer``.
 
     Example:
@@ -182,7 +210,7 @@ def start_server(log_dir, host: str = "127.0.0.1", port: int = 0) -> DashboardSe
     """
     import time
 
-    server, sock = _server(log_dir, host, port)
+    server, sock = _server(log_dir, host, port, allowed_hosts)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -191,9 +219,9 @@ def start_server(log_dir, host: str = "127.0.0.1", port: int = 0) -> DashboardSe
     return DashboardServer(server, thread, sock)
 
 
-def serve(log_dir, host: str = "127.0.0.1", port: int = 6060) -> None:
+def serve(log_dir, host: str = "127.0.0.1", port: int = 6060, allowed_hosts=()) -> None:
     """Serve until interrupted (what ``gradguard dashboard`` runs)."""
-    server, sock = _server(log_dir, host, port)
+    server, sock = _server(log_dir, host, port, allowed_hosts)
     h, p = sock.getsockname()[:2]
     print(f"gradguard dashboard: http://{h}:{p}/  (log dir {Path(log_dir).resolve()}; Ctrl+C stops)",
           flush=True)

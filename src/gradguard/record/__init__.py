@@ -12,11 +12,12 @@ import importlib
 
 from .buffer import StepBuffer
 
-__all__ = ["StepBuffer", "Recorder", "open_recorder", "RunStore", "RunNotFound", "SCHEMA_VERSION"]
+__all__ = ["StepBuffer", "Recorder", "open_recorder", "RunStore", "RunNotFound", "RunUnreadable",
+           "SCHEMA_VERSION"]
 
 # name -> submodule that defines it
 _LAZY = {"Recorder": "writer", "open_recorder": "writer", "RunStore": "store", "RunNotFound": "store",
-         "SCHEMA_VERSION": "schema"}
+         "RunUnreadable": "store",          "SCHEMA_VERSION": "schema"}
 
 
 def __getattr__(name: str):

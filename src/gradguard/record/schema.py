@@ -25,11 +25,12 @@ import re
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "DB_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
+__all__ = ["SCHEMA_VERSION", "DB_NAME", "LOCK_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
            "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "gradguard.sqlite"
+LOCK_NAME = "writer.lock"      # held (flock) by the run's one live writer
 FACTOR_BITS = 3           # pyramid factor 8 between levels
 LEVELS = 6                # bucket sizes 8 .. 262144 rows
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")

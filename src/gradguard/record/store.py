@@ -8,10 +8,11 @@ min and max, so a one-step spike in a million steps stays visible.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,39 @@ import numpy as np
 from .._json import json_safe
 from .._validate import check_int
 from ..events import Event
-from .schema import DB_NAME, LEVELS, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, reduce_groups
+from .schema import DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, reduce_groups
 
-__all__ = ["RunStore", "RunNotFound"]
+try:
+    import fcntl
+except ImportError:  # Windows: liveness from the heartbeat alone
+    fcntl = None
+
+__all__ = ["RunStore", "RunNotFound", "RunUnreadable", "STALE_HEARTBEATS"]
 
 _F32 = np.float32
+# A running run whose last update is older than this many writer heartbeats (``meta.heartbeat_s``,
+# at least ``STALE_MIN_SECONDS``) reads "stale": its writer died on another machine, hangs, or
+# cannot write.  Not the pid: pids are reused, and are 1 in most containers.
+STALE_HEARTBEATS = 4
+STALE_MIN_SECONDS = 20.0
+_STEP_MAX = 2 ** 62
+
+
+class RunUnreadable(ValueError):
+    """The run's store exists but cannot be read: not SQLite, empty, truncated, corrupt, or
+    written by a newer gradguard.  The message says which."""
+
+
+def _readable(method):
+    """SQLite errors of a per-run query become ``RunUnreadable`` naming the run (never a 500)."""
+    @functools.wraps(method)
+    def wrapper(self, run, *args, **kwargs):
+        try:
+            return method(self, run, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise RunUnreadable(f"run {run!r} cannot be read: {e} (not a gradguard store, or "
+                                f"truncated/corrupt)") from None
+    return wrapper
 
 
 class RunNotFound(KeyError):
@@ -72,10 +101,14 @@ class RunStore:
     def _connect(self, run) -> sqlite3.Connection:
         path = self._path(run)
         con = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=10)
-        version = con.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+        except BaseException:
+            con.close()
+            raise
         if version > SCHEMA_VERSION:
             con.close()
-            raise ValueError(f"run {run!r} was written with store schema v{version}; this gradguard "
+            raise RunUnreadable(f"run {run!r} was written with store schema v{version}; this gradguard "
                              f"reads up to v{SCHEMA_VERSION}: upgrade gradguard")
         return con
 
@@ -88,25 +121,41 @@ class RunStore:
 
         Returns:
             list of dicts: name, config (dict), start_time / end_time (epoch
-            seconds or None), status (``running`` | ``finished`` |
-            ``interrupted``: the writing process died), rows, last_step
-            (None before the first flush), n_events.
+            seconds or None), updated_time, status, rows, dropped_rows (rows
+            that never reached the store), last_step (None before the first
+            flush), n_events, parent (``{"run", "step"}`` it branched from, or
+            None), error (why it failed, or why it cannot be read).
+
+            status: ``running`` (its writer updated it within the last few
+            heartbeats), ``stale`` (marked running, but no update for longer:
+            the writer hangs, or died where this machine cannot tell),
+            ``interrupted`` (the writer process is gone: killed, or exited
+            without closing), ``finished``, ``incomplete`` (finished, but rows
+            were lost: see dropped_rows), ``failed`` (training raised),
+            ``unreadable`` (the store file is not SQLite, is truncated, or was
+            written by a newer gradguard: only name, status and error are set).
         """
         out = []
         if not self.root.is_dir():
             return out
         for d in sorted(self.root.iterdir()):
             if not (d / DB_NAME).is_file() or not RUN_NAME_RE.match(d.name):
-                continue
+                continue  # a directory without a store is a run still being created (or abandoned)
             try:
                 out.append(self.info(d.name))
-            except (sqlite3.Error, ValueError, RunNotFound):
-                continue  # a run being created, or from a newer gradguard: skip in listings
+            except RunNotFound:
+                continue  # deleted meanwhile
+            except (RunUnreadable, OSError) as e:
+                out.append({"name": d.name, "status": "unreadable", "error": str(e), "config": {},
+                            "start_time": None, "end_time": None, "updated_time": None, "rows": 0,
+                            "dropped_rows": 0, "last_step": None, "n_events": 0, "parent": None,
+                            "global_cols": []})
         out.sort(key=lambda r: (r["start_time"] or 0, r["name"]))
         return out
 
+    @_readable
     def info(self, run: str) -> dict:
-        """One entry of ``runs()`` (plus ``global_cols``)."""
+        """One entry of ``runs()`` (plus ``global_cols``); ``RunUnreadable`` if it cannot be read."""
         con = self._connect(run)
         try:
             m = self._meta(con)
@@ -114,15 +163,16 @@ class RunStore:
             n_events = con.execute("SELECT count(*) FROM events").fetchone()[0]
         finally:
             con.close()
-        status = m.get("status", "running")
-        if status == "running" and m.get("host") == socket.gethostname() and not _alive(m.get("pid")):
-            status = "interrupted"
+        parent = {"run": m["parent_run"], "step": _int(m.get("parent_step"))} if m.get("parent_run") else None
         return {"name": run, "config": _loads(m.get("config", "{}")),
                 "start_time": _float(m.get("start_time")), "end_time": _float(m.get("end_time")),
-                "updated_time": _float(m.get("updated_time")), "status": status,
-                "rows": int(m.get("rows", 0)), "last_step": last, "n_events": n_events,
+                "updated_time": _float(m.get("updated_time")),
+                "status": _status(self.root / run, m),
+                "rows": _int(m.get("rows")) or 0, "dropped_rows": _int(m.get("dropped_rows")) or 0,
+                "last_step": last, "n_events": n_events, "parent": parent, "error": m.get("error"),
                 "global_cols": json.loads(m.get("global_cols", "[]"))}
 
+    @_readable
     def layers(self, run: str) -> list[dict]:
         """Watched parameters in row order: dicts with name, shape, order."""
         con = self._connect(run)
@@ -132,6 +182,7 @@ class RunStore:
             con.close()
         return [{"name": n, "shape": json.loads(s), "order": o} for n, s, o in rows]
 
+    @_readable
     def events(self, run: str, start: int | None = None, end: int | None = None) -> list[Event]:
         """Events in step order (``start <= step <= end`` when given).
 
@@ -149,6 +200,7 @@ class RunStore:
                       advice=json.loads(adv), data=_loads(d)) for s, k, sev, la, msg, adv, d in rows]
 
     # -------------------------------------------------------------- series
+    @_readable
     def steps(self, run: str, start: int | None = None, end: int | None = None,
               max_points: int | None = None) -> dict[str, np.ndarray]:
         """Per-step global values, downsampled to at most ``max_points`` points.
@@ -183,6 +235,7 @@ class RunStore:
             out[c] = vals[:, i]
         return out
 
+    @_readable
     def layer_norms(self, run: str, start: int | None = None, end: int | None = None,
                     max_points: int | None = None) -> dict[str, np.ndarray]:
         """Steps x layers matrices for the heatmap, at most ``max_points`` step buckets.
@@ -204,6 +257,7 @@ class RunStore:
         return {"step": agg["step_lo"], "step_hi": agg["step_hi"], "norm": agg["nmax"],
                 "norm_min": agg["nmin"], "max_abs": agg["xmax"], "nonfinite": agg["nfc"]}
 
+    @_readable
     def layer_summary(self, run: str) -> list[dict]:
         """Per-layer table: ``layers()`` entries plus latest / max / min norm and
         the number of steps with a non-finite gradient (over the whole run)."""
@@ -297,7 +351,10 @@ def _range(start, end) -> tuple[int, int]:
     for name, v in (("start", start), ("end", end)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
             raise TypeError(f"{name} must be an int step or None, got {v!r}")
-    return (-(2 ** 62) if start is None else int(start)), (2 ** 62 if end is None else int(end))
+    # Clamped: SQLite integers are 64-bit, and no step lies beyond +-2**62 anyway.
+    lo = -_STEP_MAX if start is None else max(-_STEP_MAX, min(_STEP_MAX, int(start)))
+    hi = _STEP_MAX if end is None else max(-_STEP_MAX, min(_STEP_MAX, int(end)))
+    return lo, hi
 
 
 def _float(v):
@@ -307,12 +364,41 @@ def _float(v):
         return None
 
 
-def _alive(pid) -> bool:
+def _int(v):
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _writer_gone(run_dir: Path) -> bool:
+    """True when the run's writer lock exists and nobody holds it: the writer process is gone
+    (the kernel releases the lock when a process dies, whatever its pid)."""
+    if fcntl is None:
         return False
-    except (PermissionError, TypeError, ValueError):
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file (a store from before locks): the heartbeat decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: a live writer
+    else:
         return True
-    return True
+    finally:
+        os.close(fd)
+
+
+def _status(run_dir: Path, m: dict) -> str:
+    status = m.get("status", "running")
+    if status != "running":
+        return status
+    if _writer_gone(run_dir):
+        return "interrupted"
+    beat = _float(m.get("heartbeat_s")) or 5.0
+    updated = _float(m.get("updated_time"))
+    if updated is None or time.time() - updated > max(STALE_HEARTBEATS * beat, STALE_MIN_SECONDS):
+        return "stale"
+    return "running"
 

@@ -2,20 +2,30 @@
 
 Training calls ``write_steps`` / ``write_events`` once per flush; both only
 append to an in-memory queue (never block on disk, never raise).  A
-background thread drains the queue, writes the SQLite run store in one
-transaction per wake-up and forwards the same data to extra sinks
-(TensorBoard, ...).  A failing store or sink logs one warning, counts its
-failures in ``recorder.failures`` and keeps going.
+background thread drains the queue and writes the SQLite run store in one
+transaction per wake-up; every extra sink (TensorBoard, ...) has its own
+thread and bounded queue, so a hung sink never stalls the store.  A failing
+store or sink logs one warning, counts its failures in ``recorder.failures``
+and keeps going; rows that could not be stored are counted in
+``recorder.dropped_rows`` and in the store itself (the run then reads
+``incomplete``).
+
+A run has one live writer: the recorder holds an advisory lock on
+``RUN/writer.lock`` (released by the kernel when the process dies), and the
+store file appears only once its tables and metadata are complete (written
+under a temporary name, then renamed).  A run directory without a store and
+without a live writer is an abandoned reservation: the next run of that name
+takes it over instead of moving to ``NAME-2``.
 """
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
+import re
 import shutil
-import socket
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -23,204 +33,54 @@ from pathlib import Path
 
 import numpy as np
 
-from .._json import json_safe
-from .schema import (DB_NAME, DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, check_run_name,
-                     level_aggregates, raw_aggregates, reduce_groups)
+from ._files import _dumps, _lock_with_retry, _reserve_run_dir, _unlock, _Vanished
+from .schema import DB_NAME, LOCK_NAME, check_run_name
+from .sink_thread import SINK_QUEUE, _SinkWorker
+from .store_writer import CHUNK_ROWS, HEARTBEAT_SECONDS, _StoreWriter
 
-__all__ = ["Recorder", "open_recorder", "CHUNK_ROWS", "MAX_PENDING_BYTES"]
+__all__ = ["Recorder", "open_recorder", "CHUNK_ROWS", "MAX_PENDING_BYTES", "HEARTBEAT_SECONDS",
+           "CLOSE_TIMEOUT", "SINK_QUEUE"]
 
 log = logging.getLogger("gradguard.record")
-CHUNK_ROWS = 256                     # raw rows per stored chunk
 MAX_PENDING_BYTES = 512 * 2 ** 20    # beyond this, rows are dropped (and counted), not queued
+# What a queued flush costs beyond its arrays' data (two ndarray headers, a tuple, allocator
+# slack); test_back_pressure_counts_real_memory holds the count above tracemalloc's for one
+# tiny row per flush, which row bytes alone undercounted ~15x.
+ITEM_OVERHEAD = 768
+EVENT_BYTES = 2048                   # a queued Event with its message, advice and data
 # The writer gathers rows for up to this long before a commit: a transaction per
 # training step (every step on CPU) would cost more than the rows themselves.
 # flush() and close() cut the wait short; readers poll every ~2 s anyway.
 BATCH_SECONDS = 0.2
 BATCH_BYTES = 8 * 2 ** 20
+CLOSE_TIMEOUT = 30.0                 # close() waits at most this long for the store and the sinks
 
 
-def _dumps(obj) -> str:
-    """Strict JSON (non-finite numbers as "NaN"/"Inf"/"-Inf"); objects JSON lacks as their str."""
-    return json.dumps(json_safe(obj), default=str, allow_nan=False)
+# ----------------------------------------------------------- exit handling
+class _Exit:
+    """What ended the interpreter: set by the exception hook, read by recorders closed at exit."""
+    error: str | None = None
+    status = "failed"
+    installed = False
 
 
-def _unique_run_dir(log_dir: Path, run_name: str | None) -> tuple[str, Path]:
-    """Create the run directory atomically; never reuse an existing one."""
-    base = check_run_name(run_name) if run_name is not None else time.strftime("%Y%m%d-%H%M%S")
-    for i in range(10_000):
-        name = base if i == 0 else f"{base}-{i + 1}"
-        path = log_dir / name
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return name, path
-    raise RuntimeError(f"could not find a free run name starting with {base!r} in {log_dir}")
+def _install_excepthook() -> None:
+    if _Exit.installed:
+        return
+    _Exit.installed = True
+    previous = sys.excepthook
 
+    def hook(tp, value, tb):
+        if not hasattr(sys, "ps1"):  # at an interactive prompt an uncaught exception ends nothing
+            _Exit.error = f"{getattr(tp, '__name__', tp)}: {value}"
+            _Exit.status = "interrupted" if issubclass(tp, KeyboardInterrupt) else "failed"
+        previous(tp, value, tb)
 
-class _StoreWriter:
-    """SQLite side of the recorder; used only from the writer thread."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.con: sqlite3.Connection | None = None
-        self.seq = 0
-        self.global_cols: tuple | None = None
-        self.acc: list[tuple[int, dict] | None] = [None] * (LEVELS + 1)
-
-    def create(self, run_name: str, layers: list[dict], config: dict) -> None:
-        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # Big pages: per-layer BLOBs are ~300 KB per chunk; 4 KB pages would chain 75 overflow pages.
-        con.execute("PRAGMA page_size=65536")
-        con.execute("PRAGMA journal_mode=WAL")
-        # 64 MB of WAL between checkpoints: fewer, longer checkpoints (+10% rows/s vs 16 MB).
-        con.execute("PRAGMA wal_autocheckpoint=1024")
-        # WAL + NORMAL: a commit is not fsynced, so an OS crash or power loss may drop the last
-        # commits, but never corrupts; a killed process loses nothing committed (the OS has it).
-        # OFF would be ~30% faster but could corrupt the file on power loss.
-        con.execute("PRAGMA synchronous=NORMAL")
-        con.executescript(DDL)
-        con.execute("BEGIN")
-        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        meta = {"schema_version": SCHEMA_VERSION, "run_name": run_name,
-                "config": _dumps(config), "start_time": time.time(),
-                "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                "updated_time": time.time(), "rows": 0}
-        con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
-        con.executemany("INSERT INTO layers VALUES (?, ?, ?, ?)",
-                        [(i, str(l["name"]), json.dumps(list(l.get("shape", []))), int(l.get("order", i)))
-                         for i, l in enumerate(layers)])
-        con.execute("COMMIT")
-        self.n_layers = len(layers)
-        self.con = con
-
-    def reopen(self, resume_at: int) -> None:
-        """Continue an existing run from step ``resume_at``: its rows and events at or after that
-        step are dropped (they were written after the checkpoint being resumed) and the min/max
-        pyramid is rebuilt.  Costs one pass over the run's rows."""
-        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            con.close()
-            raise ValueError(f"run store {self.path} has schema version {version}; this gradguard "
-                             f"writes {SCHEMA_VERSION}")
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA wal_autocheckpoint=1024")
-        con.execute("PRAGMA synchronous=NORMAL")
-        self.n_layers = con.execute("SELECT count(*) FROM layers").fetchone()[0]
-        gc = con.execute("SELECT value FROM meta WHERE key = 'global_cols'").fetchone()
-        cols = tuple(json.loads(gc[0])) if gc else ()
-        G, L = len(cols), self.n_layers
-        seqs = [r[0] for r in con.execute("SELECT seq0 FROM chunks ORDER BY seq0")]
-        self.seq, self.acc, self.global_cols = 0, [None] * (LEVELS + 1), None
-        con.execute("BEGIN")
-        try:
-            con.execute("DELETE FROM summary")
-            con.execute("DELETE FROM events WHERE step >= ?", (int(resume_at),))
-            for seq0 in seqs:  # in order: rewritten rows never overtake unread chunks
-                n, steps, glob, norms, maxabs = con.execute(
-                    "SELECT n, steps, glob, norms, maxabs FROM chunks WHERE seq0 = ?", (seq0,)).fetchone()
-                con.execute("DELETE FROM chunks WHERE seq0 = ?", (seq0,))
-                steps = np.frombuffer(steps, np.int64)
-                rows = np.concatenate([np.frombuffer(glob, np.float32).reshape(n, G),
-                                       np.frombuffer(norms, np.float32).reshape(n, L),
-                                       np.frombuffer(maxabs, np.float32).reshape(n, L)], axis=1)
-                keep = steps < resume_at
-                if keep.any():
-                    self._write_rows(con, steps[keep], rows[keep], cols)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(self.seq),))
-            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                            [("status", "running"), ("updated_time", str(time.time()))])
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            con.close()
-            raise
-        self.con = con
-
-    def write(self, steps: np.ndarray, rows: np.ndarray, global_cols: tuple, events: list) -> None:
-        con = self.con
-        # The row counter and the pyramid's partial buckets advance with the
-        # rows; a failed commit must take them back with the rows.
-        saved = (self.seq, list(self.acc), self.global_cols)
-        con.execute("BEGIN")
-        try:
-            if len(steps):
-                self._write_rows(con, steps, rows, global_cols)
-            if events:
-                con.executemany(
-                    "INSERT INTO events (step, kind, severity, layers, message, advice, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(int(e.step), str(e.kind), str(e.severity), json.dumps(list(e.layers)), str(e.message),
-                      json.dumps(list(e.advice)), _dumps(e.data)) for e in events])
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('updated_time', ?)", (str(time.time()),))
-            con.execute("COMMIT")
-        except BaseException:
-            self.seq, self.acc, self.global_cols = saved
-            if con.in_transaction:  # on a full disk SQLite has already rolled back
-                con.execute("ROLLBACK")
-            raise
-
-    def _write_rows(self, con, steps, rows, global_cols):
-        L = self.n_layers
-        G = len(global_cols)
-        if rows.ndim != 2 or rows.shape[1] != G + 2 * L:
-            raise ValueError(f"rows have width {rows.shape[1:]}, expected {G} globals + 2x{L} layers")
-        if self.global_cols is None:
-            self.global_cols = tuple(global_cols)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('global_cols', ?)", (json.dumps(self.global_cols),))
-        elif tuple(global_cols) != self.global_cols:
-            raise ValueError(f"global columns changed from {self.global_cols} to {tuple(global_cols)}")
-        # Views, not copies: tobytes() below writes each chunk's slice contiguously anyway.
-        glob, norms, maxabs = rows[:, :G], rows[:, G:G + L], rows[:, G + L:]
-        n = len(steps)
-        for a in range(0, n, CHUNK_ROWS):
-            b = min(n, a + CHUNK_ROWS)
-            s = steps[a:b]
-            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (self.seq + a, b - a, int(s.min()), int(s.max()), s.tobytes(),
-                         glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes()))
-        # Pyramid: each level groups the batch-only segments of the level below
-        # (sums must not count earlier rows twice), then merges with the
-        # in-memory partial bucket and upserts every bucket it touched.
-        ids = np.arange(self.seq, self.seq + n, dtype=np.int64)
-        segs = raw_aggregates(steps, glob, norms, maxabs)
-        for level in range(1, LEVELS + 1):
-            ids, segs = level_aggregates(ids, segs, FACTOR_BITS)
-            merged = dict(segs)
-            prev = self.acc[level]
-            if prev is not None and prev[0] == ids[0]:
-                merged = {k: v.copy() for k, v in merged.items()}  # the level below still reads segs
-                both = {k: np.concatenate([prev[1][k][None], merged[k][:1]]) for k in merged}
-                first = reduce_groups(both, np.array([0]))
-                for k in merged:
-                    merged[k][0] = first[k][0]
-            self.acc[level] = (int(ids[-1]), {k: v[-1] for k, v in merged.items()})
-            con.executemany(
-                "INSERT OR REPLACE INTO summary VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(level, int(ids[i]), int(merged["n"][i]), int(merged["step_lo"][i]),
-                  int(merged["step_hi"][i]), merged["gmin"][i].tobytes(), merged["gmax"][i].tobytes(),
-                  merged["nmax"][i].tobytes(), merged["nmin"][i].tobytes(), merged["xmax"][i].tobytes(),
-                  merged["nfc"][i].tobytes()) for i in range(len(ids))])
-        self.seq += n
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(self.seq),))
-
-    def finish(self, status: str) -> None:
-        if self.con is None:
-            return
-        self.con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             [("status", status), ("end_time", str(time.time()))])
-        try:
-            self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass  # a reader holds the WAL; it is checkpointed later
-        self.con.close()
-        self.con = None
+    sys.excepthook = hook
 
 
 class Recorder:
-    """Writes one run: a background thread owns the SQLite store and the sinks.
+    """Writes one run: a background thread owns the SQLite store, one thread per extra sink.
 
     Use ``open_recorder`` (the guard does when given ``log_dir``).
 
@@ -228,31 +88,48 @@ class Recorder:
         run_name: the run's name in the store (unique in its log dir).
         path: the run directory (None when only sinks are written).
         failures: dict sink name -> number of failed writes (0 when healthy).
-        dropped_rows: rows dropped because the writer fell too far behind.
+        dropped_rows: rows that did not reach the store (writer too far behind, a failed
+            commit, a deleted run directory); also saved in the store, and a run that lost
+            rows ends ``incomplete`` instead of ``finished``.
+        parent: ``(run, step)`` this run branched from (see ``resume``), or None.
     """
 
     def __init__(self, run_name: str, path: Path | None, store: _StoreWriter | None,
-                 sinks: list, layers: list[dict], config: dict):
+                 sinks: list, layers: list[dict], config: dict, lock_fd: int | None = None,
+                 requested_name: str | None = None):
         self.run_name = run_name
         self.path = path
         self._store = store
-        self._sinks = list(sinks)
+        self._lock_fd = lock_fd
+        self._requested = requested_name
         self._layers = layers
         self._config = config
         self.failures: dict[str, int] = {}
         self._fail_lock = threading.Lock()
-        self.dropped_rows = 0
+        self._dropped_queue = 0
         self._pending: list = []
         self._pending_bytes = 0
         self._cv = threading.Condition()
         self._closed = False
+        self._done = False
         self._warned: set[str] = set()
-        for s in self._sinks:
-            self._call(s, "open", run_name, layers, config)
+        self._pending_source = None
+        self._sinks: list[_SinkWorker] = []
+        for s in sinks:
+            self.add_sink(s)
         self._thread = threading.Thread(target=self._loop, name=f"gradguard-writer-{run_name}", daemon=True)
         self._thread.start()
+        _install_excepthook()
         # A run whose owner forgets close() is still flushed at exit.
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    @property
+    def dropped_rows(self) -> int:
+        return self._dropped_queue + (self._store.dropped if self._store is not None else 0)
+
+    @property
+    def parent(self):
+        return self._store.parent if self._store is not None else None
 
     # ----------------------------------------------------------- training side
     def write_steps(self, steps, rows, global_cols) -> None:
@@ -262,7 +139,7 @@ class Recorder:
             rows = np.array(rows, dtype=np.float32, copy=True)  # the caller may reuse its array
             if rows.ndim != 2 or rows.shape[0] != len(steps):
                 raise ValueError(f"rows must be ({len(steps)}, width), got {rows.shape}")
-            self._put(("steps", steps, rows, tuple(global_cols)), rows.nbytes)
+            self._put(("steps", steps, rows, tuple(global_cols)), rows.nbytes + steps.nbytes + ITEM_OVERHEAD)
         except Exception as e:  # never into training
             self._fail("recorder", e)
 
@@ -271,22 +148,46 @@ class Recorder:
         if not events:
             return
         try:
-            self._put(("events", list(events)), 0)
+            events = list(events)
+            self._put(("events", events), EVENT_BYTES * len(events))
         except Exception as e:
             self._fail("recorder", e)
 
+    def report_failure(self, who: str, err: BaseException) -> None:
+        """Count a failure of ``who`` (a detector, a remedy, a row observer ...) in ``failures``
+        and log the first one, like a failing sink."""
+        self._fail(str(who), err)
+
     def add_sink(self, sink) -> None:
         """Forward everything written from now on to ``sink`` too (e.g. ``TensorBoardSink``)."""
-        self._call(sink, "open", self.run_name, self._layers, self._config)
+        w = _SinkWorker(sink, self)
+        w.put("open", self.run_name, self._layers, self._config)
         with self._cv:
-            self._sinks.append(sink)
+            self._sinks.append(w)
+
+    def attach(self, owner, pending=None) -> None:
+        """Close this recorder when ``owner`` (the guard) is collected, and at interpreter exit
+        hand over the rows ``owner`` still holds.
+
+        Args:
+            owner: the object whose collection ends the run (held weakly).
+            pending: optional ``() -> (steps, rows, global_cols)`` returning the rows not yet
+                passed to ``write_steps``; called once when the recorder closes.  It must not
+                reference ``owner`` (that would keep it alive).
+        """
+        self._pending_source = pending
+        weakref.finalize(owner, _close_ref, weakref.ref(self))
 
     def _put(self, item, nbytes: int) -> None:
         with self._cv:
             if self._closed:
                 return
-            if nbytes and self._pending_bytes + nbytes > MAX_PENDING_BYTES:
-                self.dropped_rows += len(item[1])
+            if self._pending_bytes + nbytes > MAX_PENDING_BYTES:
+                if item[0] == "steps":
+                    if self._store is not None:
+                        self._store.dropped += len(item[1])  # under _cv, like the writer's count
+                    else:
+                        self._dropped_queue += len(item[1])
                 self._fail("recorder", RuntimeError("writer fell behind; dropping rows"))
                 return
             self._pending.append(item)
@@ -294,56 +195,136 @@ class Recorder:
             self._cv.notify()
 
     def resume(self, run_name: str, step: int) -> bool:
-        """Continue the earlier run ``run_name`` of this log dir from ``step`` instead of the run
-        this recorder created (which must still be empty: it is deleted).  Rows and events the
-        earlier run holds at or after ``step`` are dropped.  Returns False (and changes nothing)
-        when there is no such run or this recorder already wrote rows."""
+        """Continue the earlier run ``run_name`` of this log dir from ``step``.
+
+        Resumes only when this recorder was opened without a run name, or with the name the
+        checkpoint's run was asked for (``NAME``, or ``NAME-k`` when ``NAME`` was taken): rows and events the earlier run holds
+        at or after ``step`` are dropped, and this recorder's own run, still empty, is removed.
+        Otherwise this recorder keeps its own new run and records that it branched from
+        ``(run_name, step)`` (``meta`` ``parent_run`` / ``parent_step``): a checkpoint of another
+        run never overwrites it.  A run whose writer is still alive is never taken over (one
+        live writer per run): a warning, and the new run branches instead.
+
+        Returns:
+            True when the earlier run is continued.
+        """
         if self._store is None or self.path is None or run_name == self.run_name:
             return False
-        target = self.path.parent / check_run_name(run_name)
+        step = int(step)
         self.flush()
         with self._cv:
-            if self._store.seq or not (target / DB_NAME).exists():
+            # Same script, same name: the checkpoint's run is NAME or the NAME-k it was given
+            # because NAME was taken; any other name is another run's checkpoint: branch.
+            if self._requested is not None and not re.fullmatch(re.escape(self._requested) + r"(-\d+)?",
+                                                                 run_name):
+                self._store.parent = (run_name, step)
+                self._pending.append(("parent",))
+                self._cv.notify()
                 return False
-            store = _StoreWriter(target / DB_NAME)
-            store.reopen(step)
-            old_store, old_path = self._store, self.path
-            self._store, self.path, self.run_name = store, target, run_name
-        old_store.finish("discarded")
+            try:
+                target = self.path.parent / check_run_name(run_name)
+            except ValueError:
+                target = None
+            fd, why, store = None, None, None
+            if target is not None and not self._store.seq and target.is_dir():
+                # The lock first: a live writer may not have published its store yet.
+                fd = _lock_with_retry(target / LOCK_NAME)
+                if fd is None:
+                    why = "it has a live writer (another process or guard still writes it)"
+                elif (target / DB_NAME).is_file():
+                    try:
+                        store = _StoreWriter(target / DB_NAME, run_name)
+                        store.reopen(step)
+                    except Exception as e:
+                        why, store = f"it cannot be continued ({e})", None
+                if store is None:
+                    _unlock(fd)
+            if store is None:
+                self._store.parent = (run_name, step)
+                self._pending.append(("parent",))
+                self._cv.notify()
+                if why is not None:
+                    log.warning("gradguard: not continuing run %r from step %d: %s; writing run %r "
+                                "instead", run_name, step, why, self.run_name)
+                return False
+            old_store, old_path, old_fd = self._store, self.path, self._lock_fd
+            self._store, self.path, self.run_name, self._lock_fd = store, target, run_name, fd
+        try:
+            old_store.finish("discarded")
+        except Exception:
+            pass
         shutil.rmtree(old_path, ignore_errors=True)
+        _unlock(old_fd)
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far is written. Returns False on timeout."""
+        """Wait until everything queued so far is written to the store. Returns False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             self._flushing += 1
             self._cv.notify_all()
             try:
-                while self._pending or self._busy:
+                while (self._pending or self._busy) and self._thread.is_alive():
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
-                    self._cv.wait(left)
+                    self._cv.wait(left if left is not None else 1.0)
             finally:
                 self._flushing -= 1
         return True
 
-    def close(self) -> None:
-        """Write everything pending, mark the run finished, stop the thread."""
+    def close(self, status: str | None = None, error: BaseException | str | None = None,
+              timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write everything pending, record how the run ended, stop the threads.
+
+        Args:
+            status: ``"finished"`` (default), ``"failed"`` (the training raised; the guard passes
+                it from ``__exit__``) or ``"interrupted"``.  None: ``"finished"``, unless the
+                interpreter is exiting on an uncaught exception (then ``"failed"``, or
+                ``"interrupted"`` for KeyboardInterrupt).
+            error: the exception (or its text) that ended the run, stored as ``meta.error``.
+            timeout: seconds to wait for the store and the sinks (a hung sink is abandoned).
+        """
+        if status is None:
+            status = _Exit.status if _Exit.error else "finished"
+            error = error if error is not None else _Exit.error
+        elif status not in ("finished", "failed", "interrupted"):
+            raise ValueError(f"status must be 'finished', 'failed' or 'interrupted', got {status!r}")
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
+        source, self._pending_source = self._pending_source, None
+        if source is not None and not self._closed:
+            try:
+                steps, rows, cols = source()
+                if len(steps):
+                    self.write_steps(steps, rows, cols)
+            except Exception as e:
+                self._fail("recorder", e)
         with self._cv:
             if self._closed:
                 return
             self._closed = True
             self._cv.notify_all()
-        self._thread.join()
-        if self._store is not None:
+        deadline = time.monotonic() + timeout
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("gradguard: the run store did not finish writing within %.0f s; %s left unwritten",
+                        timeout, self.run_name)
+        elif self._store is not None:
             try:
-                self._store.finish("finished")
+                self._store.ensure()  # a run that never flushed a row still ran: it is listed
+                self._store.finish(status, error)
             except Exception as e:
                 self._fail("store", e)
-        for s in self._sinks:
-            self._call(s, "close")
+        _unlock(self._lock_fd)
+        self._lock_fd = None
+        for w in self._sinks:
+            w.close()
+        for w in self._sinks:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
+            if w.thread.is_alive():
+                self._fail(w.name, RuntimeError(f"did not close within {timeout:.0f} s; abandoned"))
+        self._done = True
 
     # ------------------------------------------------------------ writer side
     _busy = False
@@ -353,27 +334,35 @@ class Recorder:
         while True:
             with self._cv:
                 while not self._pending and not self._closed:
-                    self._cv.wait()
+                    if not self._cv.wait(HEARTBEAT_SECONDS / 2):
+                        break
                 if not self._pending and self._closed:
                     return
-                until = time.monotonic() + BATCH_SECONDS
-                while not (self._closed or self._flushing or self._pending_bytes >= BATCH_BYTES):
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(left)
+                if self._pending:
+                    until = time.monotonic() + BATCH_SECONDS
+                    while not (self._closed or self._flushing or self._pending_bytes >= BATCH_BYTES):
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
                 items, self._pending, self._pending_bytes = self._pending, [], 0
                 self._busy = True
+                store = self._store
             try:
-                self._write(items)
+                if items:  # ("parent",) items only make the branch point reach the store
+                    self._write(items, store)
+                elif store is not None and store.created and \
+                        time.monotonic() - store.last_commit >= HEARTBEAT_SECONDS:
+                    store.heartbeat()
             except Exception as e:  # the thread must outlive any bad batch
-                self._fail("recorder", e)
+                self._fail("store" if isinstance(e, (sqlite3.Error, OSError, _Vanished)) else "recorder", e)
             finally:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
+        # close(): create the store of a run that never wrote a row (it still ran)
 
-    def _write(self, items) -> None:
+    def _write(self, items, store) -> None:
         # Coalesce consecutive flushes with the same layout into one batch.
         batches: list[tuple[tuple, list, list]] = []
         events = []
@@ -384,42 +373,35 @@ class Recorder:
                     batches[-1][2].append(it[2])
                 else:
                     batches.append((it[3], [it[1]], [it[2]]))
-            else:
+            elif it[0] == "events":
                 events += it[1]
         merged = [(cols, np.concatenate(s), np.concatenate(r)) for cols, s, r in batches]
-        if not merged and events:
+        if not merged:
             merged.append(((), np.empty(0, np.int64), np.empty((0, 0), np.float32)))
         for i, (cols, steps, rows) in enumerate(merged):
             # A flush's events commit with its rows (a reader never sees a NaN
             # step without its event); if that fails, the events are retried
             # alone so a bad batch of rows cannot take them down with it.
             ev = events if (events and i == len(merged) - 1) else []
-            if self._store is not None:
+            if store is not None:
                 try:
-                    self._store.write(steps, rows, cols, ev)
+                    store.write(steps, rows, cols, ev)
                 except Exception as e:
+                    with self._cv:
+                        store.dropped += len(steps)
                     self._fail("store", e)
-                    if ev and len(steps):
+                    if ev and len(steps) and not store.gone:
                         try:
-                            self._store.write(np.empty(0, np.int64), np.empty((0, 0), np.float32), (), ev)
+                            store.write(np.empty(0, np.int64), np.empty((0, 0), np.float32), (), ev)
                         except Exception as e2:
                             self._fail("store", e2)
-            for s in self._sinks:
+            for w in self._sinks:
                 if len(steps):
-                    self._call(s, "write_steps", steps, rows, cols)
+                    w.put("write_steps", steps, rows, cols)
                 if ev:
-                    self._call(s, "write_events", ev)
+                    w.put("write_events", ev)
 
-    def _call(self, sink, method: str, *args) -> None:
-        fn = getattr(sink, method, None)
-        if fn is None:
-            return
-        try:
-            fn(*args)
-        except Exception as e:
-            self._fail(getattr(sink, "name", type(sink).__name__), e)
-
-    def _fail(self, who: str, err: Exception) -> None:
+    def _fail(self, who: str, err: BaseException) -> None:
         with self._fail_lock:  # the training thread and the writer thread both report here
             self.failures[who] = self.failures.get(who, 0) + 1
             first = who not in self._warned
@@ -430,6 +412,12 @@ class Recorder:
 
 
 def _close_at_exit(ref) -> None:
+    rec = ref()
+    if rec is not None:
+        rec.close()
+
+
+def _close_ref(ref) -> None:
     rec = ref()
     if rec is not None:
         rec.close()
@@ -447,7 +435,8 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
         config: JSON-serialisable run configuration.
         sinks: extra sinks (e.g. ``gradguard.sinks.TensorBoardSink(...)``).
     Returns:
-        Recorder (``.run_name`` holds the name actually used).
+        Recorder (``.run_name`` holds the name actually used).  The store file itself is
+        written on the first flush (or at ``close()``).
 
     Example:
         >>> rec = open_recorder("runs", layers=[{"name": "w", "shape": [3], "order": 0}])
@@ -466,9 +455,17 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
     root = Path(log_dir)
     if root.exists() and not root.is_dir():
         raise ValueError(f"log_dir must be a directory, but {root} is a file")
+    if run_name is not None:
+        check_run_name(run_name)
+    _dumps(config)  # an unserialisable config fails here, before anything is on disk
     root.mkdir(parents=True, exist_ok=True)
-    name, path = _unique_run_dir(root, run_name)
-    store = _StoreWriter(path / DB_NAME)
-    store.create(name, layers, config)
-    return Recorder(name, path, store, sinks or [], layers, config)
+    name, path, fd = _reserve_run_dir(root, run_name)
+    store = _StoreWriter(path / DB_NAME, name, layers, config)
+    try:
+        store.prepare()
+        return Recorder(name, path, store, sinks or [], layers, config, lock_fd=fd, requested_name=run_name)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # nothing of a failed creation stays behind
+        _unlock(fd)
+        raise
 

@@ -6,13 +6,18 @@ for NaN/Inf and remembers which module was running; the backward runs under
 backward function that produced the first NaN, mapped back to the module that
 created it in the forward.
 
-Dumps are pickles (``torch.load(weights_only=False)``): replay only dumps you
-wrote yourself.
+A dump is read with ``torch.load(weights_only=True)``: tensors, numbers,
+strings and containers only, so a crafted ``flight-*.pt`` cannot run code.
+The model comes from ``--factory MODULE:FN`` (its weights from the dump).
+The model object and ``loss_fn`` the dump may hold as pickles are unpickled
+only with ``trust_pickle=True`` (``--trust-pickle``): unpickling runs
+arbitrary code, so only for dumps you wrote yourself.
 """
 from __future__ import annotations
 
 import importlib
 import io
+import pickle
 import re
 import sys
 
@@ -64,39 +69,58 @@ class ReplayResult(dict):
         return f"replay: first NaN/Inf in the {self['phase']} at op {self['op']} in {mod}. {self['detail']}"
 
 
-def _load_model(dump: dict, factory: str | None):
-    if factory:
+def _load_model(dump: dict, factory: str | None, trust_pickle: bool = False):
+    if factory:  # weights only: the pickled model and loss_fn in the dump are never unpickled
         mod_name, _, fn = factory.partition(":")
         out = getattr(importlib.import_module(mod_name), fn)()
         model, loss_fn = (out if isinstance(out, tuple) else (out, None))
-    elif dump.get("model_pickle") is not None:
+    elif dump.get("model_pickle") is not None and trust_pickle:
         model = torch.load(io.BytesIO(dump["model_pickle"]), weights_only=False)
         loss_fn = None
+    elif dump.get("model_pickle") is not None:
+        raise ValueError("the dump holds a pickled model, and unpickling runs arbitrary code: pass "
+                         "--factory MODULE:FN returning (model, loss_fn) (safe: weights only), or "
+                         "--trust-pickle if you wrote this dump yourself")
     else:
         raise ValueError("the dump holds no pickled model: pass --factory MODULE:FN returning "
                          "(model, loss_fn)")
-    if dump.get("loss_fn") is not None and loss_fn is None:
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"the model is a {type(model).__name__}, not a torch.nn.Module")
+    if dump.get("loss_fn") is not None and loss_fn is None and trust_pickle:
         loss_fn = torch.load(io.BytesIO(dump["loss_fn"]), weights_only=False)
     model.load_state_dict(dump["model"])
     return model, loss_fn
 
 
-def replay(dump_or_path, factory: str | None = None, device: str = "cpu") -> ReplayResult:
+def replay(dump_or_path, factory: str | None = None, device: str = "cpu",
+           trust_pickle: bool = False) -> ReplayResult:
     """Re-run the dumped step; return where the first NaN/Inf appeared.
 
     Args:
         dump_or_path: a flight-recorder dump (path or loaded dict).
-        factory: ``"module:function"`` returning ``(model, loss_fn)`` when the
-            dump holds no pickled model.
+        factory: ``"module:function"`` returning ``(model, loss_fn)``; the
+            dump then only gives the weights and the batch.
         device: where to run (default ``"cpu"``).
+        trust_pickle: load the dump with ``weights_only=False`` and unpickle
+            the model object and ``loss_fn`` it holds.  Unpickling runs
+            arbitrary code: only for dumps you wrote yourself.
     Returns:
         ReplayResult; ``str(result)`` is the sentence ``gradguard replay`` prints.
     """
-    dump = dump_or_path if isinstance(dump_or_path, dict) else \
-        torch.load(dump_or_path, map_location="cpu", weights_only=False)
+    if isinstance(dump_or_path, dict):
+        dump = dump_or_path
+    else:
+        try:
+            dump = torch.load(dump_or_path, map_location="cpu", weights_only=not trust_pickle)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{dump_or_path} is not a plain flight-recorder dump (it needs code to "
+                             f"load: {str(exc).splitlines()[0]}); if you wrote it yourself, pass "
+                             "--trust-pickle") from None
+    if not isinstance(dump, dict):
+        raise ValueError(f"{dump_or_path} is not a flight-recorder dump (got {type(dump).__name__})")
     if dump.get("batch") is None:
         raise ValueError("the dump holds no batch: pass guard.step(loss, batch=batch) to record it")
-    model, loss_fn = _load_model(dump, factory)
+    model, loss_fn = _load_model(dump, factory, trust_pickle)
     model.to(device).train()
     batch = _to(dump["batch"], device)
     names = {m: n or "<root>" for n, m in model.named_modules()}
@@ -156,7 +180,13 @@ def _to(obj, device):
 def add_arguments(parser) -> None:
     parser.add_argument("dump", help="a flight-recorder dump (flight-<step>-<kind>.pt)")
     parser.add_argument("--factory", default=None,
-                        help="MODULE:FN returning (model, loss_fn), when the dump holds no pickled model")
+                        help="MODULE:FN returning (model, loss_fn); the dump gives only the weights "
+                             "and the batch (the safe way)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load the model object and loss_fn pickled in the dump. Unpickling runs "
+                             "arbitrary code: a crafted dump could do anything your account can. "
+                             "Only for dumps you wrote yourself; without it the dump is read with "
+                             "torch.load(weights_only=True)")
     parser.add_argument("--device", default="cpu", help="where to run the step (default cpu)")
 
 
@@ -167,7 +197,7 @@ def run(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anomaly mode's own traceback warnings
         try:
-            res = replay(args.dump, args.factory, args.device)
+            res = replay(args.dump, args.factory, args.device, trust_pickle=args.trust_pickle)
         except (ValueError, FileNotFoundError) as exc:
             print(f"gradguard replay: {exc}", file=sys.stderr)
             return 2

@@ -232,8 +232,25 @@
       if (div.on && !div.ggBound) { div.on("plotly_relayout", onRelayout(id)); div.ggBound = true; }
     });
   }
+  function ago(t) {
+    if (!t) return "never";
+    const s = Math.max(0, Date.now() / 1000 - t);
+    return s < 90 ? Math.round(s) + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
+  }
+  // What the header says about the shown run: its writer's last heartbeat, never "now".
+  function liveText(info) {
+    if (STATIC) return "static report";
+    if (!info) return "no runs yet";
+    if (info.status === "unreadable") return "cannot read this run: " + (info.error || "unknown error");
+    let t = (info.status === "running" ? "live" : info.status) + " · last update " + ago(info.updated_time);
+    if (info.dropped_rows) t += " · " + info.dropped_rows + " rows lost";
+    if (info.error) t += " · " + info.error;
+    return t;
+  }
   async function refresh(full) {
     if (!state.primary) return;
+    const cur = state.runs.find((r) => r.name === state.primary);
+    if (cur && cur.status === "unreadable") { renderRunPicker(); document.body.dataset.ready = "1"; return; }
     if (full) {
       state.events = await api(q(state.primary, "events")).catch(() => []);
       state.layers = await api(q(state.primary, "layers")).catch(() => []);
@@ -258,7 +275,7 @@
         state.sig = sig;
         await refresh(true);
       }
-      $("live").textContent = STATIC ? "static report" : "live · updated " + new Date().toLocaleTimeString();
+      $("live").textContent = liveText(info);
     } catch (err) {
       $("live").textContent = "offline: " + err.message;
     }
