@@ -39,7 +39,7 @@ from .hooks import OptimizerHooks
 from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
 from .remedies import RemedyContext, Remedies
-from .shards import agree_any
+from .shards import agree_any, world_of
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
 
 __all__ = ["Guard", "StepReport"]
@@ -185,14 +185,7 @@ class Guard:
         self.last_report: StepReport | None = None
         # Distributed: decisions agree across ranks; one rank writes the store.
         self.process_group = process_group
-        self._world, self.rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            import torch.distributed as dist
-
-            self._world = dist.get_world_size(process_group)
-            self.rank = dist.get_rank(process_group)
-            self._comm_device = (torch.device("cpu") if dist.get_backend(process_group) == "gloo"
-                                 else self.device)
+        self._world, self.rank, self._comm_device = world_of(process_group, self.device)
         if not (log_rank == "all" or (isinstance(log_rank, int) and not isinstance(log_rank, bool)
                                       and 0 <= log_rank < self._world)):
             raise ValueError(f"log_rank must be a rank in [0, {self._world}) or 'all', got {log_rank!r}")
@@ -205,8 +198,10 @@ class Guard:
             try:
                 self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
                                               config=self.config(), sinks=sinks)
-                # A guard dropped without close() still ends its writer thread and connection.
-                weakref.finalize(self, self.recorder.close)
+                # collected without close(), or the interpreter exits: the rows still in the
+                # buffer are handed over and the run says how it ended (the lambda holds no guard)
+                buf = self._buffer
+                self.recorder.attach(self, pending=lambda: (list(buf._steps), buf.pending(), GLOBAL_COLS))
             except (ValueError, TypeError):  # a bad argument (run_name, log_dir...) is the caller's
                 raise
             except Exception as exc:  # a log sink never stops training (OSError, sqlite3.Error...)
@@ -411,6 +406,8 @@ class Guard:
                 new_events += det.update(steps, rows, self.run)
             except Exception as exc:  # a failing detector is reported and counted, rows still go on
                 self.failures["detectors"] += 1
+                if self.recorder is not None:
+                    self.recorder.report_failure(f"detector {type(det).__name__}", exc)
                 warnings.warn(f"gradguard: detector {det!r} failed on steps {steps[0]}-{steps[-1]} "
                               f"({exc!r}); training continues", RuntimeWarning, stacklevel=3)
         new_events.sort(key=lambda e: e.step)
@@ -428,20 +425,21 @@ class Guard:
         if alarm is not None:  # the "raise" remedy, once the events are recorded
             raise alarm
 
-    def close(self) -> None:
-        """Flush pending rows and close the run store (even if the last flush raises)."""
+    def close(self, status: str | None = None, error=None) -> None:
+        """Flush pending rows and close the run store (even if the last flush raises).
+        ``status``: how the run ended (``"finished"`` by default, ``"failed"``)."""
         self._hooks.remove()
         try:
             self.flush()
         finally:
             if self.recorder is not None:
-                self.recorder.close()
+                self.recorder.close(status=status, error=error)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, tp, exc, tb):
+        self.close(status="failed" if tp is not None else "finished", error=exc)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

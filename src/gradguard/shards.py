@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["dtensor_type", "local_grads", "reduce_shards", "agree_any"]
+__all__ = ["dtensor_type", "local_grads", "reduce_shards", "agree_any", "world_of"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,3 +101,14 @@ def agree_any(bad, xp, comm_device, device, group=None):
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     out = flag[0] > 0
     return xp.asarray(out) if xp.on_host else out.to(device, non_blocking=True)
+
+
+def world_of(group, device) -> tuple[int, int, torch.device]:
+    """``(world size, rank, device of the collectives)`` of ``group``; ``(1, 0, device)``
+    outside torch.distributed (gloo communicates through host memory)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1, 0, device
+    import torch.distributed as dist
+
+    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+    return dist.get_world_size(group), dist.get_rank(group), comm
