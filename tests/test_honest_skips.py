@@ -199,3 +199,41 @@ def test_a_failing_detector_or_remedy_loses_no_row(tmp_path):
     assert guard.failures["detectors"] >= 3 and guard.remedies.failures >= 1
     assert gg.RunStore(tmp_path / "runs").steps("r")["step"].tolist() == list(range(10))
     assert guard.skipped_steps == 1
+
+
+@pytest.mark.parametrize("name", ["x\n", "ok\n\n", "\nx"])
+def test_run_name_with_a_newline_is_refused(tmp_path, name):
+    model = _model()
+    with pytest.raises(ValueError, match="run_name"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path, run_name=name)
+
+
+class _FlakySGD(torch.optim.SGD):
+    """Raises on its second step (a user catches it and goes on)."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("transient")
+        return super().step(closure)
+
+
+def test_an_optimizer_that_raises_once_loses_or_duplicates_no_row(tmp_path):
+    """The step that raised was not applied: it has no row and its step id is not used; every
+    other step is stored once, in order, across a flush interval."""
+    model = _model()
+    opt = _FlakySGD(model.parameters())
+    guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="r", flush_every=4, detectors=[])
+    for i in range(10):
+        _backward(model, i)
+        try:
+            guard.step()
+        except RuntimeError:
+            guard.step()  # the same gradients, retried: allowed (the failed step did not count)
+    guard.close()
+    assert guard.steps == 10
+    assert gg.RunStore(tmp_path).steps("r")["step"].tolist() == list(range(10))

@@ -64,7 +64,7 @@ AGG_FIELDS = {
 
 
 def check_run_name(name) -> str:
-    if not isinstance(name, str) or not RUN_NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"run_name must be 1-128 characters of letters, digits, '.', '_', '+', '-' "
                          f"starting with a letter or digit, got {name!r}")
     return name
