@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import accumulate
 
 import numpy as np
 
@@ -17,10 +18,12 @@ class DivergenceDetector(Detector):
 
     Every other detector compares a step with a recent baseline, so a run that blows up
     inside their warm-up, or grows by a steady 25% a step, is never "unusual" against
-    itself.  This one keeps a reference from the run's own start: ``L0``, the median of the
-    first ``ref_steps`` finite losses, and ``G0``, the median of their log global gradient
-    norms.  On each step ``m`` is the median of the last ``persist`` finite losses (one bad
-    batch does not move it) and the rule holds when
+    itself.  This one keeps a reference from the run's own start: ``L0``, the first finite
+    loss or, if lower, the median of the first ``ref_steps`` (a loss growing from step 0 must
+    not raise its own reference; a noisy first batch must not either), and ``G0``, the median
+    of their log global gradient norms.  On each step ``m`` is the smallest of the last ``persist`` finite losses (the
+    loss has stayed at least that high: heavy-tailed batches do not move it) and the rule
+    holds when
 
     - level: ``m >= ratio * L0``; or
     - trend: the CUSUM of ``log(m / L0) - log(drift)`` reaches ``h`` (a loss that keeps
@@ -38,8 +41,8 @@ class DivergenceDetector(Detector):
     unless it is more severe.
 
     Args:
-        ref_steps: finite losses that make the start reference (default 3).
-        persist: losses in the running median (default 3).
+        ref_steps: finite losses that make the start reference (default 5).
+        persist: consecutive losses that must all be high (default 3).
         ratio: level rule, multiple of ``L0`` (default 2).
         drift: losses below ``drift * L0`` feed the CUSUM nothing (default 1.25).
         h: CUSUM threshold, in log units (default 1.0).
@@ -52,7 +55,7 @@ class DivergenceDetector(Detector):
     kind = "diverging"
     rescan = True  # firing resets the CUSUM and the cooldown: later rows are judged again
 
-    def __init__(self, ref_steps: int = 3, persist: int = 3, ratio: float = 2.0, drift: float = 1.25,
+    def __init__(self, ref_steps: int = 5, persist: int = 3, ratio: float = 2.0, drift: float = 1.25,
                  h: float = 1.0, grad_ratio: float = 10.0, respond: float = 1.2, critical: float = 10.0,
                  cooldown: int = 200):
         super().__init__(cooldown)
@@ -78,35 +81,43 @@ class DivergenceDetector(Detector):
         # steps the rule reads: nothing poisoned (the core reports those), a finite loss and norm
         idx = np.flatnonzero((rows[:, COL["bad"]] == 0) & np.isfinite(loss) & np.isfinite(g) & (g > 0))
         x, lg = loss[idx], W.log(g[idx])
-        need = self.ref_steps - len(self._ref)
-        j0 = max(need, 0)  # the rows after the reference is complete are judged
-        ref = self._ref + list(zip(x[:j0].tolist(), lg[:j0].tolist()))  # numpy, no host sync
+        need = max(self.ref_steps - len(self._ref), 0)
+        ref = self._ref + list(zip(x[:need].tolist(), lg[:need].tolist()))  # numpy, no host sync
         k = len(idx)
+        j0 = 0 if self._ref else 1  # a run's first valid step is its reference, never judged
         fired, keep = [], {}
-        if j0 < k and len(ref) >= self.ref_steps:
-            l0 = float(np.median([r[0] for r in ref]))
-            g0 = float(np.median([r[1] for r in ref]))
-            if l0 > 0:
-                # running median of the last `persist` finite losses; the first steps of a run
-                # have fewer before them (NaN padding, ignored by nanmedian)
-                prev = list(self._recent)[-(self.persist - 1):] if self.persist > 1 else []
-                pad = np.full(self.persist - 1 - len(prev), np.nan)
-                cat = np.concatenate([pad, np.asarray(prev, np.float64), x])
-                w = np.lib.stride_tricks.sliding_window_view(cat, self.persist)[j0:]
-                med = w[:, -1] if self.persist == 1 else np.nanmedian(w, axis=1)
-                rel = W.log(med) - math.log(l0)
-                c = self._cusum + np.cumsum(rel - math.log(self.drift))
-                cusum = c - np.minimum(np.minimum.accumulate(c), 0.0)
-                grows = (lg[j0:] - g0 >= math.log(self.grad_ratio)) & (rel >= math.log(self.respond))
-                shock = (lg[j0:] - g0 >= math.log(self.grad_ratio)) & (W.log(x[j0:]) - math.log(l0)
-                                                                        >= math.log(self.critical))
-                hit = (rel >= math.log(self.ratio)) | (cusum >= self.h) | grows | shock
-                sev = np.where((rel >= math.log(self.critical)) | shock, SEV["critical"], SEV["warning"])
-                # the cooldown, judged here so that a run that stays diverged is scanned once per flush
-                st = steps[idx[j0:]]
-                hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
-                fired = idx[j0:][hit].tolist()  # numpy, no host sync
-                keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev)
+        if j0 < k:
+            # the reference each row sees: the start so far (complete after ref_steps steps)
+            table_l = [0.0] + [min(ref[0][0], float(np.median([r[0] for r in ref[:c]])))
+                               for c in range(1, min(len(ref), self.ref_steps) + 1)]
+            table_g = [0.0] + [float(np.median([r[1] for r in ref[:c]]))
+                               for c in range(1, min(len(ref), self.ref_steps) + 1)]
+            cnt = np.minimum(len(self._ref) + np.arange(j0, k), self.ref_steps)
+            l0, g0 = np.asarray(table_l)[cnt], np.asarray(table_g)[cnt]
+            # the smallest of the last `persist` finite losses; the first steps of a run
+            # have fewer before them (NaN padding, ignored by nanmin)
+            prev = list(self._recent)[-(self.persist - 1):] if self.persist > 1 else []
+            pad = np.full(self.persist - 1 - len(prev), np.nan)
+            cat = np.concatenate([pad, np.asarray(prev, np.float64), x])
+            w = np.lib.stride_tricks.sliding_window_view(cat, self.persist)[j0:]
+            med = w[:, -1] if self.persist == 1 else np.nanmin(w, axis=1)
+            on = l0 > 0  # the rule needs positive losses
+            rel = np.where(on, W.log(med) - W.log(l0), -np.inf)
+            # the CUSUM recursion in step order, one float operation at a time, so that any
+            # chunking of the rows gives the same bits (a cumsum would round differently)
+            cusum = np.fromiter(accumulate(np.maximum(rel - math.log(self.drift), -1e3).tolist(),  # numpy, no host sync
+                                           lambda a, b: max(0.0, a + b), initial=self._cusum),
+                                np.float64, len(rel) + 1)[1:]
+            big_g = lg[j0:] - g0 >= math.log(self.grad_ratio)
+            grows = big_g & (rel >= math.log(self.respond))
+            shock = big_g & on & (W.log(x[j0:]) - W.log(l0) >= math.log(self.critical))
+            hit = (rel >= math.log(self.ratio)) | (cusum >= self.h) | grows | shock
+            sev = np.where((rel >= math.log(self.critical)) | shock, SEV["critical"], SEV["warning"])
+            # the cooldown, judged here so that a run that stays diverged is scanned once per flush
+            st = steps[idx[j0:]]
+            hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
+            fired = idx[j0:][hit].tolist()  # numpy, no host sync
+            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
 
     def _absorb(self, s, a, b):
@@ -129,17 +140,21 @@ class DivergenceDetector(Detector):
         j = s.at(k)
         t = j - s.j0
         med, rel, sev = float(s.med[t]), float(s.rel[t]), int(s.sev[t])
-        gratio = math.exp(float(s.lg[j]) - s.g0)
+        l0 = float(s.l0[t])
+        gratio = math.exp(float(s.lg[j]) - float(s.g0[t]))
         self._absorb(s, k, k + 1)
         self._cusum = 0.0
         norms = self.layout.norms(s.rows[k])
         layers, shares = W.jump_culprits(self.names, norms, self._ref_layers)
         top = f"; {shares[0]:.0%} of the gradient growth from {layers[0]}" if layers else ""
-        msg = (f"loss {med:.4g} (median of the last {self.persist}) is {math.exp(rel):.1f}x its value "
-               f"at the start ({s.l0:.4g}) and the gradient norm is {gratio:.3g}x its start: the run is "
-               f"diverging{top}.")
+        if rel >= math.log(self.respond):
+            what = f"loss {med:.4g} (lowest of the last {self.persist}) is {math.exp(rel):.1f}x"
+        else:  # the shock rule: this step's own loss
+            what = f"loss {float(s.x[j]):.4g} is {float(s.x[j]) / l0:.1f}x"
+        msg = (f"{what} its value at the start ({l0:.4g}) and the gradient norm is {gratio:.3g}x its "
+               f"start: the run is diverging{top}.")
         return self._emit(s.steps[k], "critical" if sev == SEV["critical"] else "warning", layers, msg, {
-            "loss": med, "start_loss": s.l0, "loss_ratio": math.exp(rel), "grad_ratio": gratio,
+            "loss": med, "start_loss": l0, "loss_ratio": math.exp(rel), "grad_ratio": gratio,
             "cusum": float(s.cusum[t]), "shares": shares})
 
     def state_dict(self):
