@@ -408,6 +408,19 @@ def test_guard_state_dict_round_trips_default_detectors():
     assert other.state_dict() == sd
 
 
+def test_guard_state_saved_with_the_seven_old_defaults_loads():
+    """A guard state from before DivergenceDetector and PoisonedRunDetector joined the
+    defaults (7 detector states) loads: the 7 keep their state, the 2 new ones start fresh."""
+    model, opt = healthy_resmlp(0)
+    guard, _ = train(model, opt, regression(8), 25)
+    sd = guard.state_dict()
+    fresh = [d.state_dict() for d in gg.Guard(model, opt).detectors[7:]]
+    sd["detectors"] = sd["detectors"][:7]
+    other = gg.Guard(model, opt)
+    other.load_state_dict(sd)
+    assert [d.state_dict() for d in other.detectors] == sd["detectors"] + fresh
+
+
 @pytest.mark.parametrize("bad", [dict(window=0), dict(z=-1.0), dict(z=math.nan), dict(ratio=0.5),
                                  dict(cooldown=-1), dict(warmup=True)])
 def test_bad_thresholds_raise_naming_the_argument(bad):

@@ -457,7 +457,9 @@ class Guard:
             raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
                              f"clip={name(mine)}: its learned state would be lost or misread")
         dets = state_dict.get("detectors", [])
-        if len(dets) != len(self.detectors):
+        # fewer states than detectors: saved before detectors were appended to the defaults
+        # (they start fresh); more: the guard lacks detectors the run had
+        if len(dets) > len(self.detectors):
             raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
                              f"{len(self.detectors)} detectors")
         # Load into copies first: a state that fails half-way must leave this guard untouched.
