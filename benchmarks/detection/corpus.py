@@ -273,8 +273,21 @@ def _culprit_param(model, layer, kind):
     return f"{layer}.{name}"
 
 
+def _forward_loss(cfg, model, x, y):
+    if cfg.bf16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cfg.loss(model(x).float(), y)
+    return cfg.loss(model(x), y)
+
+
+def _poisoned(loss, model) -> bool:
+    return not bool(torch.isfinite(loss)) or any(
+        p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
 def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
     import gradguard as gg
+    from gradguard.nan_origin import NanOrigin
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -304,6 +317,9 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         handles.append(model.get_submodule(fault["layer"]).register_forward_hook(hook))
     mult = 1.0
     losses = []
+    # the NaN producer, measured on the injected NaN/Inf faults (a check per step: corpus only)
+    origin = NanOrigin(model) if fault and fault["kind"] in ("nan_grad", "inf_forward") else None
+    producer = None
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,12 +337,12 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
                 with torch.no_grad():
                     dict(model.named_parameters())[culprit].mul_(30.0)
             opt.zero_grad(set_to_none=True)
-            if cfg.bf16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = cfg.loss(model(x).float(), y)
-            else:
-                loss = cfg.loss(model(x), y)
+            loss = _forward_loss(cfg, model, x, y)
             loss.backward()
+            if origin is not None and producer is None and _poisoned(loss, model):
+                # before the step is applied: the re-run sees this step's weights and batch
+                producer = origin.locate(lambda: _forward_loss(cfg, model, x, y))
+                producer = {"step": i, **(producer or {})}
             guard.step(loss)
             losses.append(float(loss))
     guard.flush()
@@ -341,7 +357,7 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         "id": f"{cfg.family}.{cfg.name}.s{seed}", "family": cfg.family, "config": cfg.name, "seed": seed,
         "held_out": seed % 2 == 1, "steps": cfg.steps, "seconds": round(secs, 2), **label,
         "fault": fault["kind"] if fault else None, "culprit": culprit,
-        "onset": fstep if fault else None,
+        "onset": fstep if fault else None, "producer": producer,
         "run": {"names": list(run.names), "shapes": [list(s) for s in run.shapes],
                 "trainable": list(run.trainable), "owner": dict(run.owner),
                 "module_types": sorted(run.module_types), "param_norm_every": run.param_norm_every,

@@ -14,7 +14,9 @@ Metrics (a "flag" is an event of severity warning or critical):
 - false warnings per 10,000 healthy steps, and healthy runs with any flag;
 - injected faults: the first flag within [onset - 1, onset + WITHIN]: culprit top-1 (its first
   layer belongs to the culprit's module) and onset error (|step - onset| <= 1);
-- vanishing runs with a ``vanishing`` event.
+- vanishing runs with a ``vanishing`` event;
+- NaN/Inf faults: the module ``gradguard.nan_origin.NanOrigin`` names when the corpus re-runs
+  the first poisoned step with hooks (recorded at training time, ``producer`` in the run's meta).
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def score_run(run: dict, events: list[dict]) -> dict:
         hit = next((e for e in flags if t0 - 1 <= e["step"] <= t0 + WITHIN), None)
         out["fault_flag"] = hit is not None
         out["onset_err"] = None if hit is None else hit["step"] - t0
+        if run["fault"] in ("nan_grad", "inf_forward"):
+            prod = run.get("producer") or {}
+            out["producer_ok"] = _module(prod.get("param")) == _module(run["culprit"])
         if run["culprit"] is not None:
             top = hit["layers"][0] if hit and hit["layers"] else None
             out["culprit_ok"] = top is not None and _module(top) == _module(run["culprit"])
@@ -123,6 +128,9 @@ def summarize(scores: list[dict]) -> dict:
         "culprit_top1": frac(sum(s["culprit_ok"] for s in cul), len(cul)),
         "onset_pm1": frac(sum(s["onset_err"] is not None and abs(s["onset_err"]) <= 1 for s in fau), len(fau)),
         "vanishing_caught": frac(sum(s["caught"] for s in van), len(van)),
+        "producer_ok": frac(sum(s["producer_ok"] for s in fau if "producer_ok" in s),
+                            sum("producer_ok" in s for s in fau)),
+        "nan_faults": sum("producer_ok" in s for s in fau),
     }
 
 
@@ -158,3 +166,37 @@ def evaluate(runs, make_detectors, tag: str, write: bool = True) -> dict:
         (RESULTS / f"events_{tag}.json").write_text(json.dumps(events, indent=0))
         (RESULTS / f"summary_{tag}.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+def compare_table(tags=("before", "after")) -> str:
+    """Overall metrics of saved summaries side by side: tuning half, held-out half, all."""
+    res = {t: json.loads((RESULTS / f"summary_{t}.json").read_text()) for t in tags}
+    rows = [("diverging runs flagged within %d steps (recall)" % WITHIN,
+             lambda m: f"{100 * m['recall']:.0f}% of {m['diverging']}"),
+            ("median lead time, all diverging (steps)", lambda m: f"{m['lead_median']:.0f}"),
+            ("median lead time, gradual divergence (steps)",
+             lambda m: f"{m['lead_gradual_median']:.0f} (n={m['gradual']})"),
+            ("healthy runs with a warning/critical event",
+             lambda m: f"{m['healthy_flagged']} of {m['healthy']}"),
+            ("false warnings per 10,000 healthy steps",
+             lambda m: f"{m['false_per_10k']:.1f} ({m['healthy_steps']} steps)"),
+            ("injected faults flagged within [onset-1, onset+%d]" % WITHIN,
+             lambda m: f"{100 * m['fault_flagged']:.0f}% of {m['faults']}"),
+            ("injected faults: culprit top-1", lambda m: f"{100 * m['culprit_top1']:.0f}%"),
+            ("injected faults: onset within ±1 step", lambda m: f"{100 * m['onset_pm1']:.0f}%"),
+            ("vanishing runs with a vanishing event", lambda m: f"{100 * m['vanishing_caught']:.0f}%"),
+            ("NaN/Inf faults: producer named (NanOrigin re-run)",
+             lambda m: f"{100 * m['producer_ok']:.0f}% of {m['nan_faults']}")]
+    parts = ("tuning", "held_out", "all")
+    head = "| metric | " + " | ".join(f"{t}: {p.replace('_', '-')}" for t in tags for p in parts) + " |"
+    lines = [head, "|---" * (1 + len(tags) * len(parts)) + "|"]
+    for name, f in rows:
+        cells = []
+        for t in tags:
+            for p in parts:
+                try:
+                    cells.append(f(res[t][p]))
+                except (TypeError, KeyError):
+                    cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
