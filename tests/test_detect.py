@@ -840,3 +840,38 @@ def test_default_detectors_on_the_demo_explosion_name_it_before_step_30():
     first = [e for e in guard.events if e.severity in ("warning", "critical")]
     assert first and first[0].kind == "diverging" and first[0].step < 30, [str(e) for e in guard.events]
     assert first[0].layers
+
+
+def _nonfinite_script():
+    """Rows with a 1-step NaN, a 12-step identical streak, a streak whose culprits change, a clean end."""
+    guard = bound(D.SpikeDetector())
+    kinds = [None] * 5 + ["a"] + [None] * 3 + ["b"] * 12 + [None] * 2 + ["a", "a", "b", "b"] + [None] * 3
+    rows = []
+    for k in kinds:
+        if k is None:
+            rows.append(row())
+        else:
+            r = row(gnorm=math.nan, bad=1.0, loss=math.nan)
+            n = guard.run.n
+            r[len(GLOBAL_COLS) + n:] = 0.5  # max |g|: finite, except the culprit
+            r[len(GLOBAL_COLS) + n + (0 if k == "a" else 1)] = math.nan
+            rows.append(r)
+    return guard, rows
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 40])
+def test_nonfinite_repeats_fold_into_one_count_in_any_chunking(chunk):
+    guard, rows = _nonfinite_script()
+    rep = D.NonfiniteRepeats()
+    events = []
+    for a in range(0, len(rows), chunk):
+        events += rep.update(np.arange(a, min(a + chunk, len(rows))), np.stack(rows[a:a + chunk]), guard.run)
+    got = sorted((e.step, e.severity, e.layers[0], e.data.get("count", 1)) for e in events)
+    # step 5 alone; 9..20 one critical then an info count of 12; 23-24, 25-26: two streaks of two
+    assert got == [(5, "critical", "a.weight", 1), (9, "critical", "b.weight", 1), (20, "info", "b.weight", 12),
+                   (23, "critical", "a.weight", 1), (24, "info", "a.weight", 2), (25, "critical", "b.weight", 1),
+                   (26, "info", "b.weight", 2)]
+    sd = rep.state_dict()
+    other = D.NonfiniteRepeats()
+    other.load_state_dict(json.loads(json.dumps(sd)))
+    assert other.state_dict() == sd

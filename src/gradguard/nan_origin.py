@@ -14,6 +14,8 @@ gradients are restored afterwards (the re-run's are discarded), and so is the RN
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -93,7 +95,9 @@ class NanOrigin:
                     pass
             for p in params:
                 p.grad = None
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                # the first module's input needs no gradient: torch says so once per module
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
                 loss = closure()
                 if isinstance(loss, torch.Tensor) and loss.requires_grad:
                     loss.backward()

@@ -24,7 +24,7 @@ from .base import Detector
 from .divergence import DivergenceDetector
 from .exploding import ExplodingDetector
 from .loss_spike import LossSpikeDetector
-from .nonfinite import nonfinite_event
+from .nonfinite import NonfiniteRepeats, nonfinite_event
 from .over_clipping import OverClippingDetector
 from .poisoned import PoisonedRunDetector
 from .spike import SpikeDetector
@@ -33,7 +33,7 @@ from .vanishing import VanishingDetector
 from .weight_growth import WeightGrowthDetector
 
 __all__ = [
-    "nonfinite_event", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
+    "nonfinite_event", "NonfiniteRepeats", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
     "LossSpikeDetector", "VanishingDetector", "WeightGrowthDetector", "OverClippingDetector",
     "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "default_detectors", "advice_for",
 ]
