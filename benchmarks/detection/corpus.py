@@ -207,11 +207,11 @@ def configs() -> list[Config]:
         Config("rnn_tanh", "radius2.5", lambda: seq_model("rnn", 32, 2.5), dseq, sgd(0.3), 300),
         # LSTM / GRU
         Config("lstm_gru", "lstm_adam_long", lambda: seq_model("lstm"), dseq, adam(3e-3), 2000),
-        Config("lstm_gru", "gru_adam", lambda: seq_model("gru"), dseq, adam(3e-3), 400),
+        Config("lstm_gru", "gru_adam_long", lambda: seq_model("gru"), dseq, adam(3e-3), 2000),
         Config("lstm_gru", "lstm_sgd_lr30", lambda: seq_model("lstm"), dseq, sgd(30.0), 300),
         # ReLU MLP
         Config("mlp_relu", "sgdm_long", m3, dflat, sgd(0.05, 0.9), 2500),
-        Config("mlp_relu", "adam", m3, dflat, adam(1e-3), 400),
+        Config("mlp_relu", "adam_long", m3, dflat, adam(1e-3), 2000),
         Config("mlp_relu", "sgdm_lr1.5", m3, dflat, sgd(1.5, 0.9), 300),
         Config("mlp_relu", "sgdm_ramp_1.05", m3, dflat, sgd(0.05, 0.9), 400, ramp=(100, 1.05)),
         Config("mlp_relu", "deep_sigmoid", lambda: mlp([64] + [32] * 10 + [10], nn.Sigmoid), dflat,
