@@ -817,7 +817,7 @@ def test_a_dead_run_gives_one_critical_event_per_streak(patience):
     events = feed(det, guard, _loss_rows([math.nan if b else 1.0 for b in bad], bad=bad))
     assert [(e.step, e.severity, e.data["count"]) for e in events] == [
         (10 + patience - 1, "critical", patience), (61 + patience - 1, "critical", patience)]
-    assert f"since step 10" in events[0].message
+    assert "since step 10" in events[0].message
 
 
 def test_default_detectors_on_the_demo_explosion_name_it_before_step_30():
@@ -875,3 +875,16 @@ def test_nonfinite_repeats_fold_into_one_count_in_any_chunking(chunk):
     other = D.NonfiniteRepeats()
     other.load_state_dict(json.loads(json.dumps(sd)))
     assert other.state_dict() == sd
+
+
+def test_nonfinite_event_names_the_producer_first():
+    """With NanOrigin's finding, the producer leads the culprits (not the output-side propagator)."""
+    guard = bound(D.SpikeDetector())
+    r = row(gnorm=math.nan, bad=1.0, loss=math.nan)
+    r[len(GLOBAL_COLS) + guard.run.n:] = math.nan  # every gradient NaN: the row alone blames c.bias
+    plain = D.nonfinite_event(7, guard.run, r)
+    assert plain.layers[0] == "c.bias"
+    ev = D.nonfinite_event(7, guard.run, r, origin={"module": "a", "type": "Linear", "where": "forward",
+                                                      "param": "a.weight"})
+    assert ev.layers[0] == "a.weight" and sorted(ev.layers) == sorted(plain.layers)
+    assert ev.message.startswith("made in a (Linear, forward): ") and ev.data["origin"]["where"] == "forward"

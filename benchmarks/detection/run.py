@@ -1,7 +1,7 @@
 """``gradguard bench detection``: score the detectors on the labelled corpus of realistic runs.
 
     python benchmarks/detection/run.py            # replay the stored runs (seconds)
-    python benchmarks/detection/run.py --rebuild  # train the corpus again first (~5 min, 2 cores)
+    python benchmarks/detection/run.py --rebuild  # train the corpus again first (~190 s on 2 cores)
 
 Prints, per family and overall, for all runs, the tuning half (seed 0) and the held-out half
 (seed 1): recall on diverging runs, lead time, false warnings on healthy runs, culprit and

@@ -10,7 +10,7 @@ from ..layout import COL, RowLayout
 from ._window import fmt, names_list
 
 
-def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False) -> Event:
+def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False, origin: dict | None = None) -> Event:
     """The ``nonfinite`` (or, under a GradScaler, ``amp_overflow``) event of one row.
 
     Args:
@@ -19,6 +19,8 @@ def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False) -> Ev
         row: the step's row (layout ``gradguard.layout``).
         amp: a GradScaler is active: an overflow with a finite loss is its own
             calibration (``amp_overflow``, info), not a failure.
+        origin: what ``gradguard.nan_origin.NanOrigin.locate`` found for this step (the
+            producer): its parameter is named first and the message says where it was born.
 
     Culprits are the tensors whose max |g| is NaN/Inf (a tensor without a gradient
     carries 0 there, so it is never named), listed from the output side back: NaN
@@ -43,6 +45,12 @@ def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False) -> Ev
         message = (f"global grad norm overflowed to {fmt(global_norm)} although every gradient is "
                    f"finite; step {what}.")
     data = {"loss": json_number(loss), "global_norm": json_number(global_norm), "skipped": skipped}
+    if origin:
+        data["origin"] = dict(origin)
+        if origin.get("param"):
+            layers = [origin["param"]] + [n for n in layers if n != origin["param"]]
+        message = (f"made in {origin.get('module') or 'the model'} ({origin.get('type')}, "
+                   f"{origin.get('where')}): " + message)
     if amp and not loss_bad:  # the scaler's own overflow; a NaN loss is a real problem
         return Event(step, "amp_overflow", "info", layers,
                      "GradScaler found Inf/NaN in the scaled gradients (normal while it calibrates "

@@ -8,7 +8,7 @@ not installed with the package: run this from a source checkout, or pass
 Example:
     gradguard bench --suite detectors peers --write docs/benchmarks.md
     gradguard bench detection            # precision/recall on the labelled corpus of runs
-    gradguard bench detection --rebuild  # train the corpus again first (~5 min on 2 cores)
+    gradguard bench detection --rebuild  # train the corpus again first (~190 s on 2 cores)
 """
 from __future__ import annotations
 
