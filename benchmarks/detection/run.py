@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="train the corpus again")
     ap.add_argument("--jobs", type=int, default=2, help="processes for --rebuild")
-    ap.add_argument("--tag", default="current", help="name of the result files (summary_<tag>.json)")
+    ap.add_argument("--tag", default=None,
+                    help="write events_<tag>.json and summary_<tag>.json (e.g. 'after'); default: print only")
     args = ap.parse_args(argv)
     if args.rebuild or not any((metrics.RESULTS / "runs").glob("*.npz")):
         t = time.perf_counter()
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
 
     runs = metrics.load_runs()
     t = time.perf_counter()
-    res = metrics.evaluate(runs, default_detectors, args.tag)
+    res = metrics.evaluate(runs, default_detectors, args.tag or "current", write=args.tag is not None)
     print(f"{len(runs)} runs replayed in {time.perf_counter() - t:.1f} s\n")
     for part in ("all", "tuning", "held_out"):
         sub = [s for s in res["scores"] if part == "all" or s["held_out"] == (part == "held_out")]
