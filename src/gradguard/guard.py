@@ -31,7 +31,7 @@ from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
-from .detect import _from_list, _to_list, default_detectors, nonfinite_event
+from .detect import ADDED_DEFAULTS, _from_list, _to_list, default_detectors, nonfinite_event
 from .events import Event, NonFiniteGradientError
 from .gather import gather, grad_signature, same_grads
 from ._validate import check_choice
@@ -457,9 +457,10 @@ class Guard:
             raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
                              f"clip={name(mine)}: its learned state would be lost or misread")
         dets = state_dict.get("detectors", [])
-        # fewer states than detectors: saved before detectors were appended to the defaults
-        # (they start fresh); more: the guard lacks detectors the run had
-        if len(dets) > len(self.detectors):
+        # fewer states than detectors loads only when the rest were appended to the defaults
+        # since (detect.ADDED_DEFAULTS): they start fresh
+        if len(dets) > len(self.detectors) or not all(
+                isinstance(d, ADDED_DEFAULTS) for d in self.detectors[len(dets):]):
             raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
                              f"{len(self.detectors)} detectors")
         # Load into copies first: a state that fails half-way must leave this guard untouched.

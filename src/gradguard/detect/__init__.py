@@ -54,6 +54,11 @@ def _module_types(guard) -> tuple[dict[str, str], set[str]]:
     return owner, {type(m).__name__ for m in mods.values()}
 
 
+# Appended to the defaults after the first version's seven: a guard state saved without them
+# still loads (they start fresh).
+ADDED_DEFAULTS = (DivergenceDetector, PoisonedRunDetector)
+
+
 def default_detectors() -> list[Detector]:
     """The detectors a ``Guard`` uses when ``detectors=None`` (pass ``[]`` for none)."""
     return [SpikeDetector(), ExplodingDetector(), LossSpikeDetector(), VanishingDetector(),
