@@ -20,6 +20,7 @@ Metrics (a "flag" is an event of severity warning or critical):
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -28,6 +29,12 @@ import numpy as np
 WITHIN = 25
 CHUNK = 64
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "detection"
+
+
+def load_events(tag: str) -> dict:
+    """The events of a saved evaluation (``evaluate(..., tag)``), by run id."""
+    with gzip.open(RESULTS / f"events_{tag}.json.gz", "rt") as f:
+        return json.load(f)
 
 
 def load_runs(folder: Path = RESULTS / "runs") -> list[dict]:
@@ -163,7 +170,9 @@ def evaluate(runs, make_detectors, tag: str, write: bool = True) -> dict:
            "held_out": summarize([s for s in scores if s["held_out"]])}
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"events_{tag}.json").write_text(json.dumps(events, indent=0))
+        # gzip: a dead run has one nonfinite event per step
+        with gzip.open(RESULTS / f"events_{tag}.json.gz", "wt") as f:
+            json.dump(events, f, separators=(",", ":"))
         (RESULTS / f"summary_{tag}.json").write_text(json.dumps(res, indent=1))
     return res
 

@@ -23,7 +23,7 @@ def main(run_id="rnn_tanh.demo_lr1.s0", out=ROOT / "docs" / "img" / "detection.p
     from gradguard.layout import COL
 
     res = {t: json.loads((metrics.RESULTS / f"summary_{t}.json").read_text()) for t in ("before", "after")}
-    ev = {t: json.loads((metrics.RESULTS / f"events_{t}.json").read_text()) for t in ("before", "after")}
+    ev = {t: metrics.load_events(t) for t in ("before", "after")}
     run = next(r for r in metrics.load_runs() if r["id"] == run_id)
     rows, steps = run["rows"], run["steps_arr"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
