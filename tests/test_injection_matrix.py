@@ -167,9 +167,11 @@ def test_injection_matrix(opt_name, clip, dtype):
             k += 1
     assert k == len(clean)
     assert guard.skipped_steps == len(plan)
-    kinds = [e.kind for e in guard.events if e.kind == "nonfinite"]
-    assert len(kinds) == len(plan)
-    assert sorted(e.step for e in guard.events if e.kind == "nonfinite") == sorted(plan)
+    # one critical event per injection, except that back-to-back identical injections (two
+    # NaN losses in a row) are one streak: its first step is the event (NonfiniteRepeats)
+    streak_starts = [s for s in sorted(plan) if not (s - 1 in plan and plan[s - 1] == plan[s])]
+    critical = [e.step for e in guard.events if e.kind == "nonfinite" and e.severity == "critical"]
+    assert critical == streak_starts, plan
 
 
 ADAPTIVE_POLICIES = {

@@ -297,7 +297,7 @@ def test_load_state_dict_with_other_detectors():
     sd = _trained_guard().state_dict()
     model = _model()
     other = gg.Guard(model, _sgd(model), detectors=[])
-    with pytest.raises(ValueError, match=r"7 detector states, the guard has 0 detectors"):
+    with pytest.raises(ValueError, match=r"\d+ detector states, the guard has 0 detectors"):
         other.load_state_dict(sd)
 
 

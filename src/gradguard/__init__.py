@@ -10,8 +10,9 @@ import importlib
 
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
-from .detect import (Detector, ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
-                     UnusedDetector, VanishingDetector, WeightGrowthDetector, default_detectors)
+from .detect import (Detector, DivergenceDetector, ExplodingDetector, LossSpikeDetector, OverClippingDetector,
+                     PoisonedRunDetector, SpikeDetector, UnusedDetector, VanishingDetector,
+                     WeightGrowthDetector, default_detectors)
 from .events import Event, NonFiniteGradientError
 from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .training import detach_hidden, penalty, tbptt
@@ -28,7 +29,8 @@ __all__ = [
     "clip_grad_norm_", "clip_grad_value_",
     "Event", "NonFiniteGradientError",
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
-    "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "default_detectors",
+    "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "DivergenceDetector",
+    "PoisonedRunDetector", "default_detectors",
     "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
     "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]

@@ -88,7 +88,7 @@ def advice_for(kind: str, layers, owner, all_types, data: dict | None = None) ->
     saturating = bool(all_types & set(_SATURATING)) or not all_types
     has_norm = any("Norm" in t for t in all_types)
     out: list[str] = []
-    if kind in ("exploding", "spike"):
+    if kind in ("exploding", "spike", "diverging"):
         if rnn:
             out += [RNN_ADVICE, TBPTT_ADVICE, RECUR_INIT_ADVICE]
         elif gated:
@@ -96,6 +96,8 @@ def advice_for(kind: str, layers, owner, all_types, data: dict | None = None) ->
         out += [CLIP_ADVICE, LR_ADVICE]
         if kind == "spike":
             out += [ROLLBACK_ADVICE, BATCH_ADVICE]
+        elif kind == "diverging":
+            out += [ROLLBACK_ADVICE, INIT_ADVICE]
         else:
             out += [INIT_ADVICE]
             if not has_norm and not (rnn or gated):

@@ -12,6 +12,7 @@ import copy
 import numpy as np
 
 from ._json import list_to_array
+from .detect import ADDED_DEFAULTS
 from .events import Event
 
 __all__ = ["STATE_VERSION", "check_state"]
@@ -39,7 +40,9 @@ def check_state(state_dict, names, clip, detectors, params, width: int):
         raise ValueError(f"state_dict was saved with clip={name(saved)}, this guard has "
                          f"clip={name(mine)}: its learned state would be lost or misread")
     dets = state_dict.get("detectors", [])
-    if len(dets) != len(detectors):
+    # fewer states than detectors loads only when the rest were appended to the defaults
+    # since (detect.ADDED_DEFAULTS): they start fresh
+    if len(dets) > len(detectors) or not all(isinstance(d, ADDED_DEFAULTS) for d in detectors[len(dets):]):
         raise ValueError(f"state_dict has {len(dets)} detector states, the guard has "
                          f"{len(detectors)} detectors")
     trial = copy.deepcopy(clip)  # loaded into copies: a state that fails leaves the guard untouched

@@ -14,6 +14,7 @@ KINDS = {
     "amp_overflow": "a GradScaler overflow (the scaler backs off; expected now and then)",
     "spike": "the global gradient norm jumped far above its recent baseline",
     "exploding": "gradient norms grew without bound or too fast",
+    "diverging": "the loss left the range it started in",
     "loss_spike": "the loss jumped far above its recent baseline",
     "vanishing": "early layers' gradients are negligible next to the rest",
     "weight_growth": "the parameter norm grew too much",

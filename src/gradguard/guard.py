@@ -31,7 +31,7 @@ from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
-from .detect import _to_list, default_detectors, nonfinite_event
+from .detect import NonfiniteRepeats, _to_list, default_detectors
 from .events import Event, NonFiniteGradientError
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
@@ -167,6 +167,7 @@ class Guard:
         self._events: list[Event] = []
         self._last_grads: list | None = None
         self._observers: list = []
+        self._repeats = NonfiniteRepeats()
         self._hooks = OptimizerHooks(self)  # warns when the optimizer is also stepped directly
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
@@ -394,12 +395,10 @@ class Guard:
         new_events: list[Event] = []
         bad, skipped = rows[:, COL["bad"]] > 0, rows[:, COL["skipped"]] > 0
         self._skipped += int(skipped.sum())  # poisoned steps and steps held by a remedy
-        for i in np.flatnonzero(bad):
-            row = rows[i]
-            self._nonfinite += 1
-            ev = nonfinite_event(steps[i], self.run, row, amp=scaler_on)
+        self._nonfinite += int(bad.sum())  # one event per streak of identical poisoned steps:
+        for ev in self._repeats.update(steps, rows, self.run, amp=scaler_on):  # a dead run's flood
             new_events.append(ev)
-            if self.on_nonfinite == "warn":
+            if self.on_nonfinite == "warn" and ev.severity != "info":
                 warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=3)
         for det in self.detectors:
             try:
@@ -465,6 +464,7 @@ class Guard:
             "detectors": [d.state_dict() for d in self.detectors],
             "remedies": self.remedies.state_dict(),
             "hold_steps": self.hold_steps,
+            "nonfinite_repeats": self._repeats.state_dict(),
             "pending": {"steps": steps, "rows": rows},
         }
 
@@ -486,6 +486,8 @@ class Guard:
         if "remedies" in state_dict:
             self.remedies.load_state_dict(state_dict["remedies"])
         self.hold_steps = int(state_dict.get("hold_steps", 0))
+        if "nonfinite_repeats" in state_dict:  # (absent from 0.1.0 states: a fresh count)
+            self._repeats.load_state_dict(state_dict["nonfinite_repeats"])
         self._last_grads = None
         if self.recorder is not None and state_dict.get("run"):
             # Continue the checkpointed run in the store (dropping what it logged after the

@@ -10,7 +10,7 @@ and rows are numpy float32 in the ``gradguard.layout`` format.  All numbers are
 the PRE-clip ones.  Running statistics only ever absorb finite values.
 
 Event kinds: ``"spike"``, ``"exploding"``, ``"loss_spike"``, ``"vanishing"``,
-``"weight_growth"``, ``"over_clipping"``, ``"unused"`` (plus ``"nonfinite"`` /
+``"weight_growth"``, ``"over_clipping"``, ``"unused"``, ``"diverging"`` (plus ``"nonfinite"`` /
 ``"amp_overflow"`` from ``nonfinite_event``).  Every threshold is a constructor
 argument; defaults are in docs/detection.md.
 """
@@ -21,19 +21,21 @@ from ..advice import (ACT_ADVICE, BATCH_ADVICE, CLIP_ADVICE, INIT_ADVICE, L2_ADV
                       NONFINITE_ADVICE, NORM_ADVICE, RECUR_INIT_ADVICE, RNN_ADVICE, ROLLBACK_ADVICE,
                       TBPTT_ADVICE, advice_for)
 from .base import Detector
+from .divergence import DivergenceDetector
 from .exploding import ExplodingDetector
 from .loss_spike import LossSpikeDetector
-from .nonfinite import nonfinite_event
+from .nonfinite import NonfiniteRepeats, nonfinite_event
 from .over_clipping import OverClippingDetector
+from .poisoned import PoisonedRunDetector
 from .spike import SpikeDetector
 from .unused import UnusedDetector
 from .vanishing import VanishingDetector
 from .weight_growth import WeightGrowthDetector
 
 __all__ = [
-    "nonfinite_event", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
+    "nonfinite_event", "NonfiniteRepeats", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
     "LossSpikeDetector", "VanishingDetector", "WeightGrowthDetector", "OverClippingDetector",
-    "UnusedDetector", "default_detectors", "advice_for",
+    "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "default_detectors", "advice_for",
 ]
 
 # Kept importable from here for one release (guard.py and older code import them).
@@ -52,7 +54,13 @@ def _module_types(guard) -> tuple[dict[str, str], set[str]]:
     return owner, {type(m).__name__ for m in mods.values()}
 
 
+# Appended to the defaults after the first version's seven: a guard state saved without them
+# still loads (they start fresh).
+ADDED_DEFAULTS = (DivergenceDetector, PoisonedRunDetector)
+
+
 def default_detectors() -> list[Detector]:
     """The detectors a ``Guard`` uses when ``detectors=None`` (pass ``[]`` for none)."""
     return [SpikeDetector(), ExplodingDetector(), LossSpikeDetector(), VanishingDetector(),
-            WeightGrowthDetector(), OverClippingDetector(), UnusedDetector()]
+            WeightGrowthDetector(), OverClippingDetector(), UnusedDetector(), DivergenceDetector(),
+            PoisonedRunDetector()]

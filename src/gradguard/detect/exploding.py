@@ -34,6 +34,11 @@ class ExplodingDetector(Detector):
     Culprits: the layers holding most of the rise (trend, level) or of the
     norm (absurd, depth), most responsible first.
 
+    Severity of trend and level: a warning while the loss still matters -- it is at
+    least ``respond`` x its value at the start (the median of the first ``ref_steps``
+    finite losses), or no loss is recorded -- and ``info`` below it: near zero loss one
+    misclassified example moves a tiny gradient norm 30x, and nothing is at stake.
+
     Example:
         >>> gg.Guard(model, opt, detectors=[gg.ExplodingDetector(absurd=1e5)])
     """
@@ -45,8 +50,11 @@ class ExplodingDetector(Detector):
                  min_rate: float = 1.5, level_ratio: float = 100.0, level_steps: int = 2,
                  history: int = 100, warmup: int = 20, depth_ratio: float = 1e3,
                  depth_monotone: float = 0.75, depth_min_layers: int = 4, depth_every: int = 10,
-                 cooldown: int = 20):
+                 cooldown: int = 20, respond: float = 0.25, ref_steps: int = 3):
         super().__init__(cooldown)
+        self.respond = check_pos("respond", respond, allow_zero=True)
+        self.ref_steps = check_int("ref_steps", ref_steps, 1)
+        self._ref_loss: list = []  # the first ref_steps finite losses: the start reference
         self.absurd = check_pos("absurd", absurd)
         self.trend_window = check_int("trend_window", trend_window, 2)
         self.trend_growth = check_pos("trend_growth", trend_growth)
@@ -121,8 +129,18 @@ class ExplodingDetector(Detector):
                     mono = (w[:, :-1] > w[:, 1:]).mean(1)
                 rule[at[ok & (ratio >= self.depth_ratio) & (mono >= self.depth_monotone)]] = 4
         fired = idx[rule > 0].tolist()  # numpy, no host sync
+        loss = rows[idx, COL["loss"]].astype(np.float64)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, lgs=lgs, rule=rule, j0=j0, med=med,
-                    slope=slope, above=above)
+                    slope=slope, above=above, loss=loss)
+
+    def _matters(self, s, j: int) -> bool:
+        """Does the loss at batch position ``j`` still matter (see the class doc)?"""
+        ref = self._ref_loss  # the rows before j are absorbed when _fire runs
+        loss = float(s.loss[j])
+        if len(ref) < self.ref_steps or not math.isfinite(loss):
+            return True
+        l0 = float(np.median(ref))
+        return not (l0 > 0 and loss < self.respond * l0)
 
     def _above_at(self, s, j: int) -> int:
         return self._above if j < s.j0 else int(s.above[j - s.j0])
@@ -136,6 +154,9 @@ class ExplodingDetector(Detector):
                 self._hist.extend(s.lgs[ja:jb])
                 self._above = self._above_at(s, jb - 1)
                 self._seen += jb - ja
+                if len(self._ref_loss) < self.ref_steps:
+                    new = [v for v in s.loss[ja:jb].tolist() if math.isfinite(v)]  # numpy, no host sync
+                    self._ref_loss += new[:self.ref_steps - len(self._ref_loss)]
 
     def _fire(self, s, k):
         j = s.at(k)
@@ -153,7 +174,7 @@ class ExplodingDetector(Detector):
             rise, slope = lg - self._recent[0][0], s.slope[j]
             layers, shares = W.jump_culprits(self.names, norms, self._recent[0][1])
             top = f"; {shares[0]:.0%} of the growth from {layers[0]}" if layers else ""
-            found = ("warning", layers,
+            found = ("warning" if self._matters(s, j) else "info", layers,
                      f"global grad norm grew {math.exp(rise):.0f}x in {self.trend_window - 1} steps "
                      f"(x{math.exp(slope):.2f} per step) to {g:.3g}{top}.",
                      {"rule": "trend", "global_norm": g, "growth": math.exp(rise),
@@ -163,7 +184,7 @@ class ExplodingDetector(Detector):
             base = np.median(np.array([r[1] for r in self._recent]), axis=0) if self._recent else None
             layers, shares = W.jump_culprits(self.names, norms, base)
             top = f"; {shares[0]:.0%} of the rise from {layers[0]}" if layers else ""
-            found = ("warning", layers,
+            found = ("warning" if self._matters(s, j) else "info", layers,
                      f"global grad norm {g:.3g} has been {math.exp(lg - med):.0f}x its median "
                      f"{math.exp(med):.3g} for {above} steps{top}.",
                      {"rule": "level", "global_norm": g, "median_norm": math.exp(med),
@@ -184,7 +205,8 @@ class ExplodingDetector(Detector):
 
     def state_dict(self):
         return {**self._base_state(), "recent": [[a, array_to_list(b)] for a, b in self._recent],
-                "hist": list(self._hist), "above": self._above, "seen": self._seen}
+                "hist": list(self._hist), "above": self._above, "seen": self._seen,
+                "ref_loss": list(self._ref_loss)}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -193,3 +215,5 @@ class ExplodingDetector(Detector):
         self._hist = deque((float(v) for v in sd["hist"]), maxlen=self.history)
         self._above = int(sd["above"])
         self._seen = int(sd["seen"])
+        # states saved before the start reference: the next losses become the reference
+        self._ref_loss = [float(v) for v in sd.get("ref_loss", [])]

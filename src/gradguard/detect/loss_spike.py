@@ -26,6 +26,11 @@ class LossSpikeDetector(BaselineDetector):
     spike enters the baseline clipped to the threshold.  Culprits: layers whose
     gradient norm jumped most at that step.
 
+    Severity: ``info``.  One batch with a high loss is a fact about that batch
+    (heavy-tailed data gives 300x batches in runs that converge); a loss that stays
+    up is ``diverging``'s to report.  A jump of ``critical`` x the median or more is
+    a warning at once.
+
     Args:
         window: losses in the baseline (default 100).
         warmup: finite losses before any verdict (default 20).
@@ -35,14 +40,17 @@ class LossSpikeDetector(BaselineDetector):
         abs_min: minimum absolute jump for non-positive losses (default 1e-6).
         min_scale: floor of the spread (log space; default 0.02).
         cooldown: steps between two events (default 10).
+        critical: loss / median ratio (positive losses) that makes a jump a warning (default 1e4).
     """
 
     kind = "loss_spike"
     rescan = True  # a spike enters the baseline clipped: the later rows see the threshold
 
     def __init__(self, window: int = 100, warmup: int = 20, z: float = 12.0, ratio: float = 1.5,
-                 abs_min: float = 1e-6, min_scale: float = 0.02, cooldown: int = 10):
+                 abs_min: float = 1e-6, min_scale: float = 0.02, cooldown: int = 10,
+                 critical: float = 1e4):
         super().__init__(cooldown)
+        self.critical = check_pos("critical", critical)
         self.window = check_int("window", window, 2)
         self.warmup = check_int("warmup", warmup, 1)
         self.z = check_pos("z", z)
@@ -118,7 +126,8 @@ class LossSpikeDetector(BaselineDetector):
         med_loss = math.exp(med) if logspace else med
         rel = f"{loss / med_loss:.1f}x its median" if logspace else f"{loss - med:.3g} above its median"
         top = f"; largest grad-norm jump in {layers[0]}" if layers else ""
-        ev = self._emit(s.steps[k], "warning", layers,
+        severe = logspace and x - med >= math.log(self.critical)
+        ev = self._emit(s.steps[k], "warning" if severe else "info", layers,
                         f"loss {loss:.4g} jumped to {rel} {med_loss:.4g} over the last "
                         f"{len(self._hist)} steps (robust z {zs:.0f}){top}.",
                         {"loss": loss, "median_loss": med_loss, "z": zs, "shares": shares})

@@ -33,6 +33,12 @@ class SpikeDetector(BaselineDetector):
     at least ``ratio`` times the median.  A spike enters the baseline clipped to
     the threshold, so one outlier cannot drag the baseline up.
 
+    Severity: ``info``.  A gradient spike is a fact, not yet a problem: heavy-tailed data
+    makes 10x spikes that the loss and the weights ignore.  When they respond, the
+    ``diverging``, ``loss_spike`` and ``weight_growth`` detectors warn.  A jump of at least
+    ``critical`` x the median is critical at once (an update of that size, unclipped,
+    wrecks the weights).
+
     Args:
         window: steps in the baseline (default 100).
         warmup: finite steps before any verdict (default 20).
@@ -41,6 +47,7 @@ class SpikeDetector(BaselineDetector):
         min_scale: floor of the log-space spread, so a flat history does not
             make tiny jumps significant (default 0.1, i.e. ~10%).
         cooldown: steps between two spike events (default 10).
+        critical: ratio to the median that makes a spike critical (default 1e4).
 
     Example:
         >>> gg.Guard(model, opt, detectors=[gg.SpikeDetector(ratio=10)])
@@ -50,8 +57,9 @@ class SpikeDetector(BaselineDetector):
     rescan = True  # a spike enters the baseline clipped: the later rows see the threshold
 
     def __init__(self, window: int = 100, warmup: int = 20, z: float = 6.0, ratio: float = 5.0,
-                 min_scale: float = 0.1, cooldown: int = 10):
+                 min_scale: float = 0.1, cooldown: int = 10, critical: float = 1e4):
         super().__init__(cooldown)
+        self.critical = check_pos("critical", critical)
         self.window = check_int("window", window, 2)
         self.warmup = check_int("warmup", warmup, 1)
         self.z = check_pos("z", z)
@@ -96,7 +104,7 @@ class SpikeDetector(BaselineDetector):
         top = f"; {shares[0]:.0%} of the jump from {layers[0]}" if layers else ""
         msg = (f"global grad norm {g:.3g} is {ratio:.0f}x its median {math.exp(med):.3g} over "
                f"the last {len(self._hist)} steps (robust z {(lg - med) / scale:.0f}){top}.")
-        ev = self._emit(s.steps[k], "critical" if ratio >= 1e4 else "warning", layers, msg, {
+        ev = self._emit(s.steps[k], "critical" if ratio >= self.critical else "info", layers, msg, {
             "global_norm": g, "median_norm": math.exp(med), "ratio": ratio,
             "z": (lg - med) / scale, "shares": shares})
         self._hist.append(thr)

@@ -7,6 +7,8 @@ not installed with the package: run this from a source checkout, or pass
 
 Example:
     gradguard bench --suite detectors peers --write docs/benchmarks.md
+    gradguard bench detection            # precision/recall on the labelled corpus of runs
+    gradguard bench detection --rebuild  # train the corpus again first (~190 s on 2 cores)
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ SUITES = {
     "peers": "bench_peers.py",           # P7
     "scaling": "bench_scaling.py",       # cost growth
     "store": "bench_store.py",           # P5
+    # detection quality on a labelled corpus of realistic runs (a source checkout: the
+    # corpus trains models, it is a developer tool, like every suite here)
+    "detection": "detection/run.py",
 }
 
 
@@ -34,6 +39,11 @@ def _default_dir() -> Path:
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("what", nargs="?", choices=["detection"], default=None,
+                        help="'detection': score the detectors on the labelled corpus "
+                             "(benchmarks/detection)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="with 'detection': train the corpus again before scoring")
     parser.add_argument("--suite", nargs="+", choices=list(SUITES), default=None,
                         help="suites to run (default: overhead detectors peers scaling)")
     parser.add_argument("--dir", default=None, help="folder holding the benchmark scripts")
@@ -48,6 +58,12 @@ def run(args) -> int:
     if not folder.is_dir():
         print(f"gradguard bench: no benchmarks folder at {folder}; pass --dir", file=sys.stderr)
         return 2
+    if getattr(args, "what", None) == "detection":
+        script = folder / SUITES["detection"]
+        if not script.exists():
+            print(f"gradguard bench: {script} not found; pass --dir", file=sys.stderr)
+            return 2
+        return subprocess.call([sys.executable, str(script)] + (["--rebuild"] if args.rebuild else []))
     suites = args.suite or ["overhead", "detectors", "peers", "scaling"]
     failed = 0
     for name in suites:

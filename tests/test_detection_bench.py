@@ -1,0 +1,87 @@
+"""The detection benchmark (benchmarks/detection): labels, metrics, the command, and the targets
+the default detectors meet on the stored corpus (a regression test for the detectors)."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "detection"))
+
+import corpus  # noqa: E402
+import metrics  # noqa: E402
+
+
+@pytest.mark.parametrize("losses,moved,label,step", [
+    ([2.3] * 10 + list(2.3 * 1.3 ** np.arange(1, 30)), {}, "diverging", 14),  # above 3x from 1.3**5
+    ([2.3] * 10 + [math.nan] * 5, {}, "diverging", 10),                       # non-finite
+    ([2.3] * 10 + [50.0] + [2.0] * 20, {}, "other", None),                     # one bad batch: no divergence
+    (list(np.geomspace(2.3, 0.01, 200)), {"a": 0.5, "b": 0.5}, "healthy", None),
+    ([2.3] * 200, {"a": 1e-5, "b": 0.1}, "vanishing", None),
+    ([2.3] * 200, {"a": 0.1, "b": 0.1}, "other", None),                        # no progress, not vanishing
+])
+def test_label_rules(losses, moved, label, step):
+    got = corpus.label_run(np.asarray(losses, float), moved)
+    assert got["label"] == label
+    assert got["diverge_step"] == step
+
+
+def _scores(events_by_step, label="diverging", div=50, fault=None, culprit=None):
+    run = {"id": "r", "family": "f", "label": label, "fault": fault, "held_out": False, "steps": 100,
+           "diverge_step": div, "gradual": True, "onset": 40, "culprit": culprit}
+    events = [{"step": s, "kind": "diverging", "severity": sev, "layers": lay, "message": ""}
+              for s, sev, lay in events_by_step]
+    return metrics.score_run(run, events)
+
+
+@pytest.mark.parametrize("events,caught,lead", [
+    ([], False, None),
+    ([(76, "warning", [])], False, None),          # 26 steps late
+    ([(75, "critical", [])], True, -25),
+    ([(10, "info", []), (45, "warning", [])], True, 5),  # info is not a flag
+])
+def test_recall_and_lead(events, caught, lead):
+    s = _scores(events)
+    assert (s["caught"], s["lead"]) == (caught, lead)
+
+
+def test_fault_culprit_and_onset():
+    s = _scores([(41, "warning", ["m.weight", "x.weight"])], fault="nan_grad", culprit="m.bias")
+    assert s["culprit_ok"] and s["onset_err"] == 1
+    s = _scores([(38, "warning", ["m.weight"])], fault="nan_grad", culprit="m.weight")
+    assert not s["fault_flag"]  # before onset - 1
+
+
+@pytest.fixture(scope="module")
+def replayed():
+    from gradguard.detect import default_detectors
+    runs = metrics.load_runs()
+    if len(runs) < 40:
+        pytest.skip("the stored corpus is not in this checkout")
+    return metrics.evaluate(runs, default_detectors, "test", write=False)
+
+
+def test_corpus_shape(replayed):
+    s = replayed["scores"]
+    assert len(s) >= 40 and len({x["family"] for x in s}) >= 8
+    healthy = [x for x in s if x["label"] == "healthy" and not x["fault"]]
+    assert 2 * sum(x["steps"] >= 2000 for x in healthy) >= len(healthy)
+
+
+@pytest.mark.parametrize("part", ["tuning", "held_out"])
+def test_default_detectors_meet_the_targets_on_the_corpus(replayed, part):
+    m = replayed[part]
+    assert m["healthy_flagged"] == 0 and m["false_per_10k"] == 0
+    assert m["recall"] >= 0.95
+    assert m["lead_gradual_median"] >= 3
+    assert m["producer_ok"] >= 0.9
+
+
+def test_bench_detection_command_without_a_checkout(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gradguard.cli", "bench", "detection", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert out.returncode == 2 and "detection/run.py not found" in out.stderr
