@@ -57,6 +57,23 @@ def test_default_demo_shows_a_rescue():
     assert gua.clipped > 0
 
 
+def test_default_demo_names_its_explosion_first():
+    """The unguarded run's explosion is named (kind, culprit layer, step) before step 30, and
+    the summary leads with it, before the table."""
+    import io
+
+    buf = io.StringIO()
+    ung, _ = run_demo(log_dir=None, out=buf, show_progress=False)
+    from gradguard.tools.demo import first_alarm
+
+    alarm = first_alarm(ung.events)
+    assert alarm is not None and alarm.step < 30
+    assert alarm.kind in ("diverging", "exploding", "spike", "loss_spike") and alarm.layers
+    text = buf.getvalue()
+    assert text.index("What happened") < text.index("unguarded vs guarded")
+    assert f"step {alarm.step}" in text.split("What happened", 1)[1].splitlines()[0]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--steps", "0"], "steps must be a positive int"),
     (["--clip", "-1"], "clip must be a positive"),

@@ -224,6 +224,12 @@ def top_events(events: list[Event], n: int = 5) -> list[Event]:
     return out[:n]
 
 
+def first_alarm(events: list[Event]) -> Event | None:
+    """The earliest warning or critical event (what a user should read first), or None."""
+    alarms = [e for e in events if e.severity in ("warning", "critical")]
+    return min(alarms, key=lambda e: (e.step, -_sev_rank(e))) if alarms else None
+
+
 def _fmt(x: float, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "NaN"
@@ -337,6 +343,17 @@ def run_demo(task: str = "digits", steps: int | None = None, clip: float = 1.0, 
     finally:
         torch.set_num_threads(threads)
     ung, gua = results
+
+    # The summary leads with what explains the difference: the unguarded run's first alarm.
+    alarm = first_alarm(ung.events)
+    if alarm is not None:
+        layers = f" in {', '.join(alarm.layers[:2])}" if alarm.layers else ""
+        say(f"\nWhat happened: gradguard flagged the unguarded run at step {alarm.step} "
+            f"({alarm.severity} {alarm.kind}{layers}): {alarm.message}")
+        if alarm.advice:
+            say(f"  -> {alarm.advice[0]}")
+        say(f"The guarded run clipped {100 * gua.clipped / max(gua.steps, 1):.0f}% of its steps and "
+            f"reached {_fmt(gua.accuracy, True)} test accuracy against {_fmt(ung.accuracy, True)}.")
 
     spikes = [sum("spike" in e.kind for e in r.events) for r in results]
     rows = [
