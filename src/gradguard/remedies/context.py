@@ -14,7 +14,7 @@ import torch
 
 from .._validate import check_int
 from ..layout import RunInfo
-from .rollback import capture_state, restore_state
+from .snapshot import capture_state, restore_state
 
 __all__ = ["RemedyContext"]
 
