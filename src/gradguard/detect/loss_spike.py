@@ -9,7 +9,7 @@ import numpy as np
 
 from ..layout import COL
 from . import _window as W
-from .base import Scan, check_int, check_pos
+from .base import Scan, check_pos
 from .spike import BaselineDetector
 
 
@@ -50,13 +50,7 @@ class LossSpikeDetector(BaselineDetector):
                  abs_min: float = 1e-6, min_scale: float = 0.02, cooldown: int = 10,
                  critical: float = 1e4):
         super().__init__(cooldown)
-        self.critical = check_pos("critical", critical)
-        self.window = check_int("window", window, 2)
-        self.warmup = check_int("warmup", warmup, 1)
-        self.z = check_pos("z", z)
-        self.ratio = check_pos("ratio", ratio)
-        if self.ratio < 1:
-            raise ValueError(f"ratio must be >= 1, got {ratio!r}")
+        self._check_baseline(window, warmup, z, ratio, critical)
         self.abs_min = check_pos("abs_min", abs_min, allow_zero=True)
         self.min_scale = check_pos("min_scale", min_scale, allow_zero=True)
         self._hist: deque = deque(maxlen=self.window)  # raw finite losses

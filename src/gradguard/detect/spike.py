@@ -23,6 +23,16 @@ class BaselineDetector(Detector):
         self._hist = deque((float(v) for v in sd["hist"]), maxlen=self.window)
         self._layers.load_state_dict(sd["layers"])
 
+    def _check_baseline(self, window, warmup, z, ratio, critical) -> None:
+        """The arguments both spike detectors share, checked once."""
+        self.critical = check_pos("critical", critical)
+        self.window = check_int("window", window, 2)
+        self.warmup = check_int("warmup", warmup, 1)
+        self.z = check_pos("z", z)
+        self.ratio = check_pos("ratio", ratio)
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {ratio!r}")
+
 
 class SpikeDetector(BaselineDetector):
     """One-step outlier of the global gradient norm against a robust baseline.
@@ -59,13 +69,7 @@ class SpikeDetector(BaselineDetector):
     def __init__(self, window: int = 100, warmup: int = 20, z: float = 6.0, ratio: float = 5.0,
                  min_scale: float = 0.1, cooldown: int = 10, critical: float = 1e4):
         super().__init__(cooldown)
-        self.critical = check_pos("critical", critical)
-        self.window = check_int("window", window, 2)
-        self.warmup = check_int("warmup", warmup, 1)
-        self.z = check_pos("z", z)
-        self.ratio = check_pos("ratio", ratio)
-        if self.ratio < 1:
-            raise ValueError(f"ratio must be >= 1, got {ratio!r}")
+        self._check_baseline(window, warmup, z, ratio, critical)
         self.min_scale = check_pos("min_scale", min_scale)
         self._hist: deque = deque(maxlen=self.window)  # finite log global norms
         self._layers = W.LayerRing(self.window)
