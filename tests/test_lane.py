@@ -311,3 +311,38 @@ def test_compiled_model_has_the_plain_names():
                      clip=gg.PerLayer({"0.*": gg.GlobalNorm(1.0)}, default=gg.GlobalNorm(2.0)))
     assert guard.names == plain.names
     guard.load_state_dict(plain.state_dict())
+
+
+FIRST_STEP_OPTS = {
+    "sgd-momentum-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True),
+}
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+@pytest.mark.parametrize("opt_name", list(FIRST_STEP_OPTS))
+def test_poisoned_first_step_leaves_no_trace(opt_name, backend):
+    """Step 0 poisoned, before any optimizer state exists (a fused optimizer skipped through
+    found_inf then would keep a broken momentum buffer): nothing changes, and the run equals
+    one that never saw that batch, bit for bit."""
+    torch.set_num_threads(1)
+    model, ref = _model(), _model()
+    opt, ref_opt = FIRST_STEP_OPTS[opt_name](model.parameters()), FIRST_STEP_OPTS[opt_name](ref.parameters())
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(0.5), backend=backend, detectors=[])
+    before = [p.detach().clone() for p in model.parameters()]
+    _backward(model, 0)
+    model[0].weight.grad[0, 0] = math.nan
+    assert guard.step(loss=1.0).skipped
+    assert not opt.state or all(not s for s in opt.state.values())
+    assert all(torch.equal(p.detach().view(torch.int32), q.view(torch.int32))
+               for p, q in zip(model.parameters(), before))
+    for i in range(1, 6):
+        _backward(model, i)
+        guard.step(loss=1.0)
+        _backward(ref, i)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
