@@ -14,6 +14,8 @@ Both give the same IEEE results: the same float32 operations in the same order.
 """
 from __future__ import annotations
 
+import math
+
 
 
 import numpy as np
@@ -87,11 +89,16 @@ class _Host(Backend):
         return np.minimum(x, x.dtype.type(cap))
 
     def reciprocal(self, x):
+        if np.ndim(x) == 0 and x != 0 and abs(x) < math.inf:  # finite, non-zero: nothing to warn
+            return np.reciprocal(x)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             return np.reciprocal(x)
 
     def where(self, cond, x, other):
         # a Python number takes the array argument's dtype (torch's rule for scalars)
+        like = x if isinstance(x, (np.ndarray, np.generic)) else other
+        if np.ndim(cond) == 0 and np.ndim(like) == 0:  # the decision's scalars: a plain branch
+            return np.asarray(x if cond else other, like.dtype)
         dt = np.result_type(*[a for a in (x, other) if isinstance(a, (np.ndarray, np.generic))])
         return np.asarray(np.where(cond, np.asarray(x, dt), np.asarray(other, dt)))
 

@@ -112,11 +112,15 @@ class RowWriter:
                 row[:G] = (d.bad, skipped, np.nan if loss is None else loss, d.loss_bad, stats.total,
                            coef, lr if not isinstance(lr, torch.Tensor) else float(lr),
                            param_norm)
-                norms, max_abs = stats.host("norms"), stats.host("max_abs")
+                sumsq, max_abs = stats.host("sumsq"), stats.host("max_abs")
                 if not missing:
-                    row[G:G + n] = norms
+                    if sumsq is not None:  # sqrt straight into the row: no temporary
+                        np.sqrt(sumsq, out=row[G:G + n], casting="unsafe")
+                    else:
+                        row[G:G + n] = stats.host("norms")
                     row[G + n:] = max_abs
                 else:  # layers without a gradient this step: NaN norm, 0 max|g|
+                    norms = stats.host("norms")
                     idx = np.fromiter(map(self._index.__getitem__, stats.names), np.intp, len(stats.names))
                     row[G:G + n] = np.nan
                     row[G + n:] = 0

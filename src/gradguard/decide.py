@@ -65,7 +65,7 @@ def loss_value(loss, xp: Backend, like) -> tuple[Any, Any]:
         if loss.is_meta:
             raise ValueError("loss is on the meta device: pass the computed loss")
         if xp.on_host:
-            v = np.float32(loss.detach().reshape(()).item())  # host sync: the loss value (CPU: host memory)
+            v = _f32(loss.item())  # host sync: the loss value (CPU: host memory)
         else:
             v = loss.detach().reshape(()).to(like.device, torch.float32, non_blocking=True)
     elif isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
@@ -73,16 +73,26 @@ def loss_value(loss, xp: Backend, like) -> tuple[Any, Any]:
             f = float(loss)
         except OverflowError:
             raise ValueError(f"loss is too large for a float: {loss!r}") from None
-        with np.errstate(over="ignore"):  # beyond float32: Inf, as a tensor's cast gives
-            v = np.float32(f)
+        v = _f32(f)
         if not xp.on_host:
             v = torch.full((), float(v), dtype=torch.float32, device=like.device)
     else:
         raise TypeError(f"loss must be a Tensor or a real number, got {type(loss).__name__}")
     if xp.on_host:
-        with np.errstate(over="ignore"):
-            return v, np.bool_(not math.isfinite(v))
+        return v, np.bool_(not math.isfinite(v))
     return v, (v - v) != 0  # NaN/Inf, in two kernels (see backend.nonfinite)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _f32(f: float) -> np.float32:
+    """``f`` as float32, Inf beyond its range (as a tensor's cast gives), without numpy's
+    overflow warning and without paying for a warning context on ordinary values."""
+    if abs(f) <= _F32_MAX or f != f:
+        return np.float32(f)
+    with np.errstate(over="ignore"):
+        return np.float32(f)
 
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
