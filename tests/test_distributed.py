@@ -1,7 +1,6 @@
 """DDP and FSDP2 with real processes (gloo on CPU, 2 ranks), against single-process references."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -31,19 +30,13 @@ def _shard(x, rank):
     return x[rank * n:(rank + 1) * n]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full(p):
     return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
-def _worker(rank, mode, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, mode, store, out_dir):
+    # a file store, not a TCP port: no race for a free port, no store server thread to outlive
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     res = {}
     try:
@@ -123,7 +116,7 @@ def _worker(rank, mode, port, out_dir):
 
 
 def _run(mode, tmp_path):
-    mp.spawn(_worker, args=(mode, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(mode, str(tmp_path / f"store-{mode}"), str(tmp_path)), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"{mode}-{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
