@@ -40,9 +40,6 @@ class Backend:
     def flag(self, value: bool, like=None):
         raise NotImplementedError
 
-    def isfinite(self, x):
-        raise NotImplementedError
-
     def nonfinite(self, x):
         """NaN or +-Inf, elementwise."""
         raise NotImplementedError
@@ -78,9 +75,6 @@ class _Host(Backend):
 
     def flag(self, value, like=None):
         return np.bool_(value)
-
-    def isfinite(self, x):
-        return np.isfinite(x)
 
     def nonfinite(self, x):
         return ~np.isfinite(x)
@@ -123,9 +117,6 @@ class _Device(Backend):
 
     def flag(self, value, like=None):
         return torch.full((), bool(value), dtype=torch.bool, device=None if like is None else like.device)
-
-    def isfinite(self, x):
-        return torch.isfinite(x)
 
     def nonfinite(self, x):
         # x - x is 0 for every finite x and NaN for NaN/Inf: two kernels where

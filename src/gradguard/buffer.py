@@ -46,10 +46,6 @@ class StepBuffer:
             raise RuntimeError("StepBuffer is full; drain it first")
         return self._buf[len(self._steps)]
 
-    def cell(self, k: int, col: int) -> torch.Tensor:
-        """Row ``k``, column ``col`` as a 0-dim view, for a value that is written as a tensor."""
-        return self._buf[k, col]
-
     def commit(self, step: int) -> None:
         """Mark the slot returned by ``next_row`` as step ``step``'s row."""
         if self.full:
