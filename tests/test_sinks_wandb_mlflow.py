@@ -169,6 +169,8 @@ def _wandb_records(path: Path):
         if kind == 0 and n == 0:
             pos += left
             continue
+        if pos + 7 + n > len(data):        # the writer is mid-record: the tail is not on disk yet
+            return
         buf += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):                 # FULL or LAST fragment
@@ -180,11 +182,16 @@ def _wandb_records(path: Path):
 
 def _wandb_history(root: Path, name: str):
     """(history rows as dicts of decoded JSON, summary dict, run record) of the offline run ``name``."""
+    from google.protobuf.message import DecodeError  # wandb's own dependency
+
     # wandb's service process writes the file: after finish() it can lag a moment behind.
     for _ in range(100):
         found = []
         for f in root.glob("wandb/offline-run-*/run-*.wandb"):
-            recs = list(_wandb_records(f))
+            try:
+                recs = list(_wandb_records(f))
+            except DecodeError:            # read while a record was half written: read again
+                continue
             runs = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
             finished = any(r.WhichOneof("record_type") == "exit" for r in recs)
             if runs and runs[0].display_name == name and finished:  # the whole run is on disk
