@@ -221,6 +221,11 @@ def named_parameters(model) -> list[tuple[str, Tensor]]:
         # a torch.compile'd model: its own module's names (no "_orig_mod." prefix), so that
         # PerLayer patterns and guard checkpoints work on both
         pairs = list(getattr(model, "_orig_mod", model).named_parameters())
+        # named_parameters() yields distinct names and tensors: only dtype and device remain
+        # to check, in C-level passes (grad_stats may be called every step)
+        tensors = [p for _, p in pairs]
+        if pairs and all(map(Tensor.is_floating_point, tensors)) and not any(map(_is_meta, tensors)):
+            return pairs
     elif isinstance(model, Tensor):
         raise TypeError("model: expected an nn.Module or an iterable of (name, parameter) pairs, "
                         "got a single Tensor; pass [('weight', tensor)]")
