@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -59,24 +60,38 @@ def check_norm_type(norm_type) -> float:
     return norm_type
 
 
+_dtype, _get_device = operator.attrgetter("dtype"), Tensor.get_device
+
+
 def _by_device_dtype(grads: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``grads`` per (device, dtype).  Runs every step: the usual single group
+    is found in C-level passes, not a Python loop per tensor."""
+    # (get_device: an int, cheaper than building a torch.device per tensor; a mix of device
+    # types with one index would fail loudly in the foreach call, never silently)
+    if grads and len(set(map(_get_device, grads))) == 1 and len(set(map(_dtype, grads))) == 1:
+        return {(grads[0].device, grads[0].dtype): range(len(grads))}
     groups: dict[tuple, list[int]] = {}
     for i, g in enumerate(grads):
         groups.setdefault((g.device, g.dtype), []).append(i)
     return groups
 
 
+def _members(grads: list[Tensor], idx) -> list[Tensor]:
+    return grads if len(idx) == len(grads) else [grads[i] for i in idx]
+
+
 def _scale_(grads: list[Tensor], coef: Tensor) -> None:
     """grads *= coef (a 0-dim tensor), one foreach launch per (device, dtype)."""
     for (device, _), idx in _by_device_dtype(grads).items():
-        torch._foreach_mul_([grads[i] for i in idx], coef.to(device, non_blocking=True))
+        torch._foreach_mul_(_members(grads, idx), coef.to(device, non_blocking=True))
 
 
 def _scale_each_(grads: list[Tensor], coefs: Tensor) -> None:
     """grads[i] *= coefs[i], one foreach launch per (device, dtype)."""
     for (device, _), idx in _by_device_dtype(grads).items():
         c = coefs.to(device, non_blocking=True)
-        torch._foreach_mul_([grads[i] for i in idx], [c[i] for i in idx])
+        torch._foreach_mul_(_members(grads, idx), list(c.unbind()) if len(idx) == len(grads)
+                            else [c[i] for i in idx])
 
 
 class ClipPolicy:
@@ -143,7 +158,7 @@ def _total_norm(grads: list[Tensor], stats: GradStats, norm_type: float):
         norms = []
         for (device, dtype), idx in _by_device_dtype(grads).items():
             acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-            norms += torch._foreach_norm([grads[i] for i in idx], norm_type, dtype=acc)
+            norms += torch._foreach_norm(_members(grads, idx), norm_type, dtype=acc)
         total = torch.linalg.vector_norm(
             torch.stack([n.to(stats.device, torch.float64) for n in norms]), norm_type)
         total = total.to(stats.global_norm.dtype)
