@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import check_int as check_arg
 from ..events import RunIsDeadError
 from ..layout import COL, RowLayout
 from . import _window as W
@@ -80,7 +81,7 @@ class DeadRunBudget:
     """
 
     def __init__(self, budget: int | None):
-        self.budget = None if budget is None else check_int("nonfinite_budget", budget, 1)
+        self.budget = None if budget is None else check_arg("nonfinite_budget", budget, 1)
         self._streak, self._first = 0, -1
 
     def update(self, steps, rows: np.ndarray, run) -> RunIsDeadError | None:
