@@ -15,8 +15,8 @@ Metrics (a "flag" is an event of severity warning or critical):
 - injected faults: the first flag within [onset - 1, onset + WITHIN]: culprit top-1 (its first
   layer belongs to the culprit's module) and onset error (|step - onset| <= 1);
 - vanishing runs with a ``vanishing`` event;
-- NaN/Inf faults: the module ``gradguard.nan_origin.NanOrigin`` names when the corpus re-runs
-  the first poisoned step with hooks (recorded at training time, ``producer`` in the run's meta).
+- NaN/Inf faults: the producer the guard's first ``nonfinite`` event names (``data["origin"]``): the
+  corpus passes ``guard.step(loss, rerun=...)``, re-run on poisoned steps only (``producer`` in the meta).
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def compare_table(tags=("before", "after")) -> str:
             ("injected faults: culprit top-1", lambda m: f"{100 * m['culprit_top1']:.0f}%"),
             ("injected faults: onset within ±1 step", lambda m: f"{100 * m['onset_pm1']:.0f}%"),
             ("vanishing runs with a vanishing event", lambda m: f"{100 * m['vanishing_caught']:.0f}%"),
-            ("NaN/Inf faults: producer named (NanOrigin re-run)",
+            ("NaN/Inf faults: producer named (guard.step(rerun=))",
              lambda m: f"{100 * m['producer_ok']:.0f}% of {m['nan_faults']}")]
     parts = ("tuning", "held_out", "all")
     head = "| metric | " + " | ".join(f"{t}: {p.replace('_', '-')}" for t in tags for p in parts) + " |"
