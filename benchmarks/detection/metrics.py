@@ -64,10 +64,14 @@ def replay(run: dict, make_detectors) -> list[dict]:
     for d in dets:
         d.bind(info)
     steps, rows = run["steps_arr"], run["rows"]
+    # the producer the live guard's nonfinite event named (guard.step(rerun=...), the NaN/Inf faults)
+    prod = dict(run.get("producer") or {})
+    origins = {prod.pop("step"): prod} if prod.get("param") else {}
     events = []
     for a in range(0, len(steps), CHUNK):
         s, r = steps[a:a + CHUNK], rows[a:a + CHUNK]
-        new = [nonfinite_event(int(s[i]), info, r[i]) for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
+        new = [nonfinite_event(int(s[i]), info, r[i], origin=origins.get(int(s[i])))
+               for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
         for d in dets:
             new += d.update(s, r, info)
         new.sort(key=lambda e: e.step)
