@@ -298,3 +298,31 @@ def test_rerun_is_checked():
     guard = _guard(list(model.named_parameters()), opt)
     with pytest.raises(TypeError, match="rerun needs a Guard built on an nn.Module"):
         guard.step(rerun=lambda: model(torch.randn(2, 4)).sum())
+
+
+def test_a_pending_producer_survives_a_resume():
+    """Accelerator lane: the poisoned row waits for its flush; a checkpoint taken meanwhile keeps
+    the producer, and the resumed guard's event names it."""
+    def fresh():
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        inject = _Inject(math.nan)
+        model[2].register_forward_hook(inject)
+        return model, opt, inject, _guard(model, opt, backend="device", flush_every=10)
+
+    model, opt, inject, guard = fresh()
+    for i in range(4):
+        x = torch.randn(3, 4)
+        inject.on = i == 2
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        guard.step(loss, rerun=lambda: model(x).pow(2).mean())
+    sd = guard.state_dict()
+    assert sd["pending"]["steps"] == [0, 1, 2, 3] and sd["nonfinite_origins"]["found"]
+    _, _, _, guard2 = fresh()
+    guard2.load_state_dict(sd)
+    assert guard2.state_dict()["nonfinite_origins"] == sd["nonfinite_origins"]
+    ev = next(e for e in guard2.events if e.kind == "nonfinite")
+    assert ev.step == 2 and ev.data["origin"]["module"] == "2" and ev.layers[0] == "2.weight"
+    assert guard2.state_dict()["nonfinite_origins"]["found"] == []  # handed to the event

@@ -67,9 +67,8 @@ class Guard:
             gradient or the loss holds NaN/Inf; ``"raise"`` raises
             ``NonFiniteGradientError`` naming the layers; ``"warn"`` warns and
             steps anyway.
-        nonfinite_budget: consecutive poisoned steps tolerated under ``"skip"`` /
-            ``"warn"`` before ``RunIsDeadError`` says the run is dead and why
-            (default 100, checked at each flush; None: skip forever).
+        nonfinite_budget: consecutive poisoned steps under ``"skip"``/``"warn"`` before
+            ``RunIsDeadError`` says the run is dead and why (checked at flushes; None: never).
         log_dir: where the run store is written (None: nothing is written).
             Under torch.distributed only rank ``log_rank`` writes (``"all"``:
             every rank, as runs named ``NAME-rankR``).
@@ -109,7 +108,8 @@ class Guard:
                  run_name: str | None = None, detectors: list | None = None,
                  remedies: dict | None = None, param_norm_every: int = 10,
                  process_group=None, log_rank: int | str = 0, sinks: list | None = None,
-                 backend: str = "auto", scheduler=None, ema=None, nonfinite_budget: int | None = 100):
+                 backend: str = "auto", scheduler=None, ema=None,
+                 nonfinite_budget: int | None = 100):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -273,10 +273,9 @@ class Guard:
             closure: passed to ``optimizer.step(closure)`` (LBFGS and other
                 optimizers that re-evaluate the loss).  The statistics and the
                 clipping apply to the gradients of the backward you ran before.
-            rerun: a callable returning this step's loss again (e.g. ``lambda:
-                loss_fn(model(x), y)``), called only if the step is poisoned, with
-                hooks that name the module producing the NaN (``event.data["origin"]``).
-                On an accelerator it costs one read of the poison flag per step.
+            rerun: a callable returning this step's loss again (``lambda: loss_fn(model(x), y)``),
+                called only on a poisoned step, with hooks naming the module that made the NaN
+                (``event.data["origin"]``); on an accelerator, one read of the poison flag per step.
         Returns:
             StepReport for this step.
         """
@@ -435,10 +434,8 @@ class Guard:
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
             self.recorder.write_events(new_events)
-        if alarm is not None:  # the "raise" remedy, once the events are recorded
-            raise alarm
-        if dead is not None:  # nonfinite_budget spent, once the rows and events are recorded
-            raise dead
+        if alarm is not None or dead is not None:  # the "raise" remedy or a spent nonfinite_budget,
+            raise alarm if alarm is not None else dead  # once the rows and events are recorded
 
     def close(self, status: str | None = None, error=None) -> None:
         """Flush pending rows and close the run store (even if the last flush raises).
@@ -482,6 +479,7 @@ class Guard:
             "hold_steps": self.hold_steps,
             "nonfinite_repeats": self._repeats.state_dict(),
             "nonfinite_budget": self._budget.state_dict(),
+            "nonfinite_origins": self._origin.state_dict(),
             "pending": {"steps": steps, "rows": rows},
         }
 
@@ -507,6 +505,7 @@ class Guard:
             self._repeats.load_state_dict(state_dict["nonfinite_repeats"])
         if "nonfinite_budget" in state_dict:  # (absent from older states: a fresh streak)
             self._budget.load_state_dict(state_dict["nonfinite_budget"])
+        self._origin.load_state_dict(state_dict.get("nonfinite_origins", {}))
         self._last_grads = None
         if self.recorder is not None and state_dict.get("run"):
             # Continue the checkpointed run in the store (dropping what it logged after the

@@ -5,8 +5,9 @@ one module's forward output poisons the loss and, through the backward pass, eve
 gradient.  ``NanOrigin.locate`` re-runs the poisoned step's forward and backward (a
 closure over the same batch) with hooks on every module, and names the first module, in
 execution order, whose forward output became non-finite from finite inputs and finite
-parameters (``"forward"``), or the model itself when its input batch already was (``"input"``), whose parameters already were non-finite (``"parameter"``),
+parameters (``"forward"``), whose parameters already were non-finite (``"parameter"``),
 or whose input gradient became non-finite from a finite output gradient (``"backward"``);
+the model itself when its input batch already was non-finite (``"input"``: the data);
 failing that, the last tensor in model order whose gradient is non-finite (``"gradient"``).
 The hooks exist only during ``locate``: a healthy step pays nothing.  The model's
 gradients are restored afterwards (the re-run's are discarded), and so are the RNG state
@@ -155,7 +156,8 @@ class OriginOnPoison:
 
     def see(self, step: int, bad, rerun) -> None:
         if not callable(rerun):
-            raise TypeError(f"rerun must be callable (it returns the step's loss), got {type(rerun).__name__}")
+            raise TypeError(f"rerun must be callable (it returns the step's loss), "
+                            f"got {type(rerun).__name__}")
         if self.model is None:
             raise TypeError("rerun needs a Guard built on an nn.Module (the hooks go on its modules)")
         if not bool(bad):  # host sync: on an accelerator, one read of the poison flag (only with rerun)
@@ -165,6 +167,15 @@ class OriginOnPoison:
         self._last = step
         if self._current is not None:
             self._found[step] = self._current
+
+    def state_dict(self) -> dict:
+        """The findings not yet handed to an event (rows still pending) and the open streak."""
+        return {"found": [[s, dict(o)] for s, o in self._found.items()], "last": self._last,
+                "current": None if self._current is None else dict(self._current)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._found = {int(s): dict(o) for s, o in sd.get("found", [])}
+        self._last, self._current = int(sd.get("last", -2)), sd.get("current")
 
     def take(self, steps) -> dict[int, dict]:
         return {s: self._found.pop(s) for s in steps if s in self._found} if self._found else {}
