@@ -79,3 +79,23 @@ def test_bad_arguments_name_them(bad):
         NanOrigin(bad)
     with pytest.raises(TypeError, match="closure"):
         NanOrigin(_mlp()).locate(bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_input_batch_is_named_as_input(bad):
+    model = _mlp()
+    x = torch.randn(3, 4)
+    x[1, 2] = bad
+    got = NanOrigin(model).locate(_closure(model, x))
+    assert got == {"module": "", "type": "Sequential", "where": "input", "param": None}
+
+
+def test_buffers_are_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model[2].register_forward_hook(lambda m, i, o: o * math.nan)
+    got = NanOrigin(model).locate(_closure(model, torch.randn(5, 4)))
+    assert got["module"] == "2"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -280,22 +280,17 @@ def _forward_loss(cfg, model, x, y):
     return cfg.loss(model(x), y)
 
 
-def _poisoned(loss, model) -> bool:
-    return not bool(torch.isfinite(loss)) or any(
-        p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-
-
 def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
     import gradguard as gg
-    from gradguard.nan_origin import NanOrigin
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(1000 + seed)
     model = cfg.build()
     data = cfg.data()
     opt = cfg.opt(model.parameters())
     base_lr = [pg["lr"] for pg in opt.param_groups]
-    guard = gg.Guard(model, opt, clip=None, on_nonfinite="warn", detectors=[], flush_every=64)
+    # nonfinite_budget=None: a run that turns NaN is recorded to its end (its label needs it)
+    guard = gg.Guard(model, opt, clip=None, on_nonfinite="warn", detectors=[], flush_every=64,
+                     nonfinite_budget=None)
     steps, rows = [], []
     guard.add_row_observer(lambda s, r: (steps.extend(s), rows.append(np.array(r, np.float32))))
     fault = dict(cfg.fault) if cfg.fault else None
@@ -317,9 +312,9 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         handles.append(model.get_submodule(fault["layer"]).register_forward_hook(hook))
     mult = 1.0
     losses = []
-    # the NaN producer, measured on the injected NaN/Inf faults (a check per step: corpus only)
-    origin = NanOrigin(model) if fault and fault["kind"] in ("nan_grad", "inf_forward") else None
-    producer = None
+    # the NaN producer, measured through the guard on the injected NaN/Inf faults: the guard
+    # calls ``rerun`` on a poisoned step only, and its nonfinite event names the producer
+    nan_fault = bool(fault and fault["kind"] in ("nan_grad", "inf_forward"))
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -339,13 +334,11 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
             opt.zero_grad(set_to_none=True)
             loss = _forward_loss(cfg, model, x, y)
             loss.backward()
-            if origin is not None and producer is None and _poisoned(loss, model):
-                # before the step is applied: the re-run sees this step's weights and batch
-                producer = origin.locate(lambda: _forward_loss(cfg, model, x, y))
-                producer = {"step": i, **(producer or {})}
-            guard.step(loss)
+            guard.step(loss, rerun=(lambda: _forward_loss(cfg, model, x, y)) if nan_fault else None)
             losses.append(float(loss))
     guard.flush()
+    first = next((e for e in guard.events if e.kind == "nonfinite"), None) if nan_fault else None
+    producer = None if first is None else {"step": first.step, **first.data.get("origin", {})}
     for h in handles:
         h.remove()
     secs = time.perf_counter() - t0

@@ -15,8 +15,8 @@ Metrics (a "flag" is an event of severity warning or critical):
 - injected faults: the first flag within [onset - 1, onset + WITHIN]: culprit top-1 (its first
   layer belongs to the culprit's module) and onset error (|step - onset| <= 1);
 - vanishing runs with a ``vanishing`` event;
-- NaN/Inf faults: the module ``gradguard.nan_origin.NanOrigin`` names when the corpus re-runs
-  the first poisoned step with hooks (recorded at training time, ``producer`` in the run's meta).
+- NaN/Inf faults: the producer the guard's first ``nonfinite`` event names (``data["origin"]``): the
+  corpus passes ``guard.step(loss, rerun=...)``, re-run on poisoned steps only (``producer`` in the meta).
 """
 from __future__ import annotations
 
@@ -64,10 +64,14 @@ def replay(run: dict, make_detectors) -> list[dict]:
     for d in dets:
         d.bind(info)
     steps, rows = run["steps_arr"], run["rows"]
+    # the producer the live guard's nonfinite event named (guard.step(rerun=...), the NaN/Inf faults)
+    prod = dict(run.get("producer") or {})
+    origins = {prod.pop("step"): prod} if prod.get("param") else {}
     events = []
     for a in range(0, len(steps), CHUNK):
         s, r = steps[a:a + CHUNK], rows[a:a + CHUNK]
-        new = [nonfinite_event(int(s[i]), info, r[i]) for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
+        new = [nonfinite_event(int(s[i]), info, r[i], origin=origins.get(int(s[i])))
+               for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
         for d in dets:
             new += d.update(s, r, info)
         new.sort(key=lambda e: e.step)
@@ -194,7 +198,7 @@ def compare_table(tags=("before", "after")) -> str:
             ("injected faults: culprit top-1", lambda m: f"{100 * m['culprit_top1']:.0f}%"),
             ("injected faults: onset within ±1 step", lambda m: f"{100 * m['onset_pm1']:.0f}%"),
             ("vanishing runs with a vanishing event", lambda m: f"{100 * m['vanishing_caught']:.0f}%"),
-            ("NaN/Inf faults: producer named (NanOrigin re-run)",
+            ("NaN/Inf faults: producer named (guard.step(rerun=))",
              lambda m: f"{100 * m['producer_ok']:.0f}% of {m['nan_faults']}")]
     parts = ("tuning", "held_out", "all")
     head = "| metric | " + " | ".join(f"{t}: {p.replace('_', '-')}" for t in tags for p in parts) + " |"

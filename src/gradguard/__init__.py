@@ -13,7 +13,7 @@ from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_g
 from .detect import (Detector, DivergenceDetector, ExplodingDetector, LossSpikeDetector, OverClippingDetector,
                      PoisonedRunDetector, SpikeDetector, UnusedDetector, VanishingDetector,
                      WeightGrowthDetector, default_detectors)
-from .events import Event, NonFiniteGradientError
+from .events import Event, NonFiniteGradientError, RunIsDeadError
 from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .training import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
@@ -27,7 +27,7 @@ __all__ = [
     "ClipPolicy", "GlobalNorm", "PerTensorNorm", "Value", "PerLayer",
     "AutoClip", "AGC", "ZClip", "AdaGC",
     "clip_grad_norm_", "clip_grad_value_",
-    "Event", "NonFiniteGradientError",
+    "Event", "NonFiniteGradientError", "RunIsDeadError",
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
     "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "DivergenceDetector",
     "PoisonedRunDetector", "default_detectors",

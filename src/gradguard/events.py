@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Event", "NonFiniteGradientError", "SEVERITIES", "KINDS"]
+__all__ = ["Event", "NonFiniteGradientError", "RunIsDeadError", "SEVERITIES", "KINDS"]
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -68,3 +68,18 @@ class NonFiniteGradientError(RuntimeError):
         self.step = step
         self.layers = layers
         self.event = event
+
+
+class RunIsDeadError(NonFiniteGradientError):
+    """Raised when ``Guard(nonfinite_budget=N)`` has seen ``N`` consecutive poisoned steps
+    under ``on_nonfinite="skip"`` or ``"warn"``: skipping (or applying) on would train nothing.
+
+    Attributes (besides ``step`` and ``layers``, the tensors non-finite on the last step):
+        first_step: the streak's first poisoned step.
+        count: how many consecutive poisoned steps the streak holds.
+    """
+
+    def __init__(self, message: str, step: int, layers: list[str], first_step: int, count: int):
+        super().__init__(message, step, layers)
+        self.first_step = first_step
+        self.count = count

@@ -31,13 +31,14 @@ from .backend import DEVICE, HOST
 from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
-from .detect import NonfiniteRepeats, _to_list, default_detectors
+from .detect import DeadRunBudget, NonfiniteRepeats, _to_list, default_detectors
 from .events import Event, NonFiniteGradientError
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
 from .hooks import OptimizerHooks
 from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
+from .nan_origin import OriginOnPoison
 from .remedies import RemedyContext, Remedies
 from .shards import agree_any, world_of
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
@@ -66,6 +67,8 @@ class Guard:
             gradient or the loss holds NaN/Inf; ``"raise"`` raises
             ``NonFiniteGradientError`` naming the layers; ``"warn"`` warns and
             steps anyway.
+        nonfinite_budget: consecutive poisoned steps under ``"skip"``/``"warn"`` before
+            ``RunIsDeadError`` says the run is dead and why (checked at flushes; None: never).
         log_dir: where the run store is written (None: nothing is written).
             Under torch.distributed only rank ``log_rank`` writes (``"all"``:
             every rank, as runs named ``NAME-rankR``).
@@ -105,7 +108,8 @@ class Guard:
                  run_name: str | None = None, detectors: list | None = None,
                  remedies: dict | None = None, param_norm_every: int = 10,
                  process_group=None, log_rank: int | str = 0, sinks: list | None = None,
-                 backend: str = "auto", scheduler=None, ema=None):
+                 backend: str = "auto", scheduler=None, ema=None,
+                 nonfinite_budget: int | None = 100):
         pairs = named_parameters(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -168,6 +172,8 @@ class Guard:
         self._last_grads: list | None = None
         self._observers: list = []
         self._repeats = NonfiniteRepeats()
+        self._budget = DeadRunBudget(nonfinite_budget)  # a dead run raises, it is not skipped forever
+        self._origin = OriginOnPoison(self.model)  # the NaN's producer, on poisoned steps only
         self._hooks = OptimizerHooks(self)  # warns when the optimizer is also stepped directly
         # Detectors read the drained rows (host numpy) at each flush; the
         # non-finite check above is built in and always on.
@@ -216,7 +222,7 @@ class Guard:
 
     def config(self) -> dict:
         return {"clip": self.clip.config() if self.clip is not None else None,
-                "on_nonfinite": self.on_nonfinite, "optimizer": type(self.optimizer).__name__,
+                "on_nonfinite": self.on_nonfinite, "nonfinite_budget": self._budget.budget, "optimizer": type(self.optimizer).__name__,
                 "fused": self.fused, "flush_every": self.flush_every, "amp": self.scaler is not None,
                 "detectors": [type(d).__name__ for d in getattr(self, "detectors", [])],
                 "world_size": getattr(self, "_world", 1)}
@@ -257,7 +263,7 @@ class Guard:
     def _scaler_active(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    def step(self, loss: Tensor | float | None = None, batch=None, closure=None) -> StepReport:
+    def step(self, loss: Tensor | float | None = None, batch=None, closure=None, rerun=None) -> StepReport:
         """Statistics, clipping, and the optimizer step unless the step is poisoned.
 
         Args:
@@ -267,19 +273,22 @@ class Guard:
             closure: passed to ``optimizer.step(closure)`` (LBFGS and other
                 optimizers that re-evaluate the loss).  The statistics and the
                 clipping apply to the gradients of the backward you ran before.
+            rerun: a callable returning this step's loss again (``lambda: loss_fn(model(x), y)``),
+                called only on a poisoned step, with hooks naming the module that made the NaN
+                (``event.data["origin"]``); on an accelerator, one read of the poison flag per step.
         Returns:
             StepReport for this step.
         """
-        return self._run(loss, batch, closure, self._stepper)
+        return self._run(loss, batch, closure, self._stepper, rerun)
 
-    def check(self, loss: Tensor | float | None = None, batch=None) -> StepReport:
+    def check(self, loss: Tensor | float | None = None, batch=None, rerun=None) -> StepReport:
         """Everything ``step()`` does except stepping the optimizer.
 
         For loops that step the optimizer themselves (framework adapters): the
         gradients are clipped in place, the step is recorded, and
         ``report.skipped`` says whether to withhold the coming optimizer step.
         """
-        return self._run(loss, batch, None, self._no_step)
+        return self._run(loss, batch, None, self._no_step, rerun)
 
     def _check_watched(self, verb: str) -> None:
         """Every parameter the optimizer trains is watched: clipping and skipping would miss
@@ -295,16 +304,16 @@ class Guard:
     def _group_sizes(self) -> tuple:
         return tuple(len(g["params"]) for g in self.optimizer.param_groups)
 
-    def _run(self, loss, batch, closure, stepper) -> StepReport:
+    def _run(self, loss, batch, closure, stepper, rerun=None) -> StepReport:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("guard.step() is already running in another thread: a Guard is stepped "
                                "from one thread (its step counter and buffer are not shared)")
         try:
-            return self._run_locked(loss, batch, closure, stepper)
+            return self._run_locked(loss, batch, closure, stepper, rerun)
         finally:
             self._busy.release()
 
-    def _run_locked(self, loss, batch, closure, stepper) -> StepReport:
+    def _run_locked(self, loss, batch, closure, stepper, rerun) -> StepReport:
         if self._group_sizes() != self._groups_seen:  # add_param_group() after Guard()
             self._check_watched("gained (by add_param_group)")
             self._groups_seen = self._group_sizes()
@@ -329,6 +338,8 @@ class Guard:
                            clip=self.clip, grads=local_grads_, agree=agree)
         # measured before the update, like every other column of the row
         pnorm = self._param_norm()
+        if rerun is not None:  # before the step is applied: the re-run sees this step's weights
+            self._origin.see(self._step, d.bad, rerun)
         if self.on_nonfinite == "raise" and bool(d.bad):  # host sync: "raise" needs to know now
             return self._raise(stats, d, loss_v, pnorm, grads)
         self._hooks.stepping = True  # the optimizer's post-step hook must not call this "direct"
@@ -396,7 +407,8 @@ class Guard:
         bad, skipped = rows[:, COL["bad"]] > 0, rows[:, COL["skipped"]] > 0
         self._skipped += int(skipped.sum())  # poisoned steps and steps held by a remedy
         self._nonfinite += int(bad.sum())  # one event per streak of identical poisoned steps:
-        for ev in self._repeats.update(steps, rows, self.run, amp=scaler_on):  # a dead run's flood
+        for ev in self._repeats.update(steps, rows, self.run, amp=scaler_on,  # a dead run's flood
+                                       origins=self._origin.take(steps)):
             new_events.append(ev)
             if self.on_nonfinite == "warn" and ev.severity != "info":
                 warnings.warn(f"gradguard: {ev}", RuntimeWarning, stacklevel=3)
@@ -411,6 +423,7 @@ class Guard:
                               f"({exc!r}); training continues", RuntimeWarning, stacklevel=3)
         new_events.sort(key=lambda e: e.step)
         alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
+        dead = self._budget.update(steps, rows, self.run) if self.on_nonfinite != "raise" else None
         self._events += new_events
         for fn in self._observers:
             try:
@@ -421,8 +434,8 @@ class Guard:
         if self.recorder is not None:
             self.recorder.write_steps(steps, rows, GLOBAL_COLS)
             self.recorder.write_events(new_events)
-        if alarm is not None:  # the "raise" remedy, once the events are recorded
-            raise alarm
+        if alarm is not None or dead is not None:  # the "raise" remedy or a spent nonfinite_budget,
+            raise alarm if alarm is not None else dead  # once the rows and events are recorded
 
     def close(self, status: str | None = None, error=None) -> None:
         """Flush pending rows and close the run store (even if the last flush raises).
@@ -465,6 +478,8 @@ class Guard:
             "remedies": self.remedies.state_dict(),
             "hold_steps": self.hold_steps,
             "nonfinite_repeats": self._repeats.state_dict(),
+            "nonfinite_budget": self._budget.state_dict(),
+            "nonfinite_origins": self._origin.state_dict(),
             "pending": {"steps": steps, "rows": rows},
         }
 
@@ -488,6 +503,9 @@ class Guard:
         self.hold_steps = int(state_dict.get("hold_steps", 0))
         if "nonfinite_repeats" in state_dict:  # (absent from 0.1.0 states: a fresh count)
             self._repeats.load_state_dict(state_dict["nonfinite_repeats"])
+        if "nonfinite_budget" in state_dict:  # (absent from older states: a fresh streak)
+            self._budget.load_state_dict(state_dict["nonfinite_budget"])
+        self._origin.load_state_dict(state_dict.get("nonfinite_origins", {}))
         self._last_grads = None
         if self.recorder is not None and state_dict.get("run"):
             # Continue the checkpointed run in the store (dropping what it logged after the

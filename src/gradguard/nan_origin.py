@@ -7,10 +7,15 @@ closure over the same batch) with hooks on every module, and names the first mod
 execution order, whose forward output became non-finite from finite inputs and finite
 parameters (``"forward"``), whose parameters already were non-finite (``"parameter"``),
 or whose input gradient became non-finite from a finite output gradient (``"backward"``);
+the model itself when its input batch already was non-finite (``"input"``: the data);
 failing that, the last tensor in model order whose gradient is non-finite (``"gradient"``).
 The hooks exist only during ``locate``: a healthy step pays nothing.  The model's
-gradients are restored afterwards (the re-run's are discarded), and so is the RNG state
-(dropout draws the same masks as the step it re-runs).
+gradients are restored afterwards (the re-run's are discarded), and so are the RNG state
+(dropout draws the same masks as the step it re-runs) and the module buffers (BatchNorm's
+running statistics are not updated twice).
+
+``OriginOnPoison`` is the guard's use of it: ``guard.step(loss, rerun=fn)`` calls ``fn``
+only on a poisoned step, and the step's ``nonfinite`` event names the producer.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["NanOrigin"]
+__all__ = ["NanOrigin", "OriginOnPoison"]
 
 
 def _finite(x) -> bool:
@@ -84,9 +89,14 @@ class NanOrigin:
 
         params = [p for p in self.model.parameters()]
         saved = [p.grad for p in params]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]  # poisoned steps only
         rng = torch.random.get_rng_state()
         handles = []
         try:
+            # a batch that is non-finite already: the data, not a module, made it
+            handles.append(self.model.register_forward_pre_hook(
+                lambda mod, args, kwargs: None if found or (_finite(args) and _finite(kwargs))
+                else found.append(("", "input")), with_kwargs=True))
             for name, m in mods:
                 handles.append(m.register_forward_hook(fwd(name, m)))
                 try:
@@ -112,6 +122,9 @@ class NanOrigin:
                 h.remove()
             for p, g in zip(params, saved):
                 p.grad = g
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
             torch.random.set_rng_state(rng)
         if not found:
             return None
@@ -119,3 +132,50 @@ class NanOrigin:
         mod = self.model.get_submodule(name) if name else self.model
         return {"module": name, "type": type(mod).__name__, "where": where,
                 "param": first_param.get(name)}
+
+
+class OriginOnPoison:
+    """The producer of each poisoned step, for the guard's ``nonfinite`` events.
+
+    ``see(step, bad, rerun)`` runs ``NanOrigin.locate(rerun)`` when ``bad`` (the step's
+    poison flag) is set, before the step is applied (the re-run sees that step's weights and
+    batch); healthy steps never call ``rerun``.  A streak of consecutive poisoned steps is
+    located once, at its first step, and every step of it carries that finding (a dead run
+    is not re-run on every step, and its identical events still fold into one).
+    ``take(steps)`` hands the findings of a flush's steps to the events.
+
+    Args:
+        model: the guard's ``nn.Module`` (None: a guard built from ``(name, parameter)``
+            pairs, which cannot re-run anything: ``rerun`` is refused).
+    """
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model
+        self._found: dict[int, dict] = {}
+        self._last, self._current = -2, None
+
+    def see(self, step: int, bad, rerun) -> None:
+        if not callable(rerun):
+            raise TypeError(f"rerun must be callable (it returns the step's loss), "
+                            f"got {type(rerun).__name__}")
+        if self.model is None:
+            raise TypeError("rerun needs a Guard built on an nn.Module (the hooks go on its modules)")
+        if not bool(bad):  # host sync: on an accelerator, one read of the poison flag (only with rerun)
+            return
+        if step != self._last + 1:
+            self._current = NanOrigin(self.model).locate(rerun)
+        self._last = step
+        if self._current is not None:
+            self._found[step] = self._current
+
+    def state_dict(self) -> dict:
+        """The findings not yet handed to an event (rows still pending) and the open streak."""
+        return {"found": [[s, dict(o)] for s, o in self._found.items()], "last": self._last,
+                "current": None if self._current is None else dict(self._current)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._found = {int(s): dict(o) for s, o in sd.get("found", [])}
+        self._last, self._current = int(sd.get("last", -2)), sd.get("current")
+
+    def take(self, steps) -> dict[int, dict]:
+        return {s: self._found.pop(s) for s in steps if s in self._found} if self._found else {}

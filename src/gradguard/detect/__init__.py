@@ -26,7 +26,7 @@ from .exploding import ExplodingDetector
 from .loss_spike import LossSpikeDetector
 from .nonfinite import NonfiniteRepeats, nonfinite_event
 from .over_clipping import OverClippingDetector
-from .poisoned import PoisonedRunDetector
+from .poisoned import DeadRunBudget, PoisonedRunDetector
 from .spike import SpikeDetector
 from .unused import UnusedDetector
 from .vanishing import VanishingDetector
@@ -35,7 +35,7 @@ from .weight_growth import WeightGrowthDetector
 __all__ = [
     "nonfinite_event", "NonfiniteRepeats", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
     "LossSpikeDetector", "VanishingDetector", "WeightGrowthDetector", "OverClippingDetector",
-    "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "default_detectors", "advice_for",
+    "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "DeadRunBudget", "default_detectors", "advice_for",
 ]
 
 # Kept importable from here for one release (guard.py and older code import them).

@@ -49,8 +49,9 @@ def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False, origi
         data["origin"] = dict(origin)
         if origin.get("param"):
             layers = [origin["param"]] + [n for n in layers if n != origin["param"]]
-        message = (f"made in {origin.get('module') or 'the model'} ({origin.get('type')}, "
-                   f"{origin.get('where')}): " + message)
+        message = ("the input batch already held NaN/Inf (check the data): " if origin.get("where") == "input"
+                   else f"made in {origin.get('module') or 'the model'} ({origin.get('type')}, "
+                        f"{origin.get('where')}): ") + message
     if amp and not loss_bad:  # the scaler's own overflow; a NaN loss is a real problem
         return Event(step, "amp_overflow", "info", layers,
                      "GradScaler found Inf/NaN in the scaled gradients (normal while it calibrates "
@@ -89,7 +90,9 @@ class NonfiniteRepeats:
                              [], {"count": self._count, "first_step": self._first, "last_step": self._last}))
         self._sig, self._count = None, 0
 
-    def update(self, steps, rows: np.ndarray, run, *, amp: bool = False) -> list[Event]:
+    def update(self, steps, rows: np.ndarray, run, *, amp: bool = False,
+               origins: dict | None = None) -> list[Event]:
+        """``origins``: step -> what ``NanOrigin`` found (the producer), for the steps re-run."""
         steps = np.asarray(steps, np.int64)
         rows = np.asarray(rows)
         bad = rows[:, COL["bad"]] > 0
@@ -98,7 +101,7 @@ class NonfiniteRepeats:
             self._close(out)
         for i in np.flatnonzero(bad).tolist():  # numpy, no host sync (poisoned rows only)
             step = int(steps[i])
-            ev = nonfinite_event(step, run, rows[i], amp=amp)
+            ev = nonfinite_event(step, run, rows[i], amp=amp, origin=(origins or {}).get(step))
             # identical: same kind, culprits, decision and finding (NaN is not -Inf)
             sig = (ev.kind, tuple(ev.layers), bool(ev.data["skipped"]), ev.message)
             if sig == self._sig and step == self._last + 1:

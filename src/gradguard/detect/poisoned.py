@@ -1,10 +1,14 @@
-"""PoisonedRunDetector: one critical event when the guard keeps seeing poisoned steps."""
+"""When the guard keeps seeing poisoned steps: one critical event (``PoisonedRunDetector``),
+then ``on_nonfinite``'s budget is spent and the run is declared dead (``DeadRunBudget``)."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..layout import COL
+from .._validate import check_int as check_arg
+from ..events import RunIsDeadError
+from ..layout import COL, RowLayout
 from . import _window as W
+from ._window import names_list
 from .base import Detector, Scan, check_int
 
 
@@ -60,3 +64,58 @@ class PoisonedRunDetector(Detector):
     def load_state_dict(self, sd):
         self._load_base(sd)
         self._streak = int(sd["streak"])
+
+
+class DeadRunBudget:
+    """``Guard(nonfinite_budget=N)``: ``N`` consecutive poisoned steps, then ``RunIsDeadError``.
+
+    Under ``on_nonfinite="skip"`` a run whose weights or data went NaN is skipped forever and
+    trains nothing; under ``"warn"`` it applies NaN forever.  The streak is counted from the
+    rows at each flush (they are read back anyway: no host sync of its own), so on an
+    accelerator the error comes at the first flush after the budget is spent (up to
+    ``flush_every - 1`` steps later); on CPU a poisoned step is flushed at once.  ``update``
+    returns the error for the guard to raise once the flush's rows and events are recorded.
+
+    Args:
+        budget: consecutive poisoned steps tolerated (an int >= 1), or None: never raise.
+    """
+
+    def __init__(self, budget: int | None):
+        self.budget = None if budget is None else check_arg("nonfinite_budget", budget, 1)
+        self._streak, self._first = 0, -1
+
+    def update(self, steps, rows: np.ndarray, run) -> RunIsDeadError | None:
+        bad = np.asarray(rows)[:, COL["bad"]] > 0
+        if not len(bad):
+            return None
+        clean = np.flatnonzero(~bad)
+        if len(clean):  # the streak (if any) starts after the last clean step
+            self._streak = len(bad) - 1 - int(clean[-1])
+            self._first = int(steps[int(clean[-1]) + 1]) if self._streak else -1
+        else:
+            self._first = self._first if self._streak else int(steps[0])
+            self._streak += len(bad)
+        if self.budget is None or self._streak < self.budget:
+            return None
+        return self._error(int(steps[-1]), rows[-1], run)
+
+    def _error(self, step: int, row: np.ndarray, run) -> RunIsDeadError:
+        names = list(run.names)
+        max_abs = RowLayout(len(names)).max_abs(np.asarray(row)).astype(np.float64)
+        layers = [names[i] for i in np.flatnonzero(~np.isfinite(max_abs))][::-1]  # output side back
+        what = (f"NaN/Inf in the gradients of {names_list(layers)}" if layers else
+                "the loss is NaN/Inf" if row[COL["loss_bad"]] > 0 else "the global grad norm overflowed")
+        done = ("every one skipped: the model has not trained since" if row[COL["skipped"]] > 0
+                else "every one applied anyway: the weights are likely NaN")
+        msg = (f"the run is dead: {self._streak} consecutive poisoned steps (steps {self._first}-{step}, "
+               f"{done}); {what}. nonfinite_budget={self.budget} is spent. Restore the last good "
+               f"checkpoint, then lower the learning rate or clip the gradients, and check the batch "
+               f"of step {self._first} and the inputs/weights of the layers named (Guard(..., "
+               "nonfinite_budget=None) skips forever instead).")
+        return RunIsDeadError(msg, step, layers, self._first, self._streak)
+
+    def state_dict(self) -> dict:
+        return {"streak": self._streak, "first": self._first}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._streak, self._first = int(sd["streak"]), int(sd["first"])
