@@ -19,7 +19,10 @@ def watch(model, optimizer, log_dir=None, *, clip=None, on_nonfinite: str = "war
         log_dir: where the run store is written (for the dashboard); None: nothing written.
         clip: a clip policy, applied before each step (default None: watching only).
         on_nonfinite: ``"warn"`` (default: watching only), ``"skip"`` (a poisoned step's
-            gradients are dropped before the optimizer runs) or ``"raise"``.
+            gradients are dropped before the optimizer runs) or ``"raise"``.  Even when
+            watching, ``nonfinite_budget`` (default 100) consecutive poisoned steps raise
+            ``gg.RunIsDeadError``: the weights are NaN by then and every further step is
+            wasted; pass ``nonfinite_budget=None`` to never raise.
         **guard_kwargs: passed to ``gg.Guard`` (``detectors``, ``run_name``, ``flush_every`` ...).
     Returns:
         the ``Guard``: ``.events``, ``.close()``, ``.state_dict()`` as usual.
