@@ -331,6 +331,7 @@ class Guard:
         pnorm = self._param_norm()
         if self.on_nonfinite == "raise" and bool(d.bad):  # host sync: "raise" needs to know now
             return self._raise(stats, d, loss_v, pnorm, grads)
+        lr = self.optimizer.param_groups[0].get("lr", math.nan)  # the step's lr, before the scheduler moves it
         self._hooks.stepping = True  # the optimizer's post-step hook must not call this "direct"
         try:
             coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
@@ -340,8 +341,7 @@ class Guard:
         skipped = d.skip
         if stepper is self._stepper:
             self._after.run(d)
-        self._writer.write(self._step, stats, d, coef, skipped, loss_v,
-                           self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
+        self._writer.write(self._step, stats, d, coef, skipped, loss_v, lr, pnorm)
         self._last_grads = grad_signature(grads)
         report = StepReport(self._step, stats, coef, skipped, loss_v, xp)
         self.last_report = report
