@@ -236,17 +236,27 @@ def test_epoch_schedulers_are_not_gated(tmp_path):
     assert cb._gated is None
 
 
-def test_store_loss_is_the_logged_loss(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_store_loss_is_the_logged_loss(tmp_path, accumulate):
+    """The recorded loss is the optimizer step's: the mean of its micro-batches' losses (without
+    accumulation, the loss Lightning logs)."""
     class Logged(Tiny):
+        seen = []
+
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
             self.log("train_loss", loss)
+            self.seen.append(loss.item())
             return loss
 
     cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="pl", log_metrics=False)
-    trainer(tmp_path, [cb], steps=6).fit(Logged(), loader())
-    import csv
+    model = Logged()
+    trainer(tmp_path, [cb], steps=4, accumulate_grad_batches=accumulate).fit(model, loader())
+    stored = gg.RunStore(tmp_path / "runs").steps("pl")["loss"]
+    np.testing.assert_allclose(stored, np.reshape(model.seen, (4, accumulate)).mean(1), rtol=1e-5)
+    if accumulate == 1:
+        import csv
 
-    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/*/metrics.csv")))))
-    logged = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
-    np.testing.assert_allclose(gg.RunStore(tmp_path / "runs").steps("pl")["loss"], logged, rtol=1e-6)
+        rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/*/metrics.csv")))))
+        logged = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+        np.testing.assert_allclose(stored, logged, rtol=1e-6)

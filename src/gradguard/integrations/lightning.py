@@ -155,7 +155,10 @@ class GradGuardCallback(Callback):
         # Under precision="16-mixed" the hook sees the scaled loss; record the real one.
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-        self._loss = loss / scale.to(loss.device) if scale is not None else loss
+        loss = loss / scale.to(loss.device) if scale is not None else loss
+        # With accumulate_grad_batches=k Lightning divides each micro-batch's loss by k before
+        # backward: their sum over the window is the optimizer step's (mean) loss.
+        self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         guard = self.guard
