@@ -38,6 +38,7 @@ from .gather import gather, grad_signature, same_grads
 from .hooks import OptimizerHooks
 from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
+from .lr_groups import GroupLRs
 from .remedies import RemedyContext, Remedies
 from .shards import agree_any, world_of
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
@@ -131,6 +132,7 @@ class Guard:
         self.optimizer = optimizer
         self._check_watched("holds")
         self._groups_seen = self._group_sizes()
+        self._group_lrs = GroupLRs(optimizer)  # groups 1..: extra store columns lr_group1...
         self._after = AfterApplied(scheduler, ema, model)  # follows applied updates only
         self.scheduler, self.ema = scheduler, ema
         self._busy = threading.Lock()  # one step at a time (steps from two threads are refused)
@@ -201,8 +203,9 @@ class Guard:
                                               config=self.config(), sinks=sinks)
                 # collected without close(), or the interpreter exits: the rows still in the
                 # buffer are handed over and the run says how it ended (the lambda holds no guard)
-                buf = self._buffer
-                self.recorder.attach(self, pending=lambda: (list(buf._steps), buf.pending(), GLOBAL_COLS))
+                buf, glr = self._buffer, self._group_lrs
+                self.recorder.attach(self, pending=lambda: (list(buf._steps), *glr.splice(
+                    list(buf._steps), buf.pending(), GLOBAL_COLS)))
             except (ValueError, TypeError):  # a bad argument (run_name, log_dir...) is the caller's
                 raise
             except Exception as exc:  # a log sink never stops training (OSError, sqlite3.Error...)
@@ -332,6 +335,9 @@ class Guard:
         if self.on_nonfinite == "raise" and bool(d.bad):  # host sync: "raise" needs to know now
             return self._raise(stats, d, loss_v, pnorm, grads)
         lr = self.optimizer.param_groups[0].get("lr", math.nan)  # the step's lr, before the scheduler moves it
+        if isinstance(lr, Tensor) and self.scheduler is not None:
+            lr = lr.clone()  # schedulers update a tensor lr in place
+        self._group_lrs.read(self._step)
         self._hooks.stepping = True  # the optimizer's post-step hook must not call this "direct"
         try:
             coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
@@ -365,6 +371,7 @@ class Guard:
         xp = self._xp
         step = self._step
         one = xp.flag(True, d.bad)
+        self._group_lrs.read(step)
         self._writer.write(step, stats, d, xp.scalar(1.0, stats.total), one, loss_v,
                            self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
         self._last_grads = grad_signature(grads)
@@ -418,8 +425,9 @@ class Guard:
             except Exception as exc:  # an observer never stops training
                 self.failures["observers"] += 1
                 warnings.warn(f"gradguard: row observer {fn!r} failed: {exc!r}", RuntimeWarning, stacklevel=3)
+        out_rows, out_cols = self._group_lrs.splice(steps, rows, GLOBAL_COLS)  # every group's lr
         if self.recorder is not None:
-            self.recorder.write_steps(steps, rows, GLOBAL_COLS)
+            self.recorder.write_steps(steps, out_rows, out_cols)
             self.recorder.write_events(new_events)
         if alarm is not None:  # the "raise" remedy, once the events are recorded
             raise alarm
