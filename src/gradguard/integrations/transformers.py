@@ -85,10 +85,13 @@ class GradGuardCallback(TrainerCallback):
         ``gradguard/nonfinite``, ``gradguard/steps``; and run totals
         ``gradguard/skipped_total``, ``gradguard/events_total``.
 
+    Use it with ``GuardedTrainer`` (or ``GradGuardTrainerMixin``) so the guard sees
+    each step's loss; with the plain ``Trainer`` the loss is not recorded.
+
     Example:
         >>> args = TrainingArguments("out", max_grad_norm=0, logging_steps=10)
         >>> cb = GradGuardCallback(clip=gg.GlobalNorm(1.0))
-        >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
+        >>> GuardedTrainer(model, args, train_dataset=ds, callbacks=[cb]).train()
     """
 
     def __init__(self, clip=None, on_nonfinite: str = "skip", log_dir=None, **guard_kwargs):
