@@ -162,3 +162,26 @@ def test_schedule_does_not_advance_on_a_withheld_step(bad):
     fit(ref, (x[keep], y[keep]), callbacks=[rcb])
     np.testing.assert_allclose(np.delete(cb.lr, bad), rcb.lr, rtol=1e-6)
     assert cb.lr[bad] == pytest.approx(0.05 if bad == 0 else cb.lr[bad - 1], rel=1e-6)
+
+
+def test_nan_loss_with_finite_gradients_is_skipped():
+    """Only the loss tells this step apart (its gradients are finite): the guard needs it."""
+    calls = {"n": 0}
+    POISON_CALL = 4  # Keras may call the loss once more to build: a training step's call either way
+
+    def loss_fn(y, p):
+        calls["n"] += 1
+        m = keras.ops.mean((y - p) ** 2)
+        bad = math.nan if calls["n"] == POISON_CALL else 0.0
+        return m + bad * keras.ops.stop_gradient(m)
+
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.01))
+    m = model()
+    m.compile(optimizer=opt, loss=loss_fn)
+    x, y = data()
+    m.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert opt.guard.skipped_steps == 1
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 3
+    ev = [e for e in opt.guard.events if e.kind == "nonfinite"]
+    assert len(ev) == 1 and not ev[0].layers  # the loss, not a gradient, was NaN
+    assert all(np.isfinite(w).all() for w in m.get_weights())
