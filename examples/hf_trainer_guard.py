@@ -1,14 +1,15 @@
-"""GradGuardCallback in a transformers Trainer on a tiny GPT-2 built from a config (no download).
+"""GradGuardCallback in a transformers Trainer on a tiny GPT-2 built from a config (no download);
+GuardedTrainer hands each step's loss to the guard.
 
     HF_HUB_OFFLINE=1 python examples/hf_trainer_guard.py
 """
 import math
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 import gradguard as gg
-from gradguard.integrations.transformers import GradGuardCallback
+from gradguard.integrations.transformers import GradGuardCallback, GuardedTrainer
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -39,7 +40,8 @@ def main():
         max_grad_norm=0.0,   # gradguard clips (and sees the pre-clip gradients)
         report_to=[], save_strategy="no", use_cpu=True)
     cb = GradGuardCallback(clip=gg.GlobalNorm(1.0))
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[cb])
+    # GuardedTrainer = Trainer + GradGuardTrainerMixin: hands each step's loss to the callback
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[cb])
     trainer.train()
 
     for row in trainer.state.log_history:

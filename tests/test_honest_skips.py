@@ -237,3 +237,22 @@ def test_an_optimizer_that_raises_once_loses_or_duplicates_no_row(tmp_path):
     guard.close()
     assert guard.steps == 10
     assert gg.RunStore(tmp_path).steps("r")["step"].tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_lr_column_is_the_lr_the_step_used(tmp_path, backend):
+    """The row's lr is read before Guard(scheduler=...) moves it (it was the next step's lr)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, scheduler=SCHEDULERS["lambda"](opt), backend=backend, detectors=[],
+                     log_dir=tmp_path, run_name="lr")
+    used = []
+    for i in range(7):
+        _backward(model, i, poison=i in BAD)
+        used.append(opt.param_groups[0]["lr"])
+        guard.step()
+    guard.close()
+    lr = gg.RunStore(tmp_path).steps("lr")["lr"]
+    assert used[0] == used[1] and used[6] == used[5] != used[4]  # BAD steps left it where it was
+    torch.testing.assert_close(torch.from_numpy(lr).double(), torch.tensor(used, dtype=torch.float64),
+                               rtol=1e-6, atol=0)

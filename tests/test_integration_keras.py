@@ -120,3 +120,68 @@ def test_raise_mode():
     opt = GuardedOptimizer(keras.optimizers.SGD(0.01), on_nonfinite="raise")
     with pytest.raises(gg.NonFiniteGradientError):
         fit(opt, data(nan_batch=0))
+
+
+class BatchLoss(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.logged, self.lr = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logged.append(logs["loss"])  # Keras logs the running mean over the epoch
+        self.lr.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_store_loss_is_the_loss_keras_logs(tmp_path):
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.01), log_dir=tmp_path / "runs", run_name="k")
+    cb = BatchLoss()
+    fit(opt, data(nan_batch=2), callbacks=[cb, GradGuardLogger()])
+    opt.guard.close()
+    loss = gg.RunStore(tmp_path / "runs").steps("k")["loss"].astype(np.float64)
+    assert np.isfinite(loss).sum() == 3 and np.isnan(loss[2])  # the NaN batch's loss is NaN
+    # Keras' Mean metric of the batch losses (a NaN batch included) is what it logs
+    running = np.cumsum(loss) / np.arange(1, len(loss) + 1)
+    np.testing.assert_allclose(running[:2], cb.logged[:2], rtol=1e-5)
+    assert opt.guard.last_report.loss == pytest.approx(float(loss[-1]))
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_schedule_does_not_advance_on_a_withheld_step(bad):
+    def opt():
+        sched = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.7)
+        return GuardedOptimizer(keras.optimizers.SGD(sched))
+
+    poisoned, cb = opt(), BatchLoss()
+    fit(poisoned, data(nan_batch=bad), callbacks=[cb])
+    assert int(keras.ops.convert_to_numpy(poisoned.iterations)) == 3 == (
+        poisoned.guard.steps - poisoned.guard.skipped_steps)
+    # the lr after each batch: the withheld batch leaves it where it was
+    ref, rcb = opt(), BatchLoss()
+    x, y = data()
+    keep = np.r_[0:bad * BATCH, (bad + 1) * BATCH:len(x)]
+    fit(ref, (x[keep], y[keep]), callbacks=[rcb])
+    np.testing.assert_allclose(np.delete(cb.lr, bad), rcb.lr, rtol=1e-6)
+    assert cb.lr[bad] == pytest.approx(0.05 if bad == 0 else cb.lr[bad - 1], rel=1e-6)
+
+
+def test_nan_loss_with_finite_gradients_is_skipped():
+    """Only the loss tells this step apart (its gradients are finite): the guard needs it."""
+    calls = {"n": 0}
+    POISON_CALL = 4  # Keras may call the loss once more to build: a training step's call either way
+
+    def loss_fn(y, p):
+        calls["n"] += 1
+        m = keras.ops.mean((y - p) ** 2)
+        bad = math.nan if calls["n"] == POISON_CALL else 0.0
+        return m + bad * keras.ops.stop_gradient(m)
+
+    opt = GuardedOptimizer(keras.optimizers.SGD(0.01))
+    m = model()
+    m.compile(optimizer=opt, loss=loss_fn)
+    x, y = data()
+    m.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert opt.guard.skipped_steps == 1
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 3
+    ev = [e for e in opt.guard.events if e.kind == "nonfinite"]
+    assert len(ev) == 1 and not ev[0].layers  # the loss, not a gradient, was NaN
+    assert all(np.isfinite(w).all() for w in m.get_weights())

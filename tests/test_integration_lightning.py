@@ -2,6 +2,8 @@
 import math
 import warnings
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -188,3 +190,73 @@ def test_importing_gradguard_imports_no_framework():
             "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'keras') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class Scheduled(Tiny):
+    """A per-step schedule that depends on the scheduler's step count only."""
+
+    def __init__(self, interval="step", **kw):
+        super().__init__(**kw)
+        self.interval = interval
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8 ** s)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
+
+
+@pytest.mark.parametrize("bad", [0, 4])
+def test_scheduler_counts_applied_steps_only(tmp_path, bad):
+    steps = 8
+    torch.manual_seed(0)
+    model = Scheduled(bad_steps={bad})
+    cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="poisoned")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's "scheduler before optimizer" included
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer(tmp_path / "p", [cb], steps=steps).fit(model, loader())
+    sched = model.trainer.lr_scheduler_configs[0].scheduler
+    assert cb.guard.skipped_steps == 1
+    assert sched.last_epoch == cb.guard.steps - cb.guard.skipped_steps == steps - 1
+    assert "lr_scheduler_step" not in model.__dict__  # unwrapped after fit
+    torch.manual_seed(0)
+    ref_cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="ref")
+    trainer(tmp_path / "r", [ref_cb], steps=steps - 1).fit(Scheduled(), loader())
+    store = gg.RunStore(tmp_path / "runs")
+    lr, ref = store.steps("poisoned")["lr"], store.steps("ref")["lr"]
+    np.testing.assert_allclose(np.delete(lr, bad + 1), ref, rtol=1e-6)
+    assert lr[bad] == lr[bad + 1]
+
+
+def test_epoch_schedulers_are_not_gated(tmp_path):
+    model = Scheduled(interval="epoch", bad_steps={1})
+    cb = GradGuardCallback()
+    trainer(tmp_path, [cb], steps=25).fit(model, loader())  # 20 batches an epoch
+    assert model.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 1
+    assert cb._gated is None
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_store_loss_is_the_logged_loss(tmp_path, accumulate):
+    """The recorded loss is the optimizer step's: the mean of its micro-batches' losses (without
+    accumulation, the loss Lightning logs)."""
+    class Logged(Tiny):
+        seen = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            self.seen.append(loss.item())
+            return loss
+
+    cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="pl", log_metrics=False)
+    model = Logged()
+    trainer(tmp_path, [cb], steps=4, accumulate_grad_batches=accumulate).fit(model, loader())
+    stored = gg.RunStore(tmp_path / "runs").steps("pl")["loss"]
+    np.testing.assert_allclose(stored, np.reshape(model.seen, (4, accumulate)).mean(1), rtol=1e-5)
+    if accumulate == 1:
+        import csv
+
+        rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/*/metrics.csv")))))
+        logged = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+        np.testing.assert_allclose(stored, logged, rtol=1e-6)

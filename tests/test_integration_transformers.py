@@ -1,7 +1,9 @@
 """GradGuardCallback inside a real transformers.Trainer on a tiny random GPT-2 (no hub access)."""
 import math
+import warnings
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +154,81 @@ def test_default_detectors_are_kept(tmp_path):
     make_trainer(tmp_path, tiny_model(), [cb], steps=2).train()
     assert [type(d).__name__ for d in cb.guard.detectors] == [type(d).__name__ for d in gg.default_detectors()]
     assert cb.window in cb.guard._observers
+
+
+# ------------------------------------------------------------ the loss, the scheduler
+from gradguard.integrations.transformers import GuardedTrainer  # noqa: E402
+
+
+def guarded_trainer(tmp_path, model, callbacks, steps, accumulate=1, scheduler=False):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, logging_steps=1,
+        learning_rate=1e-2, max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, seed=0, gradient_accumulation_steps=accumulate,
+        logging_nan_inf_filter=False)
+    optimizers = (None, None)
+    if scheduler:  # a schedule that depends on the scheduler's step count only (not max_steps)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        optimizers = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8 ** s))
+    return GuardedTrainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks,
+                          optimizers=optimizers)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_store_loss_is_the_logged_loss(tmp_path, accumulate):
+    cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="hf")
+    tr = guarded_trainer(tmp_path, tiny_model(), [cb], steps=5, accumulate=accumulate)
+    tr.train()
+    logged = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    stored = gg.RunStore(tmp_path / "runs").steps("hf")["loss"]
+    assert len(logged) == 5 and np.isfinite(stored).all()
+    np.testing.assert_allclose(stored, logged, rtol=1e-5)
+
+
+def test_plain_trainer_warns_that_the_loss_is_missing(tmp_path):
+    cb = GradGuardCallback()
+    with pytest.warns(UserWarning, match="GuardedTrainer"):
+        make_trainer(tmp_path, tiny_model(), [cb], steps=2).train()
+    assert cb.guard.last_report.loss is None
+
+
+def test_nan_loss_with_finite_gradients_is_skipped(tmp_path):
+    """Only the loss tells this step apart: its value is NaN, its gradients are not."""
+    class NanLoss(GuardedTrainer):
+        def compute_loss(self, model, inputs, **kw):
+            loss = super().compute_loss(model, inputs, **kw)
+            return loss + (math.nan if self.state.global_step == 2 else 0.0) * loss.detach()
+
+    cb = GradGuardCallback()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=1,
+        max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    model = tiny_model()
+    NanLoss(model=model, args=args, train_dataset=Data(), callbacks=[cb]).train()
+    assert cb.guard.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad_step", [0, 3])
+def test_scheduler_does_not_advance_on_a_withheld_step(tmp_path, bad_step):
+    steps = 6
+    model = tiny_model()
+    poison_at(model, bad_step)
+    cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="poisoned")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's "scheduler before optimizer" included
+        tr = guarded_trainer(tmp_path / "p", model, [cb], steps=steps, scheduler=True)
+        tr.train()
+    assert cb.guard.skipped_steps == 1
+    applied = cb.guard.steps - cb.guard.skipped_steps
+    assert tr.lr_scheduler.last_epoch == applied == steps - 1
+    ref_cb = GradGuardCallback(log_dir=tmp_path / "runs", run_name="ref")
+    guarded_trainer(tmp_path / "r", tiny_model(), [ref_cb], steps=steps - 1, scheduler=True).train()
+    store = gg.RunStore(tmp_path / "runs")
+    lr, ref = store.steps("poisoned")["lr"], store.steps("ref")["lr"]
+    # the withheld step leaves the lr where it was: without its row, the reference sequence
+    np.testing.assert_allclose(np.delete(lr, bad_step + 1), ref, rtol=1e-6)
+    assert lr[bad_step] == lr[bad_step + 1]
+    # and the Trainer's own logs say the same
+    logged = [h["learning_rate"] for h in tr.state.log_history if "learning_rate" in h]
+    np.testing.assert_allclose(logged, lr, rtol=1e-6)

@@ -35,9 +35,10 @@ from .detect import DeadRunBudget, NonfiniteRepeats, _to_list, default_detectors
 from .events import Event, NonFiniteGradientError
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
-from .hooks import OptimizerHooks
+from .hooks import OptimizerHooks, check_watched, group_sizes
 from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
+from .lr_groups import GroupLRs
 from .nan_origin import OriginOnPoison
 from .remedies import RemedyContext, Remedies
 from .shards import agree_any, world_of
@@ -133,8 +134,9 @@ class Guard:
                                     init_layer_norms=init_norms.double().cpu().numpy())  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
         self.optimizer = optimizer
-        self._check_watched("holds")
-        self._groups_seen = self._group_sizes()
+        check_watched(optimizer, self.params, "holds")
+        self._groups_seen = group_sizes(optimizer)
+        self._group_lrs = GroupLRs(optimizer)  # groups 1..: extra store columns lr_group1...
         self._after = AfterApplied(scheduler, ema, model)  # follows applied updates only
         self.scheduler, self.ema = scheduler, ema
         self._busy = threading.Lock()  # one step at a time (steps from two threads are refused)
@@ -207,8 +209,9 @@ class Guard:
                                               config=self.config(), sinks=sinks)
                 # collected without close(), or the interpreter exits: the rows still in the
                 # buffer are handed over and the run says how it ended (the lambda holds no guard)
-                buf = self._buffer
-                self.recorder.attach(self, pending=lambda: (list(buf._steps), buf.pending(), GLOBAL_COLS))
+                buf, glr = self._buffer, self._group_lrs
+                self.recorder.attach(self, pending=lambda: (list(buf._steps), *glr.splice(
+                    list(buf._steps), buf.pending(), GLOBAL_COLS)))
             except (ValueError, TypeError):  # a bad argument (run_name, log_dir...) is the caller's
                 raise
             except Exception as exc:  # a log sink never stops training (OSError, sqlite3.Error...)
@@ -290,20 +293,6 @@ class Guard:
         """
         return self._run(loss, batch, None, self._no_step, rerun)
 
-    def _check_watched(self, verb: str) -> None:
-        """Every parameter the optimizer trains is watched: clipping and skipping would miss
-        the others (their NaN would be stepped)."""
-        watched = {id(p) for p in self.params}
-        unseen = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
-                  if id(p) not in watched]
-        if unseen:
-            raise ValueError(f"optimizer {verb} {len(unseen)} parameter(s) the guard does not watch "
-                             f"(shapes {unseen[:3]}); clipping and skipping would miss them. Pass the "
-                             "whole model, or every (name, parameter) the optimizer trains.")
-
-    def _group_sizes(self) -> tuple:
-        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
-
     def _run(self, loss, batch, closure, stepper, rerun=None) -> StepReport:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("guard.step() is already running in another thread: a Guard is stepped "
@@ -314,9 +303,9 @@ class Guard:
             self._busy.release()
 
     def _run_locked(self, loss, batch, closure, stepper, rerun) -> StepReport:
-        if self._group_sizes() != self._groups_seen:  # add_param_group() after Guard()
-            self._check_watched("gained (by add_param_group)")
-            self._groups_seen = self._group_sizes()
+        if group_sizes(self.optimizer) != self._groups_seen:  # add_param_group() after Guard()
+            check_watched(self.optimizer, self.params, "gained (by add_param_group)")
+            self._groups_seen = group_sizes(self.optimizer)
         if self._scaler_active():
             from torch.amp.grad_scaler import OptState
 
@@ -342,6 +331,10 @@ class Guard:
             self._origin.see(self._step, d.bad, rerun)
         if self.on_nonfinite == "raise" and bool(d.bad):  # host sync: "raise" needs to know now
             return self._raise(stats, d, loss_v, pnorm, grads)
+        lr = self.optimizer.param_groups[0].get("lr", math.nan)  # the step's lr, before the scheduler moves it
+        if isinstance(lr, Tensor) and self.scheduler is not None:
+            lr = lr.clone()  # schedulers update a tensor lr in place
+        self._group_lrs.read(self._step)
         self._hooks.stepping = True  # the optimizer's post-step hook must not call this "direct"
         try:
             coef = stepper.apply(d, self.clip, local_params, local_grads_, vstats, closure)
@@ -351,8 +344,7 @@ class Guard:
         skipped = d.skip
         if stepper is self._stepper:
             self._after.run(d)
-        self._writer.write(self._step, stats, d, coef, skipped, loss_v,
-                           self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
+        self._writer.write(self._step, stats, d, coef, skipped, loss_v, lr, pnorm)
         self._last_grads = grad_signature(grads)
         report = StepReport(self._step, stats, coef, skipped, loss_v, xp)
         self.last_report = report
@@ -376,6 +368,7 @@ class Guard:
         xp = self._xp
         step = self._step
         one = xp.flag(True, d.bad)
+        self._group_lrs.read(step)
         self._writer.write(step, stats, d, xp.scalar(1.0, stats.total), one, loss_v,
                            self.optimizer.param_groups[0].get("lr", math.nan), pnorm)
         self._last_grads = grad_signature(grads)
@@ -431,8 +424,9 @@ class Guard:
             except Exception as exc:  # an observer never stops training
                 self.failures["observers"] += 1
                 warnings.warn(f"gradguard: row observer {fn!r} failed: {exc!r}", RuntimeWarning, stacklevel=3)
+        out_rows, out_cols = self._group_lrs.splice(steps, rows, GLOBAL_COLS)  # every group's lr
         if self.recorder is not None:
-            self.recorder.write_steps(steps, rows, GLOBAL_COLS)
+            self.recorder.write_steps(steps, out_rows, out_cols)
             self.recorder.write_events(new_events)
         if alarm is not None or dead is not None:  # the "raise" remedy or a spent nonfinite_budget,
             raise alarm if alarm is not None else dead  # once the rows and events are recorded

@@ -16,7 +16,23 @@ from __future__ import annotations
 import warnings
 import weakref
 
-__all__ = ["OptimizerHooks"]
+__all__ = ["OptimizerHooks", "check_watched", "group_sizes"]
+
+
+def check_watched(optimizer, params, verb: str) -> None:
+    """Every parameter the optimizer trains is watched: clipping and skipping would miss
+    the others (their NaN would be stepped)."""
+    watched = {id(p) for p in params}
+    unseen = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in watched]
+    if unseen:
+        raise ValueError(f"optimizer {verb} {len(unseen)} parameter(s) the guard does not watch "
+                         f"(shapes {unseen[:3]}); clipping and skipping would miss them. Pass the "
+                         "whole model, or every (name, parameter) the optimizer trains.")
+
+
+def group_sizes(optimizer) -> tuple:
+    """Parameters per group: a change means ``add_param_group`` ran."""
+    return tuple(len(g["params"]) for g in optimizer.param_groups)
 
 NEVER_SEEN_AFTER = 10  # direct optimizer steps before "the guard never sees a step" warns
 

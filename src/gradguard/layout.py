@@ -28,7 +28,7 @@ __all__ = ["GLOBAL_COLS", "COL", "RowLayout", "RunInfo"]
 #   loss_bad     1.0 if that loss was NaN/Inf
 #   global_norm  pre-clip global L2 norm of the gradients
 #   clip_coef    the smallest coefficient the clipping policy applied (1.0: untouched)
-#   lr           param_groups[0]'s learning rate
+#   lr           param_groups[0]'s learning rate (the other groups': lr_groups.py, store only)
 #   param_norm   total parameter L2 norm, every ``param_norm_every`` steps (NaN in between)
 GLOBAL_COLS = ("bad", "skipped", "loss", "loss_bad", "global_norm", "clip_coef", "lr", "param_norm")
 COL = {name: i for i, name in enumerate(GLOBAL_COLS)}

@@ -4,7 +4,8 @@ Each submodule imports its framework when it is imported, never before:
 ``import gradguard`` (and ``import gradguard.integrations``) stay free of them.
 
 - ``gradguard.integrations.lightning``: ``GradGuardCallback`` for ``lightning.pytorch.Trainer``
-- ``gradguard.integrations.transformers``: ``GradGuardCallback`` for ``transformers.Trainer``
+- ``gradguard.integrations.transformers``: ``GradGuardCallback`` and ``GuardedTrainer``
+  for ``transformers.Trainer``
 - ``gradguard.integrations.keras``: ``GuardedOptimizer`` and ``GradGuardLogger`` for Keras 3
 """
 

@@ -4,7 +4,11 @@
 ``LossScaleOptimizer`` does: ``model.fit`` hands it the gradients through
 ``apply``; it runs a ``gg.Guard`` on them (statistics, clipping, skip
 decision) and calls ``inner.apply`` only for a step that is not poisoned.  A
-withheld step leaves weights, optimizer slots and ``iterations`` unchanged.
+withheld step leaves weights, optimizer slots and ``iterations`` unchanged, so
+a ``LearningRateSchedule`` (a function of ``iterations``) does not advance.
+The loss of each step reaches the guard through ``scale_loss``, which Keras'
+``train_step`` calls with it before the backward (a custom ``train_step``
+should call ``optimizer.scale_loss(loss)`` too).
 
 Clipping semantics (use gradguard's policy instead of the inner optimizer's):
 
@@ -112,6 +116,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.guard_kwargs = dict(guard_kwargs)
         self.guard: Guard | None = None
         self.window = LogWindow()
+        self._loss = None  # this step's loss, handed over by scale_loss
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
@@ -154,7 +159,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 p.grad = g
         lr = self.inner_optimizer.learning_rate
         self._groups.param_groups[0]["lr"] = keras.ops.convert_to_tensor(lr)  # device tensor: no sync
-        if not self.guard.check().skipped:  # host sync: Keras applies next, it must know now
+        loss, self._loss = self._loss, None
+        if not self.guard.check(loss=loss).skipped:  # host sync: Keras applies next, it must know now
             self.inner_optimizer.apply([v.value.grad for v in tvs], tvs)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -176,6 +182,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss):
+        # Keras' train_step hands every step's loss (the one its "loss" metric averages)
+        # to scale_loss before the backward: the guard records it from here.
+        self._loss = loss.detach() if hasattr(loss, "detach") else loss
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):

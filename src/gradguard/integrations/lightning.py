@@ -12,6 +12,14 @@ update, and create or advance state for, only parameters that have a
 gradient, so weights and optimizer state stay bitwise unchanged.  With AMP the
 GradScaler still backs off its scale for a step it found non-finite.
 
+Schedulers: after a withheld step the callback makes Lightning's next call of
+``LightningModule.lr_scheduler_step`` for an ``interval="step"`` scheduler a
+no-op, so the LR schedule counts applied updates only ("epoch" schedulers and
+``ReduceLROnPlateau`` are left alone; under manual optimization you step your
+schedulers yourself: ``callback.guard.last_report.applied``).
+``trainer.global_step`` still counts a withheld step (it counts the batches
+that reached ``optimizer.step()``, and ``max_steps`` ends training on it).
+
 Imports ``lightning.pytorch`` (or, if that is missing, ``pytorch_lightning``).
 """
 from __future__ import annotations
@@ -79,6 +87,8 @@ class GradGuardCallback(Callback):
         self.guard: Guard | None = None
         self._pending_state: dict | None = None
         self._loss = None
+        self._withheld = False  # the last optimizer step was withheld
+        self._gated = None  # the LightningModule whose lr_scheduler_step we wrap
 
     @property
     def state_key(self) -> str:
@@ -92,6 +102,7 @@ class GradGuardCallback(Callback):
                 "(Lightning clips after on_before_optimizer_step). Use one: drop gradient_clip_val and "
                 "pass clip=gg.GlobalNorm(...) to GradGuardCallback, or keep it and pass clip=None.",
                 UserWarning, stacklevel=2)
+        self._gate_schedulers(trainer, pl_module)
         if self.guard is not None:
             return
         optimizers = trainer.optimizers
@@ -114,8 +125,29 @@ class GradGuardCallback(Callback):
             self.guard.flush()
 
     def teardown(self, trainer, pl_module, stage) -> None:
+        if self._gated is not None:
+            self._gated.__dict__.pop("lr_scheduler_step", None)  # the class's method again
+            self._gated = None
         if self.guard is not None and stage == "fit":
             self.guard.close()
+
+    def _gate_schedulers(self, trainer, pl_module) -> None:
+        """Wrap the module's ``lr_scheduler_step`` (Lightning calls it by name for every
+        scheduler) so that a per-step scheduler is not stepped after a withheld step."""
+        gated = {id(c.scheduler) for c in trainer.lr_scheduler_configs
+                 if c.interval == "step" and not c.reduce_on_plateau}
+        if not gated or self._gated is not None:
+            return
+        original = pl_module.lr_scheduler_step  # bound: the user's override or Lightning's
+        me = self
+
+        def lr_scheduler_step(scheduler, metric=None):
+            if id(scheduler) in gated and me._withheld:
+                return None  # the optimizer step it would follow was withheld
+            return original(scheduler, metric)
+
+        pl_module.__dict__["lr_scheduler_step"] = lr_scheduler_step  # instance attribute: not in state_dict
+        self._gated = pl_module
 
     # ----------------------------------------------------------------- step
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -123,18 +155,23 @@ class GradGuardCallback(Callback):
         # Under precision="16-mixed" the hook sees the scaled loss; record the real one.
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-        self._loss = loss / scale.to(loss.device) if scale is not None else loss
+        loss = loss / scale.to(loss.device) if scale is not None else loss
+        # With accumulate_grad_batches=k Lightning divides each micro-batch's loss by k before
+        # backward: their sum over the window is the optimizer step's (mean) loss.
+        self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         guard = self.guard
         if guard is None:
             return
         loss, self._loss = self._loss, None
+        self._withheld = False
         if not any(p.grad is not None for p in guard.params):
             return  # training_step returned None: Lightning steps nothing either
         report = guard.check(loss=loss)
         if report.skipped:  # host sync: Lightning steps next, it must know now
             withhold_step(guard.params)
+            self._withheld = True
         if self.log_metrics:
             pl_module.log_dict({"gradguard/global_norm": report.global_norm_t.float(),
                                 "gradguard/clip_coef": report.clip_coef_t.float(),
