@@ -88,8 +88,8 @@ def write_report(log_dir, run, out, max_points: int = 4000) -> Path:
         >>> write_report("gradguard-runs", ["unguarded", "guarded"], "report.html")
     """
     require("gradguard report", "dashboard", "plotly")
-    names = [run] if isinstance(run, str) else list(run)
-    if not names or not all(isinstance(n, str) for n in names):
+    names = [run] if isinstance(run, str) else list(run) if isinstance(run, (list, tuple)) else []
+    if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"run must be a run name or a non-empty list of run names, got {run!r}")
     names = list(dict.fromkeys(names))
     if not isinstance(max_points, int) or max_points < 2:
