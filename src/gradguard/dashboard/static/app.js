@@ -254,7 +254,9 @@
     const n = runs.length, gap = n > 1 ? 0.06 : 0, span = (1 - gap * (n - 1)) / n;
     const traces = [], shapes = [], annotations = [], hl = new Set(state.highlight);
     const lay = {title: {text: "per-layer gradient norm (bucket max, log₁₀), layers by depth", font: {size: 14}, x: 0.01},
-                 xaxis: xaxis(), showlegend: false, uirevision: state.selected.join("\n")};
+                 // the step axis under the lowest run's map, not across the next run's title
+                 xaxis: Object.assign(xaxis(), {anchor: n > 1 ? "y" + n : "y"}), showlegend: false,
+                 uirevision: state.selected.join("\n")};
     let grouped = false, rowsTotal = 0, width = 0;
     state.heatRows = [];
     runs.forEach((run, k) => {
