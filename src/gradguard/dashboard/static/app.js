@@ -14,7 +14,7 @@
   // selected: the compared runs, the primary first.  data/heat/layers/events: per run.
   const state = {runs: [], selected: [], range: null, highlight: [], data: {}, heat: {}, layers: {},
                  events: {}, sig: "", syncing: false, expanded: new Set(), sort: null, filter: "",
-                 heatRows: [], logDir: null, started: false};
+                 heatRows: [], logDir: null, started: false, gen: 0, fullGen: 0};
   const charts = ["chart-loss", "chart-norm", "chart-clip", "chart-heat"];
   const $ = (id) => document.getElementById(id);
   const primary = () => state.selected[0] || null;
@@ -436,12 +436,16 @@
   }
 
   // --------------------------------------------------------------- loading
+  // A selection or zoom change starts a new load while an older one may still be in flight:
+  // only the newest one's answers are kept (an older one finishing last would draw old runs).
   async function loadSeries() {
+    const gen = ++state.gen;
     const runs = state.selected.slice();
     const pts = (n) => (STATIC ? null : n);
     const [steps, heats] = await Promise.all([
       Promise.all(runs.map((r) => api(q(r, "steps", state.range, pts(2000))).catch(() => null))),
       Promise.all(runs.map((r) => api(q(r, "heatmap", state.range, pts(400))).catch(() => null)))]);
+    if (gen !== state.gen) return;
     state.data = {}; state.heat = {};
     runs.forEach((r, i) => { if (steps[i]) state.data[r] = steps[i]; if (heats[i]) state.heat[r] = heats[i]; });
     drawLines(); drawHeat(); bindZoom();
@@ -474,9 +478,11 @@
   async function refresh(full) {
     const readable = state.selected.filter((n) => (state.runs.find((r) => r.name === n) || {}).status !== "unreadable");
     if (full) {
+      const gen = ++state.fullGen;
       const [evs, lays] = await Promise.all([
         Promise.all(readable.map((r) => api(q(r, "events")).catch(() => []))),
         Promise.all(readable.map((r) => api(q(r, "layers")).catch(() => [])))]);
+      if (gen !== state.fullGen) return;
       state.events = {}; state.layers = {};
       readable.forEach((r, i) => { state.events[r] = evs[i]; state.layers[r] = lays[i]; });
       renderEvents(); renderLayers();
@@ -489,7 +495,8 @@
     if (STATIC && STATIC.report) return STATIC.report.runs;
     const m = /^#runs=(.*)$/.exec(location.hash);
     if (m) {
-      const want = m[1].split(",").map(decodeURIComponent).filter((n) => runs.some((r) => r.name === n));
+      const dec = (x) => { try { return decodeURIComponent(x); } catch (e) { return null; } };  // a mangled link
+      const want = m[1].split(",").map(dec).filter((n) => runs.some((r) => r.name === n));
       if (want.length) return want;
     }
     // The first view compares: the first two runs of the list (e.g. the demo's unguarded run,
