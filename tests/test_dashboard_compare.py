@@ -311,3 +311,27 @@ def test_multi_run_report_overlays_offline(log_dir, tmp_path, browser):
     assert [u for u in requests if not u.startswith("file:")] == []
     assert not errors, errors
     page.close()
+
+
+@pytest.mark.parametrize("n, every", [(0, 1), (1, 1), (700, 1), (700, 7), (700, 10 ** 6), (1000, 3)])
+def test_skipped_steps_counts_every_raw_row(tmp_path, n, every):
+    """Across chunk boundaries (256 rows), with NaN elsewhere in the row, against a plain count."""
+    rec = open_recorder(tmp_path, run_name="s", layers=[{"name": "w", "shape": [1], "order": 0}])
+    G = len(GLOBAL_COLS)
+    rows = np.ones((n, G + 2), np.float32)
+    rows[:, GLOBAL_COLS.index("skipped")] = (np.arange(n) % every == every - 1)
+    rows[::5, GLOBAL_COLS.index("loss")] = np.nan
+    if n:
+        rec.write_steps(np.arange(n), rows, GLOBAL_COLS)
+    rec.close()
+    assert RunStore(tmp_path).skipped_steps("s") == sum(1 for i in range(n) if i % every == every - 1)
+
+
+def test_skipped_steps_without_the_column_is_zero(tmp_path):
+    cols = tuple(c for c in GLOBAL_COLS if c != "skipped")
+    rec = open_recorder(tmp_path, run_name="old", layers=[{"name": "w", "shape": [1], "order": 0}])
+    rec.write_steps(np.arange(3), np.ones((3, len(cols) + 2), np.float32), cols)
+    rec.close()
+    assert RunStore(tmp_path).skipped_steps("old") == 0
+    with pytest.raises(KeyError):
+        RunStore(tmp_path).skipped_steps("nope")

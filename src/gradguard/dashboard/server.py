@@ -81,14 +81,16 @@ def _with_skipped(store: RunStore, runs: list[dict]) -> list[dict]:
             r["skipped"] = 0
             continue
         key = (str(store.root), r["name"], r["rows"], r["last_step"])
-        if key not in _SKIPPED:
+        n = _SKIPPED.get(key)   # requests run on a thread pool: one lookup, never key-then-index
+        if n is None:
             if len(_SKIPPED) > 4096:
                 _SKIPPED.clear()
             try:
-                _SKIPPED[key] = store.skipped_steps(r["name"])
+                n = store.skipped_steps(r["name"])
             except (RunNotFound, RunUnreadable):
-                _SKIPPED[key] = 0
-        r["skipped"] = _SKIPPED[key]
+                n = 0
+            _SKIPPED[key] = n
+        r["skipped"] = n
     return runs
 
 
