@@ -335,3 +335,30 @@ def test_skipped_steps_without_the_column_is_zero(tmp_path):
     assert RunStore(tmp_path).skipped_steps("old") == 0
     with pytest.raises(KeyError):
         RunStore(tmp_path).skipped_steps("nope")
+
+
+def test_run_list_order_running_then_events_then_newest(tmp_path, browser):
+    def run(name, events=(), close=True):
+        rec = open_recorder(tmp_path, run_name=name, layers=[{"name": "w", "shape": [1], "order": 0}])
+        rec.write_steps(np.arange(4), np.ones((4, len(GLOBAL_COLS) + 2), np.float32), GLOBAL_COLS)
+        rec.write_events(list(events))
+        if close:
+            rec.close()
+        else:
+            rec.flush()
+        return rec
+
+    run("old-with-events", [gg.Event(2, "spike", "warning", ["w"], "spike", [])])
+    run("quiet")
+    live = run("live", close=False)
+    srv = start_server(tmp_path, "127.0.0.1", 0)
+    try:
+        page, errors = _open(browser, srv.url + "/")
+        order = page.locator("#runlist tbody tr").evaluate_all("rs => rs.map(r => r.dataset.run)")
+        assert order == ["live", "old-with-events", "quiet"]
+        assert page.evaluate("GG_STATE.selected") == ["live", "old-with-events"]
+        assert not errors, errors
+        page.close()
+    finally:
+        srv.stop()
+        live.close()

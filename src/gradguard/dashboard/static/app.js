@@ -61,9 +61,11 @@
   function swatch(run) { const s = el("span", "swatch"); s.style.background = runColor(run); return s; }
 
   // ------------------------------------------------------------ run list
-  // Runs with events first (what went wrong is what one opens the page for), newest first.
+  // Running runs first (one opens the page to watch them), then runs with events (what went
+  // wrong is what one opens it for next), newest first within each.
   function listed() {
-    return state.runs.slice().sort((a, b) => ((b.n_events > 0) - (a.n_events > 0)) ||
+    return state.runs.slice().sort((a, b) => ((b.status === "running") - (a.status === "running")) ||
+      ((b.n_events > 0) - (a.n_events > 0)) ||
       ((b.start_time || 0) - (a.start_time || 0)) || (a.name < b.name ? -1 : 1));
   }
   function select(names) {
