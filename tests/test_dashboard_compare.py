@@ -4,6 +4,7 @@ layer table; numeric log-axis labels; the log dir on the page.  A real uvicorn s
 from __future__ import annotations
 
 import argparse
+from html import escape
 import json
 import math
 import os
@@ -143,6 +144,7 @@ def test_first_view_compares_and_every_panel_overlays(server, browser, log_dir):
     # Unticking a run leaves one series per panel.
     page.uncheck(f"#runlist input[value='{listed[1]}']")
     _wait_runs(page, 1)
+    assert page.locator(f"#runlist input[value='{listed[0]}']").is_disabled()   # the last one stays
     assert "#runs=" + listed[0] == page.evaluate("location.hash")
     assert not errors, errors
     page.close()
@@ -280,6 +282,10 @@ def test_multi_run_report_content(log_dir, tmp_path):
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
         assert cells[1:4] == [str(store.info(name)["rows"]), str(store.skipped_steps(name)),
                               str(store.info(name)["n_events"])]
+        evs = store.events(name)
+        lead = next((e for e in evs if e.severity == "critical"), evs[0] if evs else None)
+        assert cells[4] == (f"step {lead.step} · {escape(lead.kind)}: {escape(lead.message)}"
+                            if lead else "none")
     # The same run twice is one run; names with --log-dir; errors are one line and exit 2.
     assert report.run(p.parse_args(["guarded", "guarded", "--log-dir", str(log_dir), "-o", str(out)])) == 0
     assert json.loads(out.read_text().split('id="gg-data">')[1].split("</script>")[0])["report"]["runs"] == ["guarded"]

@@ -49,7 +49,7 @@ def _compare_html(infos: list[dict], store: RunStore) -> str:
                     f'<td class="num">{len(events)}</td><td>{first}</td></tr>')
     return ('<section class="layers" id="compare-summary"><h2>Runs compared</h2><table><thead><tr>'
             "<th>run</th><th>status</th><th>steps</th><th>skipped steps</th><th>events</th>"
-            f"<th>first critical event</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
+            f"<th>leading event (first critical, else first)</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
 
 
 def _summary_html(info: dict, events) -> str:

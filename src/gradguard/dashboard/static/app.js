@@ -86,6 +86,7 @@
       tr.dataset.run = r.name;
       const cb = el("input");
       cb.type = "checkbox"; cb.value = r.name; cb.checked = state.selected.includes(r.name);
+      cb.disabled = cb.checked && state.selected.length === 1;   // one run always stays shown
       cb.addEventListener("change", () => {
         select(cb.checked ? [...state.selected, r.name] : state.selected.filter((n) => n !== r.name));
         poll();
