@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.keep or tmp)
-        demo_dir, big_dir = root / "demo", root / "gpt2"
+        demo_dir, big_dir = root / "gradguard-runs", root / "gpt2"   # the default dir, as users see it
         if a.reuse and a.keep and demo_dir.is_dir() and big_dir.is_dir():
             run = sorted(p.name for p in big_dir.iterdir())[-1]
         else:

@@ -295,7 +295,9 @@
     lay.shapes = shapes; lay.annotations = annotations;
     lay.coloraxis = {colorscale: "Viridis", colorbar: {title: {text: "log₁₀‖g‖"}, thickness: 12}};
     lay.margin = {l: Math.min(300, Math.max(60, 7 * width)), r: 20, t: 30 + (n > 1 ? 10 : 0), b: 36};
-    div.style.height = Math.max(360, Math.min(1400, n * Math.max(240, 14 * rowsTotal / n + 60))) + "px";
+    // The height follows the rows shown; given to Plotly too (react does not re-measure the div).
+    lay.height = Math.round(Math.max(360, Math.min(1400, n * Math.max(240, 14 * rowsTotal / n + 60))));
+    div.style.height = lay.height + "px";
     Plotly.react(div, traces, lay, CFG);
     renderGroupChips(grouped);
   }
