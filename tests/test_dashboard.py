@@ -168,8 +168,7 @@ def _open(browser, url):
 
 
 def test_page_renders_and_event_click_zooms(server, browser):
-    page, dialogs, errors = _open(browser, server.url + "/")
-    page.select_option("#run", "unguarded")
+    page, dialogs, errors = _open(browser, server.url + "/#runs=unguarded")
     page.wait_for_function("document.getElementById('chart-norm').data?.[0]?.name === 'unguarded'",
                            timeout=20000)
     page.wait_for_selector("#events li", timeout=20000)
@@ -180,8 +179,8 @@ def test_page_renders_and_event_click_zooms(server, browser):
     assert n_points == 60
     assert page.evaluate("document.getElementById('chart-heat').data[0].type") == "heatmap"
     assert page.locator("#layers tbody tr").count() == 6
-    # Overlay the guarded run.
-    page.check("#overlay input[value='guarded']")
+    # Compare with the guarded run.
+    page.check("#runlist input[value='guarded']")
     page.wait_for_function("document.getElementById('chart-loss').data.filter(t => t.mode === 'lines').length == 2")
     # Clicking an event zooms every chart to its steps and highlights its layers.
     first = page.locator("#events li").first
@@ -204,8 +203,7 @@ def test_page_renders_and_event_click_zooms(server, browser):
 
 
 def test_hostile_layer_name_renders_as_text(server, browser):
-    page, dialogs, errors = _open(browser, server.url + "/")
-    page.select_option("#run", "evil")
+    page, dialogs, errors = _open(browser, server.url + "/#runs=evil")
     page.wait_for_selector("#layers tbody tr td.name", timeout=20000)
     page.wait_for_function(f"document.querySelector('#layers td.name').textContent === {json.dumps(EVIL)}")
     assert page.locator("#events .ev-layers").first.text_content() == EVIL
@@ -249,7 +247,10 @@ def test_cli_arguments():
     p = argparse.ArgumentParser()
     dashboard.add_arguments(p)
     a = p.parse_args([])
-    assert (a.log_dir, a.host, a.port) == ("runs", "127.0.0.1", 6060)
+    assert (a.log_dir, a.host, a.port) == ("gradguard-runs", "127.0.0.1", 6060)
+    from gradguard.tools.demo import run_demo
+    import inspect
+    assert inspect.signature(run_demo).parameters["log_dir"].default == dashboard.DEFAULT_LOG_DIR
 
 
 def test_newer_schema_store_gives_a_clear_api_error(tmp_path):

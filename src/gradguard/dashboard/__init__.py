@@ -1,4 +1,5 @@
-"""``gradguard dashboard [LOG_DIR]``: a live web page over a log dir of runs.
+"""``gradguard dashboard [LOG_DIR]``: a live web page over a log dir of runs (default
+``./gradguard-runs``, where ``gradguard demo`` writes).
 
 The server (``server.py``) is a read-only JSON API over ``RunStore`` plus one
 static page (``static/``) that draws with Plotly.js served from the installed
@@ -11,14 +12,17 @@ import sys
 
 from .._extras import require
 
-__all__ = ["add_arguments", "run", "WEB_MODULES"]
+__all__ = ["add_arguments", "run", "WEB_MODULES", "DEFAULT_LOG_DIR"]
 
 WEB_MODULES = ("starlette", "uvicorn", "plotly")  # what the [dashboard] extra installs
+# The one default: `gradguard demo` writes here, `gg.watch`'s docs use it, the dashboard serves it.
+DEFAULT_LOG_DIR = "gradguard-runs"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("log_dir", nargs="?", default="runs",
-                        help="directory of runs written by Guard(log_dir=...) (default: ./runs)")
+    parser.add_argument("log_dir", nargs="?", default=DEFAULT_LOG_DIR,
+                        help="directory of runs written by Guard(log_dir=...) or `gradguard demo` "
+                             f"(default: ./{DEFAULT_LOG_DIR})")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1: only this machine can connect); "
                              "anything else needs --allow-remote")

@@ -4,7 +4,8 @@ Routes (all GET):
     /                              the page
     /static/{app.js,app.css}       the page's code
     /static/plotly.min.js          from the installed ``plotly`` package
-    /api/runs                      ``RunStore.runs()``
+    /api/info                      ``{"log_dir": absolute path}``: the page says what it serves
+    /api/runs                      ``RunStore.runs()`` plus ``skipped`` (skipped steps)
     /api/runs/{run}/steps          ``?start=&end=&max_points=`` global series
     /api/runs/{run}/heatmap        ``?start=&end=&max_points=`` per-layer norms (log10)
     /api/runs/{run}/layers         ``RunStore.layer_summary()``
@@ -71,11 +72,35 @@ def _int_arg(params, name):
         raise ValueError(f"{name} must be an integer, got {v!r}") from None
 
 
+_SKIPPED: dict = {}   # (log dir, run, rows, last_step) -> skipped steps: a finished run is read once
+
+
+def _with_skipped(store: RunStore, runs: list[dict]) -> list[dict]:
+    for r in runs:
+        if r["status"] == "unreadable":
+            r["skipped"] = 0
+            continue
+        key = (str(store.root), r["name"], r["rows"], r["last_step"])
+        n = _SKIPPED.get(key)   # requests run on a thread pool: one lookup, never key-then-index
+        if n is None:
+            if len(_SKIPPED) > 4096:
+                _SKIPPED.clear()
+            try:
+                n = store.skipped_steps(r["name"])
+            except (RunNotFound, RunUnreadable):
+                n = 0
+            _SKIPPED[key] = n
+        r["skipped"] = n
+    return runs
+
+
 def api_payload(store: RunStore, kind: str, run: str | None = None, start=None, end=None,
                 max_points=None):
     """The JSON-ready answer of one API route (shared by the server and the report)."""
     if kind == "runs":
-        return json_safe(store.runs())
+        return json_safe(_with_skipped(store, store.runs()))
+    if kind == "info":
+        return {"log_dir": str(Path(store.root).resolve())}
     if kind == "steps":
         s = store.steps(run, start, end, min(max_points or STEPS_POINTS, MAX_STEPS_POINTS))
         return {k: (v.tolist() if k == "step" else _series(v)) for k, v in s.items()}
@@ -141,7 +166,8 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
             return JSONResponse(body, headers=headers)
         return endpoint
 
-    routes = [Route("/", index), Route("/favicon.ico", lambda r: Response(status_code=204)), Route("/static/{name}", static), Route("/api/runs", api("runs"))]
+    routes = [Route("/", index), Route("/favicon.ico", lambda r: Response(status_code=204)), Route("/static/{name}", static), Route("/api/runs", api("runs")),
+              Route("/api/info", api("info"))]
     routes += [Route(f"/api/runs/{{run}}/{k}", api(k)) for k in ("steps", "heatmap", "layers", "events")]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)

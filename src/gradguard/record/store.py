@@ -281,6 +281,23 @@ class RunStore:
             d.update(latest=float(latest[i]), max=float(nmax[i]), min=float(nmin[i]), nonfinite=int(nfc[i]))
         return layers
 
+    @_readable
+    def skipped_steps(self, run: str) -> int:
+        """Steps whose update was skipped (``skipped`` > 0), over the whole run.
+
+        Reads only the global columns of the raw chunks (G floats per row, not the
+        per-layer blobs): the run list shows it for every run."""
+        con = self._connect(run)
+        try:
+            cols = json.loads(self._meta(con).get("global_cols", "[]"))
+            if "skipped" not in cols:
+                return 0
+            k, G = cols.index("skipped"), len(cols)
+            return int(sum(int((np.frombuffer(g, _F32).reshape(-1, G)[:, k] > 0).sum())
+                           for (g,) in con.execute("SELECT glob FROM chunks")))
+        finally:
+            con.close()
+
     # ------------------------------------------------------------ internals
     def _read(self, con, fields, start, end, buckets, G, L):
         """Aggregates over ``[start, end]`` with at most ``buckets`` entries.
