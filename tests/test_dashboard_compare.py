@@ -368,3 +368,37 @@ def test_run_list_order_running_then_events_then_newest(tmp_path, browser):
     finally:
         srv.stop()
         live.close()
+
+
+def test_lr_panel_shows_every_param_group(browser, tmp_path):
+    """Two param groups (the second at 10x lr) under a scheduler: the lr panel has group 0 solid
+    and group 1 dashed, with the values the store recorded (the rates each step used)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters()},
+                           {"params": model[2].parameters(), "lr": 0.1}], lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+    guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="groups", scheduler=sched, detectors=[])
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    for _ in range(12):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    stored = RunStore(tmp_path).steps("groups")
+    np.testing.assert_allclose(stored["lr"], 0.01 * 0.9 ** np.arange(12), rtol=1e-6)
+    np.testing.assert_allclose(stored["lr_group1"], 0.1 * 0.9 ** np.arange(12), rtol=1e-6)
+    srv = start_server(tmp_path, "127.0.0.1", 0)
+    try:
+        page, errors = _open(browser, srv.url + "/")
+        page.wait_for_function("document.getElementById('chart-lr').data?.length === 2", timeout=20000)
+        traces = page.evaluate("document.getElementById('chart-lr').data.map(t => [t.name, t.line.dash, t.y])")
+        assert [(n, d) for n, d, _ in traces] == [("groups · group 0", "solid"), ("groups · group 1", "dash")]
+        np.testing.assert_allclose(traces[0][2], stored["lr"], rtol=1e-6)
+        np.testing.assert_allclose(traces[1][2], stored["lr_group1"], rtol=1e-6)
+        assert errors == []
+    finally:
+        srv.stop()

@@ -205,6 +205,21 @@
     const clip = [...lineTraces("clip_coef"), ...skippedTraces("clip_coef")];
     Plotly.react("chart-clip", clip, layout("clip coefficient · skipped steps", "coef", clip, false,
       {yaxis: {title: {text: "coef"}, rangemode: "tozero"}}), CFG);
+    Plotly.react("chart-lr", lrTraces(), layout("learning rate (every param group)", "lr", lrTraces(), false,
+      {yaxis: {title: {text: "lr"}, rangemode: "tozero", exponentformat: "e"}}), CFG);
+  }
+  // Group 0's lr (the row's "lr") as a solid line, groups 1.. ("lr_group1" ...) dashed, per run colour.
+  const DASHES = ["dash", "dot", "dashdot", "longdash", "longdashdot"];
+  function lrTraces() {
+    return shownRuns().flatMap((run) => {
+      const d = state.data[run];
+      const cols = ["lr", ...Object.keys(d).filter((k) => /^lr_group\d+$/.test(k))
+        .sort((a, b) => +a.slice(8) - +b.slice(8))];
+      return cols.filter((c) => d[c]).map((c, i) => ({type: "scatter", mode: "lines",
+        name: esc(run) + (i ? " · group " + c.slice(8) : (cols.length > 1 ? " · group 0" : "")),
+        x: d.step, y: d[c], connectgaps: false, meta: run,
+        line: {color: runColor(run), width: 1.3, dash: i ? DASHES[(i - 1) % DASHES.length] : "solid"}}));
+    });
   }
 
   // ------------------------------------------------------------ heatmap
