@@ -121,3 +121,42 @@ def test_cuda_guard_syncs_only_at_flushes(tmp_path):
     assert not outside, f"host sync outside a flush at step {outside[0][0]}:\n{outside[0][1]}"
     assert len(syncs) == len(flushes), [s for s, _ in syncs]  # one sync per flush
     assert guard.skipped_steps == 0
+
+
+def test_cuda_dead_run_budget_raises_at_a_flush_with_no_sync_between(tmp_path):
+    """A run poisoned from step 3 on, fused AdamW, nonfinite_budget=10, flush_every=8: the
+    steps between flushes stay sync-free, and RunIsDeadError comes at the first flush after
+    the budget is spent (step 15: steps 3..12 spend it, the flush of steps 8..15 sees it),
+    with every row recorded first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), log_dir=tmp_path, run_name="dead",
+                     flush_every=8, nonfinite_budget=10, detectors=[])
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 4, device="cuda")
+    raised = None
+    for step in range(40):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if step >= 3:
+            model[0].weight.grad[0, 0] = math.nan
+        try:
+            if step in (0, 7, 15):  # step 0 makes the fused state; 7 and 15 flush
+                guard.step(loss=loss)
+            else:
+                with no_host_sync():
+                    guard.step(loss=loss)
+        except gg.RunIsDeadError as e:
+            raised = (step, e)
+            break
+    assert raised is not None and raised[0] == 15
+    err = raised[1]
+    assert (err.first_step, err.step, err.count) == (3, 15, 13)
+    assert err.layers[0] == "0.weight"
+    guard.close(status="failed")
+    from gradguard.record import RunStore
+
+    steps = RunStore(tmp_path).steps("dead")
+    assert list(steps["step"]) == list(range(16))
+    assert list(steps["skipped"]) == [0, 0, 0] + [1] * 13
