@@ -71,11 +71,13 @@ class Autopilot(Action):
         lr_factor: learning-rate back-off factor when rollbacks repeat (default 0.5).
         recover_every: quiet steps before each learning-rate restore, and the window in
             which two rollbacks count as repeated (default 200).
+        blowup: a parameter norm (the guard's ``param_norm`` column) this many times the last
+            snapshot's is a weight blow-up, acted on at once (default 10).
     """
 
     def __init__(self, every: int = 50, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
                  ratio: float = 1.05, z: float = 4.0, max_rollbacks: int = 4, budget_steps: int = 1000,
-                 lr_factor: float = 0.5, recover_every: int = 200):
+                 lr_factor: float = 0.5, recover_every: int = 200, blowup: float = 10.0):
         self.every = check_int("every", every, 1)
         self.skip_batches = check_int("skip_batches", skip_batches, 0)
         self.keep = check_int("keep", keep, 1)
@@ -84,6 +86,7 @@ class Autopilot(Action):
         self.confirm = check_int("confirm", confirm, 1)
         self.ratio = check_positive("ratio", ratio)
         self.z = check_positive("z", z)
+        self.blowup = check_positive("blowup", blowup)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
         self.budget_steps = check_int("budget_steps", budget_steps, 1)
         self.lr = LRBackoff(factor=lr_factor, patience=2, recover_every=recover_every)
@@ -106,7 +109,7 @@ class Autopilot(Action):
             self.interventions += 1
         loss = rows[:, COL["loss"]]
         ok = (rows[:, COL["loss_bad"]] <= 0) & (rows[:, COL["skipped"]] <= 0)
-        trigger = None
+        trigger = self._weights_blew_up(steps, rows)
         for ev in events:  # the first event that asks for a look, in step order
             if _hard(ev):
                 # the loss must stay up for a few steps before "diverging" fires: the fault is older
@@ -143,9 +146,9 @@ class Autopilot(Action):
                              **({"param_norm": trigger["event"].data["param_norm"]}
                                 if trigger["kind"] == "weight_growth" and "param_norm" in trigger["event"].data
                                 else {})})
-            if any(e is trigger["event"] for e in events):
-                trigger["event"].data.setdefault("actions", []).append(
-                    f"autopilot: handled by the rescue event at step {ev.step}")
+            for e in events:  # the events that asked for it point at the rescue event
+                if e is trigger["event"] or _hard(e):
+                    e.data.setdefault("actions", []).append(f"autopilot: handled by the rescue event at step {ev.step}")
             events.append(ev)  # dispatched to __call__ right after this flush's other events
             return
         noisy = any(e.kind in SOFT + ("diverging", "nonfinite") or e.severity != "info" for e in events)
@@ -163,6 +166,24 @@ class Autopilot(Action):
         sq = sum(float(model[n].double().square().sum()) for n in ctx.names
                  if n in model and model[n].is_floating_point())
         return math.sqrt(sq)
+
+    def _weights_blew_up(self, steps, rows):
+        """The guard's parameter norm at ``blowup`` x the last snapshot's: a weight blow-up.
+
+        The weight-growth detector reports once per cooldown (200 steps); after a rollback the
+        same fault may come back within it, so the autopilot reads the column itself."""
+        if not self._snaps:
+            return None
+        ref = self._snaps[-1][2]
+        pn = rows[:, COL["param_norm"]]
+        for i, s in enumerate(steps):
+            x = float(pn[i])
+            if x == math.inf or (math.isfinite(x) and x > self.blowup * ref):
+                ev = Event(s, "weight_growth", "critical", [],
+                           f"parameter norm {x:.3g} is {x / ref:.3g}x the last snapshot's ({ref:.3g})",
+                           data={"param_norm": x})
+                return {"step": s, "kind": "weight_growth", "why": ev.message, "event": ev}
+        return None
 
     def _baseline(self, step, steps, loss, ok):
         """(median, damage threshold) of the finite losses before ``step``; None if too few."""
@@ -244,4 +265,4 @@ class Autopilot(Action):
         return (f"Autopilot(every={self.every}, skip_batches={self.skip_batches}, keep={self.keep}, "
                 f"confirm={self.confirm}, ratio={self.ratio:g}, z={self.z:g}, max_rollbacks={self.max_rollbacks}, "
                 f"budget_steps={self.budget_steps}, lr_factor={self.lr.factor:g}, "
-                f"recover_every={self.lr.recover_every})")
+                f"recover_every={self.lr.recover_every}, blowup={self.blowup:g})")
