@@ -139,6 +139,8 @@ def make_guard(method, model, opt):
     import gradguard as gg
     if method == "none":
         return None
+    if method == "default":  # the default guard (detectors, skip, no remedies): the overhead reference
+        return gg.Guard(model, opt)
     if method == "clip":
         return gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), detectors=[])
     if method == "zclip":
@@ -206,6 +208,20 @@ def train(arch, fault, method, seed, steps, task=None):
     return out
 
 
+def overhead(archs, steps, reps):
+    """Per-step wall time of healthy runs, default guard vs remedies="auto", interleaved A/B."""
+    out = {}
+    for arch in archs:
+        task = Task(arch, steps)
+        times = {"default": [], "auto": []}
+        for r in range(reps):
+            for m in ("default", "auto") if r % 2 == 0 else ("auto", "default"):
+                times[m].append(1e3 * train(arch, "none", m, 0, steps, task)["wall_s"] / steps)
+        out[arch] = {m: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v)}
+                     for m, v in times.items()}
+    return out
+
+
 def _job(spec):
     torch.set_num_threads(1)
     arch, fault, method, seed, steps = spec
@@ -229,6 +245,7 @@ def score(runs):
         ok = base is not None and math.isfinite(r["loss"]) and r["loss"] <= base * (1 + TOL)
         r["recovered"] = bool(ok)
         r["ratio"] = r["loss"] / base if base and math.isfinite(r["loss"]) else None
+        r["within5"] = bool(base is not None and math.isfinite(r["loss"]) and r["loss"] <= base * 1.05)
         cell = table.setdefault(r["method"], {}).setdefault(f"{r['arch']}/{r['fault']}", [0, 0])
         cell[0] += ok
         cell[1] += 1
@@ -237,7 +254,12 @@ def score(runs):
         rec = sum(c[0] for c in cells.values())
         tot = sum(c[1] for c in cells.values())
         clean = [r for r in runs if r["method"] == m and r["fault"] == "none"]
+        faulted = [r for r in runs if r["method"] == m and r["fault"] != "none"]
         summary[m] = {"recovered": rec, "faulted": tot, "rate": rec / tot if tot else None,
+                      "within5": sum(r["within5"] for r in faulted),
+                      "by_arch": {a: [sum(c[0] for k, c in cells.items() if k.startswith(a + "/")),
+                                      sum(c[1] for k, c in cells.items() if k.startswith(a + "/"))]
+                                  for a in ARCHS if any(k.startswith(a + "/") for k in cells)},
                       "by_fault": {f: [sum(c[0] for k, c in cells.items() if k.endswith("/" + f)),
                                        sum(c[1] for k, c in cells.items() if k.endswith("/" + f))]
                                    for f in FAULTS[1:]},
@@ -260,16 +282,19 @@ def markdown(res) -> str:
              f"of {cfg['steps']} x {cfg['seeds']} seeds; a faulted run is recovered when its final "
              f"held-out loss is within 2% of the same method and seed without the fault. "
              f"Measured on 2 CPU cores in {res['wall_s']:.0f} s.", "",
-             "| method | recovered | " + " | ".join(FAULTS[1:]) + " | interventions on fault-free runs |",
-             "|---|---|" + "---|" * len(FAULTS[1:]) + "---|"]
+             "| method | recovered (within 2%) | within 5% | " + " | ".join(FAULTS[1:]) + " | "
+             + " | ".join(ARCHS) + " | interventions on fault-free runs |",
+             "|---|---|---|" + "---|" * (len(FAULTS[1:]) + len(ARCHS)) + "---|"]
     for m in METHODS:
         if m not in s:
             continue
         r = s[m]
         by = " | ".join(f"{a}/{b}" for a, b in (r["by_fault"][f] for f in FAULTS[1:]))
+        by += " | " + " | ".join(f"{a}/{b}" for a, b in (r["by_arch"].get(x, [0, 0]) for x in ARCHS))
         iv = (f"{r['clean_interventions']} ({r['clean_skipped']} steps withheld) in {r['clean_runs']} runs"
               if m == "auto" else "-")
-        lines.append(f"| {LABELS[m]} | {r['recovered']}/{r['faulted']} ({100 * r['rate']:.0f}%) | {by} | {iv} |")
+        lines.append(f"| {LABELS[m]} | {r['recovered']}/{r['faulted']} ({100 * r['rate']:.0f}%) | "
+                     f"{r['within5']}/{r['faulted']} | {by} | {iv} |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,11 +343,20 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", nargs="+", default=list(FAULTS), choices=FAULTS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--overhead", type=int, default=0, metavar="REPS",
+                    help="only time healthy steps, default guard vs auto, REPS interleaved runs per arch")
     ap.add_argument("--out", default=None, help=f"results JSON (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--write", default=None, metavar="MD", help="replace this section of a markdown file")
     ap.add_argument("--plot", action="store_true", help="write docs/img/bench_rescue_faults.png")
     args = ap.parse_args(argv)
     seeds, steps = (1, 60) if args.smoke else (args.seeds, args.steps)
+    if args.overhead:
+        torch.set_num_threads(1)
+        res = overhead(args.archs, steps, args.overhead)
+        print(json.dumps(res, indent=1))
+        if not args.smoke:
+            (OUT.parent / "rescue_faults_overhead.json").write_text(json.dumps(res, indent=1))
+        return 0
     faults = args.faults if "none" in args.faults else ["none"] + args.faults
     specs = [(a, f, m, s, steps) for a in args.archs for f in faults for m in args.methods for s in range(seeds)]
     t0 = time.perf_counter()

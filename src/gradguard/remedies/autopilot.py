@@ -15,8 +15,12 @@ For people who do not want to design a remedies table.  What it does:
 
 Single-batch events are common in healthy runs (a heavy-tailed batch gives a
 300x loss in runs that converge), so an ``info`` event is only a *suspect*: the
-autopilot acts when the ``confirm`` losses after it stay above ``ratio`` x the
-loss median before it (the damage persists), and leaves the run alone otherwise.
+autopilot acts when the median of the ``confirm`` losses after it stays above the
+loss median before it by more than ``ratio`` and than ``z`` x its spread (the
+damage persists), and leaves the run alone otherwise.  A ``diverging`` or
+``weight_growth`` warning, a 1e4x spike, or a parameter norm ``blowup`` x the
+last snapshot's (read from the rows: the detector reports once per cooldown, and
+a fault may come back after a rollback) is acted on at once.
 Each decision is an event of kind ``"rescue"`` (step = the flush that decided),
 and what was done is in its ``data["actions"]``; the triggering event, when it is
 in the same flush, gets a pointer to it too.
@@ -120,6 +124,8 @@ class Autopilot(Action):
                 if ref is not None:
                     self._suspect = {"step": ev.step, "kind": ev.kind, "ref": ref[0], "thr": ref[1],
                                      "after": [], "event": ev}
+        if trigger is None and self._suspect is None:
+            self._suspect = self._loss_suspect(steps, loss, ok)
         for i, s in enumerate(steps):
             if ok[i] and loss[i] == loss[i]:  # finite (inf is excluded by loss_bad)
                 v = float(loss[i])
@@ -185,7 +191,23 @@ class Autopilot(Action):
                 return {"step": s, "kind": "weight_growth", "why": ev.message, "event": ev}
         return None
 
-    def _baseline(self, step, steps, loss, ok):
+    def _loss_suspect(self, steps, loss, ok):
+        """A step whose loss is ``3`` x spread above the median of the losses before the flush.
+
+        The detectors are tuned to report few single batches; an LR burst can wreck a run
+        with no event at all (measured: benchmarks/rescue_faults).  This looser rule only makes
+        a suspect: the strict confirmation over the next ``confirm`` losses decides."""
+        for i, s in enumerate(steps):
+            if not (ok[i] and loss[i] == loss[i]):
+                continue
+            base = self._baseline(s, steps, loss, ok, step_rise=True)
+            if base is not None and float(loss[i]) > base[2]:
+                ev = Event(s, "loss_spike", "info", [], f"loss {float(loss[i]):.4g} is "
+                           f"{float(loss[i]) / base[0]:.2f}x its median {base[0]:.4g}")
+                return {"step": s, "kind": "loss rise", "ref": base[0], "thr": base[1], "after": [], "event": ev}
+        return None
+
+    def _baseline(self, step, steps, loss, ok, step_rise=False):
         """(median, damage threshold) of the finite losses before ``step``; None if too few."""
         vals = [v for s, v in self._hist if s < step]
         vals += [float(loss[i]) for i, s in enumerate(steps) if s < step and ok[i] and loss[i] == loss[i]]
@@ -196,6 +218,8 @@ class Autopilot(Action):
         med = statistics.median(logs)
         spread = 1.4826 * statistics.median(abs(x - med) for x in logs)
         rise = max(math.log(self.ratio), self.z * spread / math.sqrt(self.confirm))
+        if step_rise:  # one step's threshold for a suspect, and the confirmation threshold
+            return math.exp(med), math.exp(med + rise), math.exp(med + max(math.log(1.1), 3 * spread))
         return math.exp(med), math.exp(med + rise)
 
     # ------------------------------------------------------------------ act
