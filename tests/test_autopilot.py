@@ -139,6 +139,24 @@ def test_weight_fault_is_rolled_back_bitwise_and_keeps_the_lr():
     assert trig and any("rescue event" in a for a in trig[0].data.get("actions", []))
 
 
+def test_an_lr_burst_without_any_detector_event_is_rolled_back():
+    """No detectors at all: the autopilot's own loss-rise suspect, confirmed by the next losses."""
+    m = _mlp(0)
+    opt = torch.optim.Adam(m.parameters(), 0.01)  # Adam: bounded steps, the weights do not blow up
+    # no detectors, no parameter norms: only the loss can tell
+    guard = gg.Guard(m, opt, remedies=Autopilot(every=16), detectors=[], param_norm_every=0)
+
+    def fault(step, model, o):
+        if step in (100, 105):
+            o.param_groups[0]["lr"] *= 100.0 if step == 100 else 0.01
+    _train(m, opt, guard, 200, fault=fault)
+    rescues = [e for e in guard.events if e.kind == "rescue"]
+    assert rescues and "loss rise at step" in rescues[0].message
+    assert rescues[0].data["actions"][0].startswith("rolled back to the state after step ")
+    assert guard.remedies.actions[0].rollbacks >= 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
 def test_nonfinite_steps_are_skipped_not_rolled_back():
     m = _mlp(0)
     opt = torch.optim.SGD(m.parameters(), 0.05)
@@ -237,3 +255,14 @@ def test_smoke_mode_runs_the_grid(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stderr
     assert "## Rescue on faults" in out.stdout and 'remedies="auto"' in out.stdout
+
+
+def test_write_section_replaces_its_own_section_only(tmp_path):
+    md = tmp_path / "b.md"
+    md.write_text("# B\n\n## A\na\n")
+    rescue.write_section(md, "<!-- rescue_faults: x -->\n## Rescue on faults (1)\n\none\n")
+    md.write_text(md.read_text() + "\n## Z\nz\n")
+    rescue.write_section(md, "<!-- rescue_faults: x -->\n## Rescue on faults (2)\n\ntwo\n")
+    text = md.read_text()
+    assert "two" in text and "one" not in text and text.count("## Rescue on faults") == 1
+    assert text.index("## A") < text.index("two") < text.index("## Z")

@@ -299,18 +299,15 @@ def markdown(res) -> str:
 
 
 def write_section(md_path: Path, text: str) -> None:
+    """Replace this benchmark's section (from its marker to the next "## " heading), or append it."""
     tag = "<!-- rescue_faults:"
     old = md_path.read_text() if md_path.exists() else ""
-    if tag in old:
-        head, rest = old.split(tag, 1)
-        nxt = rest.find("\n## ", rest.find("\n") + 1)
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        # the section ends at the next "## " heading after its own
-        body_end = rest.find("\n## ", rest.find("## Rescue on faults") + 5)
-        tail = rest[body_end + 1:] if body_end >= 0 else ""
-        md_path.write_text(head + text + ("\n" + tail if tail else ""))
-    else:
+    if tag not in old:
         md_path.write_text(old.rstrip("\n") + "\n\n" + text)
+        return
+    head, rest = old.split(tag, 1)
+    end = rest.find("\n## ", rest.find("## Rescue on faults") + 5)
+    md_path.write_text(head + text + ("\n" + rest[end + 1:] if end >= 0 else ""))
 
 
 def plot(res, path: Path) -> None:
