@@ -266,3 +266,14 @@ def test_write_section_replaces_its_own_section_only(tmp_path):
     text = md.read_text()
     assert "two" in text and "one" not in text and text.count("## Rescue on faults") == 1
     assert text.index("## A") < text.index("two") < text.index("## Z")
+
+
+def test_bench_command_knows_rescue():
+    import argparse
+
+    from gradguard.tools import bench
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["rescue", "--smoke"])
+    assert args.what == "rescue" and args.smoke
+    assert (ROOT / "benchmarks" / bench.SUITES["rescue"]).exists()

@@ -197,11 +197,14 @@ class Autopilot(Action):
         The detectors are tuned to report few single batches; an LR burst can wreck a run
         with no event at all (measured: benchmarks/rescue_faults).  This looser rule only makes
         a suspect: the strict confirmation over the next ``confirm`` losses decides."""
+        # one baseline per flush (the losses before it): cheap on healthy steps
+        base = self._baseline(steps[0], steps, loss, ok, step_rise=True) if steps else None
+        if base is None:
+            return None
         for i, s in enumerate(steps):
             if not (ok[i] and loss[i] == loss[i]):
                 continue
-            base = self._baseline(s, steps, loss, ok, step_rise=True)
-            if base is not None and float(loss[i]) > base[2]:
+            if float(loss[i]) > base[2]:
                 ev = Event(s, "loss_spike", "info", [], f"loss {float(loss[i]):.4g} is "
                            f"{float(loss[i]) / base[0]:.2f}x its median {base[0]:.4g}")
                 return {"step": s, "kind": "loss rise", "ref": base[0], "thr": base[1], "after": [], "event": ev}
