@@ -157,6 +157,21 @@ def test_an_lr_burst_without_any_detector_event_is_rolled_back():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_a_burst_the_run_shrugs_off_is_left_alone():
+    """LR x20 on Adam for 5 steps: the loss jumps 4x for two steps and comes back: no rollback."""
+    m = _mlp(0)
+    opt = torch.optim.Adam(m.parameters(), 0.01)
+    guard = gg.Guard(m, opt, remedies="auto", param_norm_every=0)
+
+    def fault(step, model, o):
+        if step in (100, 105):
+            o.param_groups[0]["lr"] *= 20.0 if step == 100 else 0.05
+    _train(m, opt, guard, 200, fault=fault)
+    ap = guard.remedies.actions[0]
+    assert ap.rollbacks == 0 and ap.interventions == 0 and guard._skipped == 0
+    assert not [e for e in guard.events if e.kind == "rescue"]
+
+
 def test_nonfinite_steps_are_skipped_not_rolled_back():
     m = _mlp(0)
     opt = torch.optim.SGD(m.parameters(), 0.05)

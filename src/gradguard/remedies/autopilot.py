@@ -94,7 +94,8 @@ class Autopilot(Action):
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
         self.budget_steps = check_int("budget_steps", budget_steps, 1)
         self.lr = LRBackoff(factor=lr_factor, patience=2, recover_every=recover_every)
-        self._snaps: list[tuple[int, dict]] = []  # (steps taken when captured, snapshot), oldest first
+        # (steps taken when captured, snapshot, its parameter norm), oldest first
+        self._snaps: list[tuple[int, dict, float]] = []
         self._hist: deque = deque(maxlen=50)  # (step, loss): finite losses of applied steps
         self._suspect: dict | None = None  # {"step", "kind", "ref", "after": [losses]}
         self._rollback_steps: list[int] = []
