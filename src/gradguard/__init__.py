@@ -14,7 +14,7 @@ from .detect import (Detector, DivergenceDetector, ExplodingDetector, LossSpikeD
                      PoisonedRunDetector, SpikeDetector, UnusedDetector, VanishingDetector,
                      WeightGrowthDetector, default_detectors)
 from .events import Event, NonFiniteGradientError, RunIsDeadError
-from .remedies import FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
+from .remedies import Autopilot, FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
 from .training import detach_hidden, penalty, tbptt
 from .guard import Guard, StepReport
 from .watch import watch
@@ -31,7 +31,7 @@ __all__ = [
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
     "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "DivergenceDetector",
     "PoisonedRunDetector", "default_detectors",
-    "Skip", "LRBackoff", "Rollback", "FlightRecorder", "Raise", "GuardAlarm",
+    "Skip", "LRBackoff", "Rollback", "Autopilot", "FlightRecorder", "Raise", "GuardAlarm",
     "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]
 

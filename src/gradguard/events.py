@@ -20,6 +20,7 @@ KINDS = {
     "weight_growth": "the parameter norm grew too much",
     "over_clipping": "clipping scales almost every step down hard",
     "unused": "trainable parameters never received a gradient",
+    "rescue": "the autopilot (remedies=\"auto\") undid a fault: rollback, learning-rate change, or gave up",
 }
 
 

@@ -89,7 +89,8 @@ class Guard:
             (default): ``detect.default_detectors()``; ``[]``: none.
         remedies: what to do per event kind or severity, e.g.
             ``{"exploding": "lr_backoff", "spike": gg.Rollback(every=50),
-            "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``).
+            "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``);
+            ``"auto"`` (or ``gg.Autopilot(...)``): the built-in skip/rollback/back-off policy.
         param_norm_every: steps between measurements of the total parameter
             norm (the ``param_norm`` column, read by weight_growth); 0: never.
         backend: ``"auto"``: decide on host numbers for CPU parameters, on
@@ -107,7 +108,7 @@ class Guard:
     def __init__(self, model, optimizer, clip: ClipPolicy | None = None, on_nonfinite: str = "skip",
                  log_dir=None, *, scaler=None, flush_every: int | None = None,
                  run_name: str | None = None, detectors: list | None = None,
-                 remedies: dict | None = None, param_norm_every: int = 10,
+                 remedies: dict | str | None = None, param_norm_every: int = 10,
                  process_group=None, log_rank: int | str = 0, sinks: list | None = None,
                  backend: str = "auto", scheduler=None, ema=None,
                  nonfinite_budget: int | None = 100):

@@ -9,7 +9,8 @@ action did is appended to ``event.data["actions"]``.
 
 Modules: ``context`` (RemedyContext), ``actions`` (Action, Skip, Raise,
 LRBackoff, GuardAlarm), ``rollback`` (Rollback, snapshots), ``flight``
-(FlightRecorder), ``table`` (Remedies, ACTION_NAMES).
+(FlightRecorder), ``autopilot`` (Autopilot,
+``remedies="auto"``), ``table`` (Remedies, ACTION_NAMES).
 
 ``penalty``, ``tbptt`` and ``detach_hidden`` (helpers for the user's own
 training loop) live in ``gradguard.training``; they are re-exported here
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 from ..training import detach_hidden, penalty, tbptt
 from .actions import Action, GuardAlarm, LRBackoff, Raise, Skip
+from .autopilot import Autopilot
 from .context import RemedyContext
 from .flight import DUMP_VERSION, FlightRecorder
 from .rollback import Rollback, capture_state, restore_state
 from .table import ACTION_NAMES, SEVERITY_KEYS, Remedies
 
 __all__ = ["RemedyContext", "Action", "Skip", "Raise", "LRBackoff", "GuardAlarm", "Rollback",
-           "FlightRecorder", "Remedies", "ACTION_NAMES", "SEVERITY_KEYS", "DUMP_VERSION",
+           "Autopilot", "FlightRecorder", "Remedies", "ACTION_NAMES", "SEVERITY_KEYS", "DUMP_VERSION",
            "capture_state", "restore_state", "penalty", "tbptt", "detach_hidden"]

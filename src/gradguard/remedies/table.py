@@ -12,6 +12,9 @@ Keys are event kinds (``gradguard.events.KINDS``) or a severity
 (``"critical"``, ``"warning"``).  Values are an action name
 (``ACTION_NAMES``), an ``Action`` object, or a list of them.  One action
 object may serve several keys (one shared snapshot for all).
+
+``remedies="auto"`` (or ``gg.Autopilot(...)`` with tunables) is the built-in
+policy of ``autopilot.py``: skip, roll back, back off the learning rate, raise.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from ..events import KINDS, Event
 from .actions import Action, GuardAlarm, LRBackoff, Raise, Skip
+from .autopilot import Autopilot
 from .context import RemedyContext
 from .flight import FlightRecorder
 from .rollback import Rollback
@@ -50,8 +54,14 @@ class Remedies:
     def __init__(self, spec: dict | None, ctx: RemedyContext, log_dir=None):
         if spec is None:
             spec = {}
+        if isinstance(spec, str) and spec == "auto":
+            spec = Autopilot()
+        if isinstance(spec, Autopilot):  # the preset: one object sees every event kind it handles
+            spec = {"nonfinite": spec, "rescue": spec}  # it watches every event in on_flush
         if not isinstance(spec, dict):
-            raise TypeError(f"remedies must be a dict {{kind: action}} or None, got {type(spec).__name__}")
+            raise TypeError(f"remedies must be a dict {{kind: action}}, \"auto\", an Autopilot or None, got "
+                            f"{spec!r}" if isinstance(spec, str) else f"remedies must be a dict {{kind: action}}, "
+                            f"\"auto\", an Autopilot or None, got {type(spec).__name__}")
         if not isinstance(ctx, RemedyContext):
             raise TypeError(f"ctx must be a RemedyContext, got {type(ctx).__name__}")
         self.failures = 0  # actions that raised (reported with a warning, never fatal)

@@ -9,6 +9,8 @@ Example:
     gradguard bench --suite detectors peers --write docs/benchmarks.md
     gradguard bench detection            # precision/recall on the labelled corpus of runs
     gradguard bench detection --rebuild  # train the corpus again first (~190 s on 2 cores)
+    gradguard bench rescue               # faults injected into runs: who recovers (~10 min)
+    gradguard bench rescue --smoke       # the same grid, 1 seed and short runs (seconds)
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ SUITES = {
     # detection quality on a labelled corpus of realistic runs (a source checkout: the
     # corpus trains models, it is a developer tool, like every suite here)
     "detection": "detection/run.py",
+    # faults injected into small runs: recovered by no guard / clipping / ZClip / remedies="auto"
+    "rescue": "rescue_faults/run.py",
 }
 
 
@@ -39,11 +43,13 @@ def _default_dir() -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("what", nargs="?", choices=["detection"], default=None,
+    parser.add_argument("what", nargs="?", choices=["detection", "rescue"], default=None,
                         help="'detection': score the detectors on the labelled corpus "
-                             "(benchmarks/detection)")
+                             "(benchmarks/detection); 'rescue': inject faults into small runs and "
+                             "score who recovers (benchmarks/rescue_faults)")
     parser.add_argument("--rebuild", action="store_true",
                         help="with 'detection': train the corpus again before scoring")
+    parser.add_argument("--smoke", action="store_true", help="with 'rescue': 1 seed, short runs")
     parser.add_argument("--suite", nargs="+", choices=list(SUITES), default=None,
                         help="suites to run (default: overhead detectors peers scaling)")
     parser.add_argument("--dir", default=None, help="folder holding the benchmark scripts")
@@ -64,6 +70,15 @@ def run(args) -> int:
             print(f"gradguard bench: {script} not found; pass --dir", file=sys.stderr)
             return 2
         return subprocess.call([sys.executable, str(script)] + (["--rebuild"] if args.rebuild else []))
+    if getattr(args, "what", None) == "rescue":
+        script = folder / SUITES["rescue"]
+        if not script.exists():
+            print(f"gradguard bench: {script} not found; pass --dir", file=sys.stderr)
+            return 2
+        extra = ["--smoke"] if getattr(args, "smoke", False) else []
+        extra += ["--write", args.write] if args.write else []
+        extra += ["--plot"] if args.plot else []
+        return subprocess.call([sys.executable, str(script)] + extra)
     suites = args.suite or ["overhead", "detectors", "peers", "scaling"]
     failed = 0
     for name in suites:

@@ -1,0 +1,296 @@
+"""Autopilot: the built-in remedy policy behind ``Guard(..., remedies="auto")``.
+
+For people who do not want to design a remedies table.  What it does:
+
+- a step with NaN/Inf gradients or loss never reaches the optimizer (the core's
+  ``on_nonfinite="skip"``; the autopilot only labels it);
+- a fault that damaged the model (a loss spike or a gradient spike that the loss
+  does not shrug off, a diverging loss) is undone: the model and the optimizer
+  state are restored from the last clean snapshot and the next ``skip_batches``
+  batches are withheld (PaLM's recipe, Chowdhery et al. 2022, done by hand there);
+- when rollbacks repeat within ``recover_every`` steps the learning rate is
+  backed off (``LRBackoff``), and restored step by step when the run is quiet;
+- when ``max_rollbacks`` rollbacks happen within ``budget_steps`` steps it raises
+  ``GuardAlarm``: a run that keeps diverging never loops silently.
+
+Single-batch events are common in healthy runs (a heavy-tailed batch gives a
+300x loss in runs that converge), so an ``info`` event is only a *suspect*: the
+autopilot acts when the median of the ``confirm`` losses after it stays above the
+loss median before it by more than ``ratio`` and than ``z`` x its spread (the
+damage persists), and leaves the run alone otherwise.  A ``diverging`` or
+``weight_growth`` warning, a 1e4x spike, or a parameter norm ``blowup`` x the
+last snapshot's (read from the rows: the detector reports once per cooldown, and
+a fault may come back after a rollback) is acted on at once.
+Each decision is an event of kind ``"rescue"`` (step = the flush that decided),
+and what was done is in its ``data["actions"]``; the triggering event, when it is
+in the same flush, gets a pointer to it too.
+
+Memory: ``keep`` snapshots (default 2), each a copy of the model's
+``state_dict`` and the optimizer state in host (CPU) memory: for Adam about
+3x the parameter bytes per snapshot.  Two are kept because the newest one may
+already hold the update that caused a fault detected one step later; the
+rollback takes the newest snapshot from before the fault.  A snapshot is taken
+at a quiet flush (no event, no suspect, nothing held) at most every ``every``
+steps.  The learning rate and the other ``param_groups`` hyperparameters are
+*not* rolled back (a scheduler owns them); the model, its buffers (BatchNorm
+statistics) and the optimizer's state (moments, step counts) are.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+from .._validate import check_int, check_positive
+from ..events import Event
+from ..layout import COL
+from .actions import Action, GuardAlarm, LRBackoff
+
+__all__ = ["Autopilot"]
+
+SOFT = ("loss_spike", "spike", "exploding", "weight_growth")  # need the loss to confirm them
+
+
+def _hard(ev) -> bool:
+    """Damage without waiting for the loss: the detector already waited (diverging), or the
+    weights themselves blew up (10x RMS growth, or a huge RMS), or a 1e4x jump."""
+    return (ev.kind in ("diverging", "weight_growth") and ev.severity != "info") or \
+        (ev.kind in ("spike", "loss_spike") and ev.severity == "critical")
+
+
+class Autopilot(Action):
+    """Skip, roll back, back off the learning rate, escalate: ``remedies="auto"`` with tunables.
+
+    Args:
+        every: steps between snapshots (default 100).
+        skip_batches: batches withheld after a rollback (default 10).
+        keep: snapshots kept in host memory, 1 or 2 (default 2).
+        confirm: losses after a suspect event that decide whether it did damage (default 5).
+        ratio: the smallest rise of the loss median after the event over the median before
+            it that counts as damage (default 1.05).
+        z: the rise must also exceed ``z`` x the spread of the log losses before the event,
+            over ``sqrt(confirm)`` (default 4): noisy losses need a larger rise.
+        max_rollbacks: rollbacks within ``budget_steps`` steps before ``GuardAlarm`` (default 4).
+        budget_steps: the window of that budget (default 1000).
+        lr_factor: learning-rate back-off factor when rollbacks repeat (default 0.5).
+        recover_every: quiet steps before each learning-rate restore, and the window in
+            which two rollbacks count as repeated (default 200).
+        blowup: a parameter norm (the guard's ``param_norm`` column) this many times the last
+            snapshot's is a weight blow-up, acted on at once (default 10).
+    """
+
+    def __init__(self, every: int = 50, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
+                 ratio: float = 1.05, z: float = 4.0, max_rollbacks: int = 4, budget_steps: int = 1000,
+                 lr_factor: float = 0.5, recover_every: int = 200, blowup: float = 10.0):
+        self.every = check_int("every", every, 1)
+        self.skip_batches = check_int("skip_batches", skip_batches, 0)
+        self.keep = check_int("keep", keep, 1)
+        if self.keep > 2:
+            raise ValueError(f"keep must be 1 or 2, got {keep!r}")
+        self.confirm = check_int("confirm", confirm, 1)
+        self.ratio = check_positive("ratio", ratio)
+        self.z = check_positive("z", z)
+        self.blowup = check_positive("blowup", blowup)
+        self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
+        self.budget_steps = check_int("budget_steps", budget_steps, 1)
+        self.lr = LRBackoff(factor=lr_factor, patience=2, recover_every=recover_every)
+        # (steps taken when captured, snapshot, its parameter norm), oldest first
+        self._snaps: list[tuple[int, dict, float]] = []
+        self._hist: deque = deque(maxlen=50)  # (step, loss): finite losses of applied steps
+        self._suspect: dict | None = None  # {"step", "kind", "ref", "after": [losses]}
+        self._rollback_steps: list[int] = []
+        self.rollbacks = 0
+        self.interventions = 0  # rollbacks + learning-rate changes (0 on a healthy run)
+
+    def bind(self, ctx) -> None:
+        super().bind(ctx)
+        self.lr.bind(ctx)
+
+    # ------------------------------------------------------------------ flush
+    def on_flush(self, ctx, steps, rows, events):
+        before = self.lr.scale
+        self.lr.on_flush(ctx, steps, rows, events)  # restore the learning rate when quiet
+        if self.lr.scale != before:
+            self.interventions += 1
+        loss = rows[:, COL["loss"]]
+        ok = (rows[:, COL["loss_bad"]] <= 0) & (rows[:, COL["skipped"]] <= 0)
+        trigger = self._weights_blew_up(steps, rows)
+        for ev in events:  # the first event that asks for a look, in step order
+            if _hard(ev):
+                # the loss must stay up for a few steps before "diverging" fires: the fault is older
+                lag = 4 if ev.kind == "diverging" else 0
+                trigger = trigger or {"step": ev.step - lag, "kind": ev.kind, "why": ev.message, "event": ev}
+            elif ev.kind in SOFT and self._suspect is None and trigger is None:
+                ref = self._baseline(ev.step, steps, loss, ok)
+                if ref is not None:
+                    self._suspect = {"step": ev.step, "kind": ev.kind, "ref": ref[0], "thr": ref[1],
+                                     "after": [], "event": ev}
+        if trigger is None and self._suspect is None:
+            self._suspect = self._loss_suspect(steps, loss, ok)
+        for i, s in enumerate(steps):
+            if ok[i] and loss[i] == loss[i]:  # finite (inf is excluded by loss_bad)
+                v = float(loss[i])
+                sus = self._suspect
+                if sus is not None and s > sus["step"] and len(sus["after"]) < self.confirm:
+                    sus["after"].append(v)
+                self._hist.append((s, v))
+        sus = self._suspect
+        if trigger is None and sus is not None and len(sus["after"]) >= self.confirm:
+            med = statistics.median(sus["after"])
+            if med > sus["thr"]:
+                trigger = {"step": sus["step"], "kind": sus["kind"], "event": sus["event"],
+                           "why": f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its median "
+                                  f"{sus['ref']:.4g}) over the {self.confirm} steps after the {sus['kind']}"}
+            else:
+                sus["event"].data.setdefault("actions", []).append(
+                    f"autopilot: the loss came back ({med / sus['ref']:.2f}x its median): no action")
+            self._suspect = None
+        if trigger is not None:
+            self._suspect = None
+            ev = Event(steps[-1], "rescue", "warning", list(trigger["event"].layers),
+                       f"autopilot: {trigger['kind']} at step {trigger['step']}: {trigger['why']}.",
+                       data={"trigger_step": trigger["step"], "trigger_kind": trigger["kind"],
+                             **({"param_norm": trigger["event"].data["param_norm"]}
+                                if trigger["kind"] == "weight_growth" and "param_norm" in trigger["event"].data
+                                else {})})
+            for e in events:  # the events that asked for it point at the rescue event
+                if e is trigger["event"] or _hard(e):
+                    e.data.setdefault("actions", []).append(f"autopilot: handled by the rescue event at step {ev.step}")
+            events.append(ev)  # dispatched to __call__ right after this flush's other events
+            return
+        noisy = any(e.kind in SOFT + ("diverging", "nonfinite") or e.severity != "info" for e in events)
+        quiet = not noisy and self._suspect is None and ctx.held == 0 and not (rows[:, COL["skipped"]] > 0).any()
+        if quiet and (not self._snaps or ctx.steps - self._snaps[-1][0] >= self.every):
+            snap = ctx.capture()
+            self._snaps.append((ctx.steps, snap, self._param_norm(ctx, snap)))
+            del self._snaps[:-self.keep]
+
+    @staticmethod
+    def _param_norm(ctx, snap) -> float:
+        """The snapshot's parameter norm (host copies; once per snapshot): a weight blow-up
+        between two of the guard's parameter-norm measurements is told from it."""
+        model = snap["model"]
+        sq = sum(float(model[n].double().square().sum()) for n in ctx.names
+                 if n in model and model[n].is_floating_point())
+        return math.sqrt(sq)
+
+    def _weights_blew_up(self, steps, rows):
+        """The guard's parameter norm at ``blowup`` x the last snapshot's: a weight blow-up.
+
+        The weight-growth detector reports once per cooldown (200 steps); after a rollback the
+        same fault may come back within it, so the autopilot reads the column itself."""
+        if not self._snaps:
+            return None
+        ref = self._snaps[-1][2]
+        pn = rows[:, COL["param_norm"]]
+        for i, s in enumerate(steps):
+            x = float(pn[i])
+            if x == math.inf or (math.isfinite(x) and x > self.blowup * ref):
+                ev = Event(s, "weight_growth", "critical", [],
+                           f"parameter norm {x:.3g} is {x / ref:.3g}x the last snapshot's ({ref:.3g})",
+                           data={"param_norm": x})
+                return {"step": s, "kind": "weight_growth", "why": ev.message, "event": ev}
+        return None
+
+    def _loss_suspect(self, steps, loss, ok):
+        """A step whose loss is ``3`` x spread above the median of the losses before the flush.
+
+        The detectors are tuned to report few single batches; an LR burst can wreck a run
+        with no event at all (measured: benchmarks/rescue_faults).  This looser rule only makes
+        a suspect: the strict confirmation over the next ``confirm`` losses decides."""
+        # one baseline per flush (the losses before it): cheap on healthy steps
+        base = self._baseline(steps[0], steps, loss, ok, step_rise=True) if steps else None
+        if base is None:
+            return None
+        for i, s in enumerate(steps):
+            if not (ok[i] and loss[i] == loss[i]):
+                continue
+            if float(loss[i]) > base[2]:
+                ev = Event(s, "loss_spike", "info", [], f"loss {float(loss[i]):.4g} is "
+                           f"{float(loss[i]) / base[0]:.2f}x its median {base[0]:.4g}")
+                return {"step": s, "kind": "loss rise", "ref": base[0], "thr": base[1], "after": [], "event": ev}
+        return None
+
+    def _baseline(self, step, steps, loss, ok, step_rise=False):
+        """(median, damage threshold) of the finite losses before ``step``; None if too few."""
+        vals = [v for s, v in self._hist if s < step]
+        vals += [float(loss[i]) for i, s in enumerate(steps) if s < step and ok[i] and loss[i] == loss[i]]
+        vals = vals[-50:]
+        if len(vals) < 10 or min(vals) <= 0:
+            return None  # too young, or a loss that is not a positive error: no judgement
+        logs = [math.log(v) for v in vals]
+        med = statistics.median(logs)
+        spread = 1.4826 * statistics.median(abs(x - med) for x in logs)
+        rise = max(math.log(self.ratio), self.z * spread / math.sqrt(self.confirm))
+        if step_rise:  # one step's threshold for a suspect, and the confirmation threshold
+            return math.exp(med), math.exp(med + rise), math.exp(med + max(math.log(1.1), 3 * spread))
+        return math.exp(med), math.exp(med + rise)
+
+    # ------------------------------------------------------------------ act
+    def __call__(self, event, ctx):
+        if event.kind == "nonfinite":
+            return "step skipped" if event.data.get("skipped") else None
+        if event.kind != "rescue" or "trigger_step" not in event.data:
+            return None
+        now, start = ctx.steps, event.data["trigger_step"]
+        self._rollback_steps = [s for s in self._rollback_steps if now - s < self.budget_steps]
+        if len(self._rollback_steps) >= self.max_rollbacks:
+            event.message = (f"rollback budget exhausted: {len(self._rollback_steps)} rollbacks in "
+                             f"{now - self._rollback_steps[0]} steps, the run keeps diverging; lower the "
+                             f"learning rate, check the data, or resume from an earlier checkpoint "
+                             f"(last trigger: {event.message})")
+            raise GuardAlarm(event)
+        done = []
+        # the newest snapshot taken before the fault; the fault's update may be the step before
+        # the first row that shows it, so a snapshot captured right then is not trusted
+        clean = [x for x in self._snaps if x[0] <= start - 1]
+        pn = event.data.get("param_norm")
+        if isinstance(pn, (int, float)) and math.isfinite(pn):
+            # weights are measured every param_norm_every steps: a snapshot taken after the
+            # fault and before its measurement holds the blown-up weights; tell it by its norm
+            clean = [x for x in clean if x[2] < 0.5 * pn]
+        elif pn is not None:
+            clean = [x for x in clean if math.isfinite(x[2])]
+        if not clean and self._snaps:
+            clean = self._snaps[:1]  # older than anything else we have
+        if clean:
+            s, snap, _ = clean[-1]
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in ctx.optimizer.param_groups]
+            ctx.restore(snap)
+            for g, saved in zip(ctx.optimizer.param_groups, groups):
+                g.update(saved)  # hyperparameters are the scheduler's: not rolled back
+            ctx.hold(self.skip_batches)
+            self._snaps = [x for x in self._snaps if x[0] <= s]
+            self._hist = deque(((t, v) for t, v in self._hist if t < s), maxlen=self._hist.maxlen)
+            self.rollbacks += 1
+            self.interventions += 1
+            self._rollback_steps.append(now)
+            done.append(f"rolled back to the state after step {s - 1}; skipping the next "
+                        f"{self.skip_batches} batches")
+        else:
+            done.append("no clean snapshot yet: nothing to roll back to")
+        before = self.lr.scale
+        note = self.lr(event, ctx)
+        if self.lr.scale != before:
+            self.interventions += 1
+            done.append(note)
+        return "; ".join(done)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        # Snapshots are model copies: not part of the state (the next quiet flush takes one).
+        return {"lr": self.lr.state_dict(), "rollbacks": self.rollbacks, "interventions": self.interventions,
+                "rollback_steps": list(self._rollback_steps), "hist": [list(x) for x in self._hist]}
+
+    def load_state_dict(self, sd):
+        self.lr.load_state_dict(sd["lr"])
+        self.rollbacks, self.interventions = int(sd["rollbacks"]), int(sd["interventions"])
+        self._rollback_steps = [int(s) for s in sd["rollback_steps"]]
+        self._hist = deque(((int(s), float(v)) for s, v in sd["hist"]), maxlen=self._hist.maxlen)
+        self._snaps, self._suspect = [], None
+
+    def __repr__(self) -> str:
+        return (f"Autopilot(every={self.every}, skip_batches={self.skip_batches}, keep={self.keep}, "
+                f"confirm={self.confirm}, ratio={self.ratio:g}, z={self.z:g}, max_rollbacks={self.max_rollbacks}, "
+                f"budget_steps={self.budget_steps}, lr_factor={self.lr.factor:g}, "
+                f"recover_every={self.lr.recover_every}, blowup={self.blowup:g})")
