@@ -160,3 +160,46 @@ def test_cuda_dead_run_budget_raises_at_a_flush_with_no_sync_between(tmp_path):
     steps = RunStore(tmp_path).steps("dead")
     assert list(steps["step"]) == list(range(16))
     assert list(steps["skipped"]) == [0, 0, 0] + [1] * 13
+
+
+def test_cuda_async_snapshot_holds_the_captured_moment_and_restores_bitwise():
+    """capture_state(wait=False) on a GPU: pinned, non-blocking copies ordered before the next
+    optimizer steps, so the snapshot equals a synchronous one taken at the same moment, also
+    when it overwrites an older snapshot's buffers; restore_state waits and restores bitwise."""
+    from gradguard.remedies import RemedyContext, capture_state, restore_state
+    from gradguard.remedies.snapshot import wait_ready
+    from gradguard.layout import RunInfo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.BatchNorm1d(512), nn.Linear(512, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    names, params = zip(*model.named_parameters())
+    ctx = RemedyContext(opt, params, RunInfo.describe(list(names), list(params), model, 0), lambda: 0, model=model)
+    x = torch.randn(64, 256, device="cuda")
+
+    def train(n):
+        for _ in range(n):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    train(2)
+    old = capture_state(ctx, wait=False)
+    train(3)
+    ref = capture_state(ctx)                            # synchronous, the reference
+    snap = capture_state(ctx, wait=False, reuse=old)    # into the old snapshot's buffers
+    assert snap["model"]["0.weight"].data_ptr() == old["model"]["0.weight"].data_ptr()
+    assert snap["model"]["0.weight"].is_pinned()
+    train(5)                                            # moves every weight after the capture
+    wait_ready(snap)
+    for k, v in ref["model"].items():
+        assert torch.equal(v, snap["model"][k]), k
+    for k, v in ref["optimizer"]["state"].items():
+        for kk, t in v.items():
+            assert torch.equal(t, snap["optimizer"]["state"][k][kk]), (k, kk)
+    snap2 = capture_state(ctx, wait=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(4)
+    restore_state(ctx, snap2)                           # waits for snap2's copies itself
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

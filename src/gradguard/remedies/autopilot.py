@@ -41,9 +41,13 @@ import math
 import statistics
 from collections import deque
 
+import torch
+
 from .._validate import check_int, check_positive
 from ..events import Event
+from ..backend import DEVICE
 from ..layout import COL
+from ..stats import param_norm
 from .actions import Action, GuardAlarm, LRBackoff
 
 __all__ = ["Autopilot"]
@@ -95,7 +99,7 @@ class Autopilot(Action):
         self.budget_steps = check_int("budget_steps", budget_steps, 1)
         self.lr = LRBackoff(factor=lr_factor, patience=2, recover_every=recover_every)
         # (steps taken when captured, snapshot, its parameter norm), oldest first
-        self._snaps: list[tuple[int, dict, float]] = []
+        self._snaps: list[list] = []
         self._hist: deque = deque(maxlen=50)  # (step, loss): finite losses of applied steps
         self._suspect: dict | None = None  # {"step", "kind", "ref", "after": [losses]}
         self._rollback_steps: list[int] = []
@@ -161,18 +165,19 @@ class Autopilot(Action):
         noisy = any(e.kind in SOFT + ("diverging", "nonfinite") or e.severity != "info" for e in events)
         quiet = not noisy and self._suspect is None and ctx.held == 0 and not (rows[:, COL["skipped"]] > 0).any()
         if quiet and (not self._snaps or ctx.steps - self._snaps[-1][0] >= self.every):
-            snap = ctx.capture()
-            self._snaps.append((ctx.steps, snap, self._param_norm(ctx, snap)))
-            del self._snaps[:-self.keep]
+            # the oldest snapshot's buffers are reused once ``keep`` are held; on a GPU the copy
+            # runs asynchronously (restore waits for it) and the norm stays on the device
+            old = self._snaps.pop(0)[1] if len(self._snaps) >= self.keep else None
+            norm = param_norm(ctx.params, DEVICE)
+            self._snaps.append([ctx.steps, ctx.capture(wait=False, reuse=old), norm])
 
     @staticmethod
-    def _param_norm(ctx, snap) -> float:
-        """The snapshot's parameter norm (host copies; once per snapshot): a weight blow-up
-        between two of the guard's parameter-norm measurements is told from it."""
-        model = snap["model"]
-        sq = sum(float(model[n].double().square().sum()) for n in ctx.names
-                 if n in model and model[n].is_floating_point())
-        return math.sqrt(sq)
+    def _norm(entry) -> float:
+        """A snapshot's parameter norm as a float (a weight blow-up between two of the guard's
+        parameter-norm measurements is told from it); read once, at a later flush."""
+        if isinstance(entry[2], torch.Tensor):
+            entry[2] = float(entry[2])  # host sync: once per snapshot, at a flush
+        return entry[2]
 
     def _weights_blew_up(self, steps, rows):
         """The guard's parameter norm at ``blowup`` x the last snapshot's: a weight blow-up.
@@ -181,7 +186,7 @@ class Autopilot(Action):
         same fault may come back within it, so the autopilot reads the column itself."""
         if not self._snaps:
             return None
-        ref = self._snaps[-1][2]
+        ref = self._norm(self._snaps[-1])
         pn = rows[:, COL["param_norm"]]
         for i, s in enumerate(steps):
             x = float(pn[i])
@@ -248,9 +253,9 @@ class Autopilot(Action):
         if isinstance(pn, (int, float)) and math.isfinite(pn):
             # weights are measured every param_norm_every steps: a snapshot taken after the
             # fault and before its measurement holds the blown-up weights; tell it by its norm
-            clean = [x for x in clean if x[2] < 0.5 * pn]
+            clean = [x for x in clean if self._norm(x) < 0.5 * pn]
         elif pn is not None:
-            clean = [x for x in clean if math.isfinite(x[2])]
+            clean = [x for x in clean if math.isfinite(self._norm(x))]
         if not clean and self._snaps:
             clean = self._snaps[:1]  # older than anything else we have
         if clean:

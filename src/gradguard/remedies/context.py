@@ -88,9 +88,10 @@ class RemedyContext:
         return False
 
     # --------------------------------------------------------------- state
-    def capture(self) -> dict:
-        """Model + optimizer state cloned to CPU (a snapshot for ``restore``)."""
-        return capture_state(self)
+    def capture(self, *, wait: bool = True, reuse: dict | None = None) -> dict:
+        """Model + optimizer state cloned to CPU (a snapshot for ``restore``); ``wait=False``:
+        asynchronous on a GPU, ``reuse``: an old snapshot's buffers (see ``snapshot.py``)."""
+        return capture_state(self, wait=wait, reuse=reuse)
 
     def restore(self, snapshot: dict) -> None:
         """Copy a ``capture()`` snapshot back in place, bitwise; the snapshot stays intact."""

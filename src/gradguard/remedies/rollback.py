@@ -54,7 +54,9 @@ class Rollback(Action):
         ctx = ctx if ctx is not None else self.ctx
         if ctx is None:
             raise RuntimeError("Rollback.snapshot: the action is not bound to a guard yet")
-        snap = ctx.capture()
+        # in memory: asynchronous on a GPU, into the previous snapshot's pinned buffers
+        # (restore waits for the copy); on disk the values are needed now
+        snap = ctx.capture(wait=self.to is not None, reuse=self._snap)
         if self.to is not None:
             self.to.mkdir(parents=True, exist_ok=True)
             tmp = self._path().with_suffix(".tmp")
