@@ -221,6 +221,7 @@ def main() -> int:
     ap.add_argument("--shard", default="1/1", help="K/N: run the K-th of N interleaved slices")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant run (default 300)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="a line for every mutant, killed too")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     k, n = (int(x) for x in args.shard.split("/"))
@@ -268,6 +269,8 @@ def main() -> int:
                                         verdict=verdict, seconds=round(secs, 1)))
                     if verdict == "survived":
                         print(f"  SURVIVED {m.where}  {m.what}", flush=True)
+                    elif args.verbose:
+                        print(f"  {verdict:<8} {m.where}  {m.what}  ({secs:.0f} s)", flush=True)
             finally:
                 target.write_text(original)
 
