@@ -8,7 +8,6 @@ nor is comparing ``str()`` of a state (4 significant digits).
 from __future__ import annotations
 
 import copy
-import math
 import struct
 
 import numpy as np
@@ -73,6 +72,3 @@ def snapshot(model=None, opt=None, *extra) -> dict:
         out[f"extra{i}"] = copy.deepcopy(obj.state_dict())
     return out
 
-
-def is_nan(x) -> bool:
-    return isinstance(x, float) and math.isnan(x)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import gradguard as gg
-from gradguard.backend import DEVICE, EPS, HOST, norm_coefficient
+from gradguard.backend import DEVICE, HOST, norm_coefficient
 from gradguard.decide import StepReport, decide, loss_value
 from gradguard.stats import compute_stats
 
