@@ -46,14 +46,16 @@ PKG = "src/gradguard"
 # module (under src/gradguard) -> the test files that claim it.  Only these run per mutant:
 # the score says whether the module's *own* tests notice a wrong line.
 TARGETS: dict[str, list[str]] = {
-    "decide.py": ["tests/test_backend_decide.py", "tests/test_honest_skips.py", "tests/test_regressions.py", "tests/test_host_sync.py"],
+    "decide.py": ["tests/test_backend_decide.py", "tests/test_apply_paths.py", "tests/test_honest_skips.py",
+                  "tests/test_regressions.py", "tests/test_host_sync.py"],
     "backend.py": ["tests/test_backend_decide.py", "tests/test_clip.py", "tests/test_honest_skips.py"],
     "clip.py": ["tests/test_clip.py", "tests/test_properties.py"],
-    "apply.py": ["tests/test_honest_skips.py", "tests/test_regressions.py", "tests/test_host_sync.py"],
+    "apply.py": ["tests/test_apply_paths.py", "tests/test_honest_skips.py", "tests/test_regressions.py",
+                 "tests/test_host_sync.py"],
     "stats.py": ["tests/test_stats.py"],
 }
-# test files added later run first when they exist (cheap, targeted, fail fast)
-FIRST = ["tests/test_backend_decide.py"]
+# (the fast, targeted files come first: with -x a killed mutant costs seconds)
+
 
 CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
             ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
@@ -249,8 +251,7 @@ def main() -> int:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         for mod in modules:
-            tests = [t for t in FIRST if t in TARGETS[mod] and (ROOT / t).exists()]
-            tests += [t for t in TARGETS[mod] if t not in tests and (ROOT / t).exists()]
+            tests = [t for t in TARGETS[mod] if (ROOT / t).exists()]
             todo = [m for m in plan if m.module == mod]
             if not todo:
                 continue
