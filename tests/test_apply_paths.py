@@ -124,3 +124,55 @@ def test_fused_first_step_poisoned_then_trains_like_torch():
         ref_o.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert_bitwise(a.detach(), b.detach())
+
+
+class _NotFused(torch.optim.SGD):
+    """A third-party optimizer that keeps a ``fused`` hyper-parameter but has no fused kernel
+    (no grad_scale / found_inf support): it must be stepped plainly."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.defaults["fused"] = True
+        self._step_supports_amp_scaling = False
+
+
+def test_fused_means_both_flags():
+    from gradguard.apply import is_fused
+
+    p = [nn.Parameter(torch.zeros(2))]
+    assert is_fused(torch.optim.Adam(p, fused=True)) and is_fused(torch.optim.SGD(p, lr=0.1, fused=True))
+    assert not is_fused(torch.optim.Adam(p)) and not is_fused(torch.optim.SGD(p, lr=0.1))
+    assert not is_fused(_NotFused(p))
+    model = _model()
+    o = _NotFused(model.parameters())
+    guard = gg.Guard(model, o, clip=gg.GlobalNorm(0.01), detectors=[])
+    _backward(model, 0, False)
+    guard.step()
+    assert not hasattr(o, "grad_scale") and not hasattr(o, "found_inf")
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_step_attributes_are_restored(raises):
+    """``grad_scale`` / ``found_inf`` are set for the one call: an attribute the optimizer had
+    before gets its value back, one it did not have is removed, even if the step raises."""
+    from gradguard.apply import _step
+
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    o = torch.optim.SGD([p], lr=0.1, fused=True)
+    o.grad_scale = "before"
+    seen = {}
+
+    def closure():
+        seen.update(grad_scale=o.grad_scale, found_inf=o.found_inf)
+        if raises:
+            raise RuntimeError("boom")
+
+    orig = o.step
+    o.step = lambda c=None: (c(), orig())  # noqa: E731
+    try:
+        _step(o, closure, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    except RuntimeError:
+        assert raises
+    assert float(seen["grad_scale"]) == 2.0 and float(seen["found_inf"]) == 0.0
+    assert o.grad_scale == "before" and not hasattr(o, "found_inf")

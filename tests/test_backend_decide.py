@@ -206,3 +206,31 @@ def test_step_report_reads_the_decision(xp):
     r = StepReport(0, stats, coef, xp.flag(False, stats.total), None, xp)
     assert r.applied is True and r.loss is None and r.loss_t is None
     assert repr(r) == "StepReport(step=0, global_norm=13, clip_coef=0.25, skipped=False)"
+
+
+@pytest.mark.parametrize("x", [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 3.0])
+def test_host_reciprocal_never_warns(x):
+    """numpy warns on 1/0, 1/inf overflow and NaN; the decision runs every step, and a
+    warning per poisoned step (or a warnings-as-errors run failing) is not acceptable."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = HOST.reciprocal(np.float32(x))
+        arr = HOST.reciprocal(np.array([x, 0.0, 2.0], np.float32))
+    with np.errstate(all="ignore"):
+        want = np.reciprocal(np.float32(x))
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    assert arr.tobytes() == np.array([want, np.inf, 0.5], np.float32).tobytes()
+
+
+def test_host_where_broadcasts_an_array_condition():
+    """An array condition with scalar branches is elementwise (torch.where's rule), not a
+    Python branch on the array's truth."""
+    cond = np.array([True, False, True])
+    got = HOST.where(cond, np.float32(1.0), np.float32(2.0))
+    assert got.dtype == np.float32 and got.tolist() == [1.0, 2.0, 1.0]
+    got = HOST.where(cond, 0.5, np.array([7.0, 8.0, 9.0], np.float64))
+    assert got.dtype == np.float64 and got.tolist() == [0.5, 8.0, 0.5]
+    want = torch.where(torch.from_numpy(cond), torch.tensor(1.0), torch.tensor(2.0))
+    assert DEVICE.where(torch.from_numpy(cond), torch.tensor(1.0), torch.tensor(2.0)).tolist() == want.tolist()
