@@ -154,7 +154,7 @@ def test_per_tensor_norm_formula(stats_path):
         assert p.grad.norm().item() <= c * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("norm_type", NORM_TYPES + [4.0, 0.5])
 def test_global_norm_policy_equals_torch(stats_path, norm_type):
     ps = _params([(10, 10), (5,)], scale=3.0)
     ref = _clone(ps)
@@ -243,6 +243,9 @@ def test_per_layer_unknown_pattern_is_an_error():
     (lambda: gg.GlobalNorm(True), "max_norm"),
     (lambda: gg.GlobalNorm(1.0, norm_type=0), "norm_type"),
     (lambda: gg.GlobalNorm(1.0, norm_type=math.nan), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type=True), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type="2"), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type=-math.inf), "norm_type"),
     (lambda: gg.PerTensorNorm(-0.5), "max_norm"),
     (lambda: gg.Value(0), "clip_value"),
     (lambda: gg.Value(-math.inf), "clip_value"),
@@ -291,3 +294,16 @@ def test_norm_coefficient_is_bitwise_the_same_on_both_backends(dtype, max_norm):
     fin = torch.isfinite(t)
     np.testing.assert_array_equal(want[fin.numpy()], ref[fin].numpy())
     assert (want[~fin.numpy()] == 1).all()  # non-finite totals: never scaled (the step is skipped)
+
+
+def test_policy_repr_and_config():
+    assert repr(gg.GlobalNorm(1.5, "inf")) == "GlobalNorm(max_norm=1.5, norm_type=inf)"
+    assert repr(gg.Value(0.5)) == "Value(clip_value=0.5)"
+    assert gg.PerTensorNorm(2.0).config() == {"policy": "PerTensorNorm", "max_norm": 2.0}
+
+
+def test_scale_helper_scales_every_dtype_group():
+    grads = [torch.tensor([1.0, -2.0]), torch.tensor([4.0], dtype=torch.float64), torch.tensor([8.0])]
+    gg.ClipPolicy.scale_(grads, torch.tensor(0.25))
+    assert [g.tolist() for g in grads] == [[0.25, -0.5], [1.0], [2.0]]
+    assert grads[1].dtype == torch.float64
