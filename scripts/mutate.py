@@ -222,6 +222,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     ap.add_argument("--shard", default="1/1", help="K/N: run the K-th of N interleaved slices")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant run (default 300)")
+    ap.add_argument("--line", type=int, action="append",
+                    help="only the mutants on this line (repeatable; with one --module): re-check survivors")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line for every mutant, killed too")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -229,11 +231,15 @@ def main() -> int:
     k, n = (int(x) for x in args.shard.split("/"))
     if not 1 <= k <= n:
         ap.error("--shard must be K/N with 1 <= K <= N")
+    if args.line and len(args.module or []) != 1:
+        ap.error("--line needs exactly one --module")
 
     modules = [m + ".py" for m in args.module] if args.module else list(TARGETS)
     plan: list[Mutant] = []
     for mod in modules:
         ms = mutants_of(mod)
+        if args.line:
+            ms = [m for m in ms if m.line in args.line]
         if args.sample and len(ms) > args.sample:
             ms = sorted(random.Random(f"{args.seed}:{mod}").sample(ms, args.sample), key=lambda m: (m.line, m.index))
         plan += ms

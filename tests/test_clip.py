@@ -211,7 +211,7 @@ def test_per_layer_wider_range_for_output_layer(stats_path):
         p.grad = torch.randn(p.shape, generator=g) * 10
     before = {n: p.grad.double().clone() for n, p in zip(names, ps)}
     policy = gg.PerLayer({"2.*": gg.GlobalNorm(5.0)}, default=gg.GlobalNorm(1.0))
-    _apply(policy, ps, names)
+    coefs = _apply(policy, ps, names)
     hidden = ["0.weight", "0.bias"]
     out = ["2.weight", "2.bias"]
     for group, c in ((hidden, 1.0), (out, 5.0)):
@@ -219,6 +219,8 @@ def test_per_layer_wider_range_for_output_layer(stats_path):
         for n in group:
             p = ps[names.index(n)]
             torch.testing.assert_close(p.grad.double(), before[n] * (c / (total + 1e-6)), rtol=1e-6, atol=0)
+            # the coefficient each tensor got is reported (the guard records the smallest)
+            assert coefs[names.index(n)].item() == pytest.approx(c / (total + 1e-6), rel=1e-6)
 
 
 def test_per_layer_default_none_leaves_rest_untouched():
@@ -300,6 +302,10 @@ def test_policy_repr_and_config():
     assert repr(gg.GlobalNorm(1.5, "inf")) == "GlobalNorm(max_norm=1.5, norm_type=inf)"
     assert repr(gg.Value(0.5)) == "Value(clip_value=0.5)"
     assert gg.PerTensorNorm(2.0).config() == {"policy": "PerTensorNorm", "max_norm": 2.0}
+    rules = {"a*": gg.Value(1.0)}
+    assert gg.PerLayer(rules).config() == {"policy": "PerLayer", "rules": {"a*": gg.Value(1.0).config()},
+                                           "default": None}
+    assert gg.PerLayer(rules, default=gg.GlobalNorm(2.0)).config()["default"] == gg.GlobalNorm(2.0).config()
 
 
 def test_scale_helper_scales_every_dtype_group():
