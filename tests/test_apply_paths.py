@@ -136,13 +136,26 @@ class _NotFused(torch.optim.SGD):
         self._step_supports_amp_scaling = False
 
 
+class _Custom(torch.optim.Optimizer):
+    """A user optimizer with a ``fused`` hyper-parameter and no AMP-scaling attribute at all."""
+
+    def __init__(self, params):
+        super().__init__(params, dict(lr=0.1, fused=True))
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
 def test_fused_means_both_flags():
     from gradguard.apply import is_fused
 
     p = [nn.Parameter(torch.zeros(2))]
     assert is_fused(torch.optim.Adam(p, fused=True)) and is_fused(torch.optim.SGD(p, lr=0.1, fused=True))
     assert not is_fused(torch.optim.Adam(p)) and not is_fused(torch.optim.SGD(p, lr=0.1))
-    assert not is_fused(_NotFused(p))
+    assert not is_fused(_NotFused(p)) and not is_fused(_Custom(p))
     model = _model()
     o = _NotFused(model.parameters())
     guard = gg.Guard(model, o, clip=gg.GlobalNorm(0.01), detectors=[])

@@ -233,5 +233,10 @@ def test_host_where_broadcasts_an_array_condition():
     assert got.dtype == np.float32 and got.tolist() == [1.0, 2.0, 1.0]
     got = HOST.where(cond, 0.5, np.array([7.0, 8.0, 9.0], np.float64))
     assert got.dtype == np.float64 and got.tolist() == [0.5, 8.0, 0.5]
+    # a scalar condition with an array branch broadcasts too (torch.where(True, 1.0, t) is full)
+    got = HOST.where(np.bool_(True), 1.0, np.array([7.0, 8.0], np.float32))
+    assert got.dtype == np.float32 and got.tolist() == [1.0, 1.0]
+    got = HOST.where(np.bool_(False), np.array([7.0, 8.0], np.float32), 3.0)
+    assert got.tolist() == [3.0, 3.0]
     want = torch.where(torch.from_numpy(cond), torch.tensor(1.0), torch.tensor(2.0))
     assert DEVICE.where(torch.from_numpy(cond), torch.tensor(1.0), torch.tensor(2.0)).tolist() == want.tolist()
