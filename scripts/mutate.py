@@ -161,6 +161,9 @@ def _points(tree: ast.Module):
             yield node, f"constant {v!r} -> {nv!r}", (lambda n, nv=nv: setattr(n, "value", nv))
         elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
             yield node, f"`{node.value}` -> `{not node.value}`", (lambda n: setattr(n, "value", not n.value))
+        if isinstance(node, ast.Return) and (node.value is None or isinstance(node.value, ast.Constant)
+                                             and node.value.value is None):
+            continue  # dropping `return None` gives `return None`: not a mutant
         if isinstance(node, (ast.Expr, ast.Assign, ast.AugAssign, ast.Return, ast.AnnAssign)) \
                 and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
             kind = type(node).__name__.lower()
