@@ -156,11 +156,16 @@ def test_fused_path_has_no_host_sync():
         loss.backward()
         if i == 3:
             model[0].bias.grad[0] = math.nan
+        before = _state(model, opt)
         if i == 0:  # the optimizer's state does not exist yet: one host read (see guard.py)
-            guard.step(loss=loss)
-            continue
-        with no_host_sync():
-            guard.step(loss=loss)
+            report = guard.step(loss=loss)
+        else:
+            with no_host_sync():
+                report = guard.step(loss=loss)
+        # the device lane ran (the host lane reads numpy: no_host_sync alone cannot tell them apart)
+        assert report.stats.xp.on_host is False and torch.is_tensor(report.skipped_t)
+        if i == 3:  # skipped through found_inf: nothing moved
+            _assert_bitwise(before, _state(model, opt))
     assert guard.skipped_steps == 1 and guard.events[0].step == 3
 
 
