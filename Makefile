@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := pyproject.toml setup.py src/gradguard/_cstats.c
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ test: $(VENV)/.installed-test | $(CHROMIUM)
 bench: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(VENV)/bin/gradguard bench
+
+# Mutation score of the core decision modules (not part of `make test`): each mutant runs
+# its module's own test files.  Sampled so that it ends within the hour on 2 cores;
+# MUTATE_ARGS= (empty) runs every mutant, --shard K/N splits a run.  See docs/testing.md.
+MUTATE_ARGS ?= --sample 25 --seed 1
+
+mutate: $(VENV)/.installed-test
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/gradguard/*.so

@@ -1,11 +1,11 @@
 import contextlib
-import math
 
 import pytest
 import torch
 from hypothesis import settings
 
 import gradguard._kernel as _kernel
+from _helpers import assert_bitwise
 
 
 # Hypothesis runs derandomized: the same examples on every run, so the suite cannot pass on
@@ -57,20 +57,5 @@ def no_host_sync():
 
 
 def assert_same(a, b, path="state"):
-    """Deep bitwise equality of nested dicts/lists: tensors, floats (NaN == NaN)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
-            a.nan_to_num(), b.nan_to_num()), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (path, set(a) ^ set(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
+    """Deep bitwise equality (integer views: -0.0 != 0.0, NaN payloads count); see _helpers."""
+    assert_bitwise(a, b, path)

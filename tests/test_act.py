@@ -18,6 +18,8 @@ from gradguard.layout import RunInfo
 from gradguard.remedies import (FlightRecorder, GuardAlarm, LRBackoff, Raise, Remedies, RemedyContext,
                                 Rollback, Skip)
 
+from _helpers import assert_bitwise, bits
+
 
 def setup(remedies, detectors=None, opt_cls=torch.optim.Adam, flush_every=1):
     """flush_every=1: remedies act on the step whose row fires (the mechanics under test)."""
@@ -45,13 +47,6 @@ def state(model, opt):
             {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()})
 
 
-def assert_bitwise(a, b):
-    for k in a[0]:
-        assert torch.equal(a[0][k], b[0][k]), k
-    assert a[1].keys() == b[1].keys()
-    for k in a[1]:
-        for n in a[1][k]:
-            assert torch.equal(a[1][k][n], b[1][k][n]), (k, n)
 
 
 @pytest.mark.parametrize("to_disk", [False, True])
@@ -79,9 +74,11 @@ def test_rollback_restores_snapshot_bitwise_and_skips_batches(tmp_path, to_disk)
     one_step(model, opt, guard, 11)
     assert not torch.equal(model[0].weight, ref[0]["0.weight"])
     assert guard.skipped_steps == 4
-    # the snapshot itself was not mutated by the later steps: a second rollback is bitwise too
+    # a second rollback is bitwise too: its snapshot (taken at step 11, the state after the
+    # held steps 8-10, i.e. still the restored one) was not mutated by step 11's update
     one_step(model, opt, guard, 12, poison=True)
-    assert rb.rollbacks == 2
+    assert rb.rollbacks == 2 and rb.snapshot_step == 11
+    assert_bitwise(state(model, opt), ref)
 
 
 def test_rollback_without_snapshot_says_so():
@@ -279,13 +276,6 @@ def test_guard_hold_steps_is_the_context_counter():
     assert guard.hold_steps == 0
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """An integer view of the tensor's bits: -0.0 != 0.0, NaN payloads count."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    t = t.detach().contiguous()
-    return t.view(ints[t.element_size()]) if t.dtype != torch.bool else t
-
-
 def state_bits(model, opt) -> dict:
     out = {("model", k): bits(v).clone() for k, v in model.state_dict().items()}
     for pid, st in opt.state_dict()["state"].items():
@@ -294,13 +284,7 @@ def state_bits(model, opt) -> dict:
     return out
 
 
-def assert_same_bits(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
+assert_same_bits = assert_bitwise  # the values are already integer views
 
 
 def train_some(model, opt, n, seed):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_bitwise
 from conftest import no_host_sync
 
 import gradguard as gg
@@ -351,7 +352,7 @@ def test_nonfinite_steps_are_untouched_and_never_enter_statistics(name, poison, 
             if isinstance(v, torch.Tensor) and v.is_floating_point():
                 finite_or_pad = torch.isfinite(v) | (v == math.inf)
                 assert finite_or_pad.all()
-    assert str(clean.state_dict()) == str(dirty.state_dict())
+    assert_bitwise(clean.state_dict(), dirty.state_dict())
 
 
 @pytest.mark.parametrize("name", ["AutoClip", "ZClip", "AdaGC"])
@@ -484,7 +485,7 @@ def test_inside_guard_matches_manual_loop_and_resumes(name, tmp_path):
     sd = guard.state_dict()
     guard2 = gg.Guard(model_b, opt_b, clip=make())
     guard2.load_state_dict(sd)
-    assert str(guard2.clip.state_dict()) == str(guard.clip.state_dict())
+    assert_bitwise(guard2.clip.state_dict(), guard.clip.state_dict())
 
 
 def test_guard_skips_nan_step_and_policy_state_survives():
@@ -532,7 +533,12 @@ def test_inside_perlayer_uses_the_subset(name):
     # state round trip through PerLayer
     clone = gg.PerLayer({"0.*": make()}, default=None)
     clone.load_state_dict(per_layer.state_dict())
-    assert str(clone.state_dict()) == str(per_layer.state_dict())
+    sd = per_layer.state_dict()
+    if name == "AGC":  # stateless: the round trip has nothing to carry, say so
+        assert sd["rules"]["0.*"] == {}
+    else:  # a round trip of a state that holds something (the policy saw a step)
+        assert any(torch.is_tensor(v) or isinstance(v, list) and v for v in sd["rules"]["0.*"].values()), sd
+    assert_bitwise(clone.state_dict(), sd)
 
 
 @pytest.mark.parametrize("name", ["AutoClip", "ZClip", "AdaGC", "AdaGC-warm"])

@@ -1,4 +1,6 @@
+import copy
 import math
+
 import numpy as np
 
 import pytest
@@ -29,11 +31,26 @@ def _clone(ps):
     return out
 
 
-@pytest.mark.parametrize("shapes", SHAPES)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("scale, max_norm", [(1.0, 1.0), (10.0, 0.5), (1e-3, 1.0), (5.0, math.inf)])
+CASES = dict(argnames="shapes, dtype, scale, max_norm",
+             argvalues=[(sh, dt, sc, mn) for sh in SHAPES for dt in (torch.float32, torch.float64)
+                        for sc, mn in [(1.0, 1.0), (10.0, 0.5), (1e-3, 1.0), (5.0, math.inf)]])
+
+
+# p = 2 and inf read the statistics (kernel or torch path: both run); other p-norms are one
+# torch.linalg pass whatever the statistics path, so they run once (not twice, identically)
+@pytest.mark.parametrize(**CASES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_clip_grad_norm_matches_torch(stats_path, shapes, norm_type, dtype, scale, max_norm):
+    _check_clip_grad_norm(shapes, norm_type, dtype, scale, max_norm)
+
+
+@pytest.mark.parametrize(**CASES)
+@pytest.mark.parametrize("norm_type", [1.0, 3.0])
+def test_clip_grad_norm_other_p_matches_torch(shapes, norm_type, dtype, scale, max_norm):
+    _check_clip_grad_norm(shapes, norm_type, dtype, scale, max_norm)
+
+
+def _check_clip_grad_norm(shapes, norm_type, dtype, scale, max_norm):
     ours = _params(shapes, dtype, scale)
     ref = _clone(ours)
     n_ours = gg.clip_grad_norm_(ours, max_norm, norm_type)
@@ -137,14 +154,43 @@ def test_per_tensor_norm_formula(stats_path):
         assert p.grad.norm().item() <= c * (1 + 1e-6)
 
 
-def test_global_norm_policy_equals_torch(stats_path):
+@pytest.mark.parametrize("norm_type", NORM_TYPES + [4.0, 0.5])
+def test_global_norm_policy_equals_torch(stats_path, norm_type):
     ps = _params([(10, 10), (5,)], scale=3.0)
     ref = _clone(ps)
-    coefs = _apply(gg.GlobalNorm(1.0), ps)
-    total = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    coefs = _apply(gg.GlobalNorm(1.0, norm_type), ps)
+    total = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
     assert coefs[0].item() == pytest.approx(1.0 / (total.item() + 1e-6), rel=1e-6)
     for a, b in zip(ps, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+@pytest.mark.parametrize("norm_type", [1.0, 3.0, math.inf, "inf"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_guard_global_norm_other_p_is_torchs(backend, norm_type, fused):
+    """A guard with ``GlobalNorm(max_norm, p)`` clips with the p-norm, on every stepping path:
+    its updates equal torch's clip_grad_norm_(p) + step (the L2 shortcut must not be taken)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    kw = dict(lr=0.5, fused=True) if fused else dict(lr=0.5)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), **kw), torch.optim.SGD(ref.parameters(), **kw)
+    guard = gg.Guard(model, opt, clip=gg.GlobalNorm(0.1, norm_type), backend=backend, detectors=[])
+    p = float(norm_type)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1, p)
+        ref_opt.step()
+        report = guard.step()
+        assert want.item() > 0.1  # the threshold binds: the test can tell p-norms apart
+        assert report.clip_coef == pytest.approx(0.1 / (want.item() + 1e-6), rel=1e-5)
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_value_policy_coefs():
@@ -165,7 +211,7 @@ def test_per_layer_wider_range_for_output_layer(stats_path):
         p.grad = torch.randn(p.shape, generator=g) * 10
     before = {n: p.grad.double().clone() for n, p in zip(names, ps)}
     policy = gg.PerLayer({"2.*": gg.GlobalNorm(5.0)}, default=gg.GlobalNorm(1.0))
-    _apply(policy, ps, names)
+    coefs = _apply(policy, ps, names)
     hidden = ["0.weight", "0.bias"]
     out = ["2.weight", "2.bias"]
     for group, c in ((hidden, 1.0), (out, 5.0)):
@@ -173,6 +219,8 @@ def test_per_layer_wider_range_for_output_layer(stats_path):
         for n in group:
             p = ps[names.index(n)]
             torch.testing.assert_close(p.grad.double(), before[n] * (c / (total + 1e-6)), rtol=1e-6, atol=0)
+            # the coefficient each tensor got is reported (the guard records the smallest)
+            assert coefs[names.index(n)].item() == pytest.approx(c / (total + 1e-6), rel=1e-6)
 
 
 def test_per_layer_default_none_leaves_rest_untouched():
@@ -197,6 +245,9 @@ def test_per_layer_unknown_pattern_is_an_error():
     (lambda: gg.GlobalNorm(True), "max_norm"),
     (lambda: gg.GlobalNorm(1.0, norm_type=0), "norm_type"),
     (lambda: gg.GlobalNorm(1.0, norm_type=math.nan), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type=True), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type="2"), "norm_type"),
+    (lambda: gg.GlobalNorm(1.0, norm_type=-math.inf), "norm_type"),
     (lambda: gg.PerTensorNorm(-0.5), "max_norm"),
     (lambda: gg.Value(0), "clip_value"),
     (lambda: gg.Value(-math.inf), "clip_value"),
@@ -245,3 +296,20 @@ def test_norm_coefficient_is_bitwise_the_same_on_both_backends(dtype, max_norm):
     fin = torch.isfinite(t)
     np.testing.assert_array_equal(want[fin.numpy()], ref[fin].numpy())
     assert (want[~fin.numpy()] == 1).all()  # non-finite totals: never scaled (the step is skipped)
+
+
+def test_policy_repr_and_config():
+    assert repr(gg.GlobalNorm(1.5, "inf")) == "GlobalNorm(max_norm=1.5, norm_type=inf)"
+    assert repr(gg.Value(0.5)) == "Value(clip_value=0.5)"
+    assert gg.PerTensorNorm(2.0).config() == {"policy": "PerTensorNorm", "max_norm": 2.0}
+    rules = {"a*": gg.Value(1.0)}
+    assert gg.PerLayer(rules).config() == {"policy": "PerLayer", "rules": {"a*": gg.Value(1.0).config()},
+                                           "default": None}
+    assert gg.PerLayer(rules, default=gg.GlobalNorm(2.0)).config()["default"] == gg.GlobalNorm(2.0).config()
+
+
+def test_scale_helper_scales_every_dtype_group():
+    grads = [torch.tensor([1.0, -2.0]), torch.tensor([4.0], dtype=torch.float64), torch.tensor([8.0])]
+    gg.ClipPolicy.scale_(grads, torch.tensor(0.25))
+    assert [g.tolist() for g in grads] == [[0.25, -0.5], [1.0], [2.0]]
+    assert grads[1].dtype == torch.float64

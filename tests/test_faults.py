@@ -318,16 +318,21 @@ def test_failed_commit_leaves_no_phantom_rows(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, log_dir=tmp_path, run_name="r")
     _train(model, opt, guard, 4, nan_every=0)
+    guard.flush()  # steps 0-3 reach the store before its commits start failing
     proxy = _failing_store(guard)
     proxy.on = True
     _train(model, opt, guard, 5, start=4, nan_every=0)
+    guard.flush()  # hand the buffered rows to the store (5 steps stay under the flush interval)
     guard.recorder.flush()
+    assert proxy.failed >= 1  # the premise: a commit of those rows did fail
     proxy.on = False
     _train(model, opt, guard, 3, start=9, nan_every=0)
     guard.close()
     store = RunStore(tmp_path)
     steps = store.steps("r")["step"]
     assert store.info("r")["rows"] == len(steps)
+    # the failed batch (steps 4-8) is dropped whole and counted: no phantom row count
+    assert steps.tolist() == [0, 1, 2, 3, 9, 10, 11]
     # the pyramid agrees with the raw rows: the downsampled view counts the same steps
     down = store.steps("r", max_points=2)
     assert down["step"].min() == steps.min() and down["step"].max() == steps.max()

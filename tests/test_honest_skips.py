@@ -12,6 +12,8 @@ from torch import nn
 
 import gradguard as gg
 
+from _helpers import bits
+
 BAD = (0, 5)  # poisoned steps: the first one too (torch warns when a scheduler steps first)
 
 
@@ -31,8 +33,7 @@ def _backward(model, i, poison=False, scaler=None):
     return loss
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.int32)
+_bits = bits  # integer views of the float bits
 
 
 SCHEDULERS = {

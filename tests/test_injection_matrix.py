@@ -18,6 +18,8 @@ from torch import nn
 import gradguard as gg
 from gradguard.adaptive import AutoClip, ZClip
 
+from _helpers import assert_bitwise
+
 STEPS = 12
 
 OPTIMIZERS = {
@@ -69,18 +71,7 @@ def _policy_state(guard):
 
 
 def _bitwise(a, b, where):
-    assert a.keys() == b.keys(), where
-    for k in a:
-        if torch.is_tensor(a[k]):
-            # view as integers: NaN == NaN, -0.0 != 0.0: truly bitwise
-            x, y = a[k], b[k]
-            assert x.dtype == y.dtype and x.shape == y.shape, (where, k)
-            if x.is_floating_point():
-                ity = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-                x, y = x.contiguous().view(ity), y.contiguous().view(ity)
-            assert torch.equal(x, y), (where, k)
-        else:
-            assert a[k] == b[k], (where, k)
+    assert_bitwise(a, b, str(where))  # integer views: NaN == NaN, -0.0 != 0.0
 
 
 def _train_step(guard, model, opt, x, y, kind=None):

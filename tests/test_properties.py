@@ -50,11 +50,21 @@ def test_global_norm_bounded_direction_kept_idempotent(arrs, max_norm):
         cos = float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()))
         assert cos == pytest.approx(1.0, abs=1e-5)  # same direction
         assert (torch.sign(flat_a) == torch.sign(flat_b))[flat_a != 0].all()
-    # Clipping twice == clipping once, up to torch's epsilon: the clipped norm is
-    # max_norm * t / (t + 1e-6), so a second clip scales by at most 1 - 1e-6 / max_norm.
+    # Clipping twice: the second clip is torch's clip_grad_norm_ of the once-clipped grads
+    # (its coefficient max_norm / (t + 1e-6) is below 1 by up to 1e-6 / max_norm: at
+    # max_norm = 1e-6 a second clip halves the gradient, so "idempotent" holds only where
+    # torch's epsilon is negligible, and is asserted only there).
+    ref = [torch.nn.Parameter(torch.zeros(len(a))) for a in after]
+    for q, a in zip(ref, after):
+        q.grad = a.float().clone()
+    t_ref = float(torch.nn.utils.clip_grad_norm_(ref, max_norm))
     _clip(gg.GlobalNorm(max_norm), ps)
-    for p, a in zip(ps, after):
-        torch.testing.assert_close(p.grad.double(), a, rtol=2e-6 + 1.01e-6 / max_norm, atol=1e-30)
+    if math.isfinite(t_ref):  # torch's float32 total overflows past ~1.8e19 per element
+        for p, q in zip(ps, ref):
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-6, atol=1e-37)
+    if max_norm >= 1e-2:
+        for p, a in zip(ps, after):
+            torch.testing.assert_close(p.grad.double(), a, rtol=2e-6 + 1.01e-6 / max_norm, atol=1e-37)
 
 
 @settings(max_examples=150, deadline=None)

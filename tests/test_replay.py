@@ -100,3 +100,36 @@ def test_replay_clean_step_and_missing_batch(tmp_path, capsys):
     rec2.bind(ctx)
     rec2(Event(1, "spike", "critical", [], "m"), ctx)
     assert cli.main(["replay", rec2.dumps[0]]) == 2
+
+
+def test_dump_rows_are_the_rows_logged_not_a_reused_buffer(tmp_path):
+    """The dump's rows are the last ``keep`` rows exactly as each flush logged them: rows kept
+    from earlier flushes must not alias a buffer that later flushes overwrite."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = FlightRecorder(tmp_path, keep=10)
+    guard = gg.Guard(model, opt, remedies={"critical": rec}, detectors=[], flush_every=4)
+    logged = []
+    guard.add_row_observer(lambda steps, rows: logged.extend(
+        zip(np.asarray(steps).tolist(), np.array(rows, copy=True))))
+    g = torch.Generator().manual_seed(0)
+    for i in range(11):  # flushes after steps 3 and 7, then step 10 is poisoned
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g) * (i + 1)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i == 10:
+            model[0].weight.grad[0, 0] = float("nan")
+        guard.step(loss)
+    guard.flush()
+    assert len(rec.dumps) == 1
+    d = torch.load(rec.dumps[0], weights_only=True)
+    assert d["steps"] == list(range(1, 11))
+    want = np.stack([r for s, r in logged if s >= 1])
+    assert d["rows"].shape == want.shape
+    # bitwise: every row distinct (the targets grow each step), so an alias shows
+    assert np.array_equal(d["rows"].numpy().view(np.uint32), want.view(np.uint32))
+    assert len({r.tobytes() for r in want}) == len(want)

@@ -171,3 +171,25 @@ def test_channels_last_gradients_take_the_kernel(fmt, monkeypatch):
     want = torch.stack([g.double().norm() for g in grads])
     torch.testing.assert_close(s.norms.double(), want, rtol=1e-6, atol=0)
     assert torch.equal(s.max_abs, torch.stack([g.abs().max() for g in grads]))
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_stats_keep_the_backend_asked_for(stats_path, backend):
+    """The decision runs on the backend the guard chose: numpy for a CPU guard, tensors for
+    the device lane (run on CPU too); ``host()`` reads fields on the host backend only."""
+    from gradguard.backend import DEVICE, HOST
+
+    xp = HOST if backend == "host" else DEVICE
+    s = compute_stats(["a", "b"], [torch.tensor([3.0, -4.0]), torch.tensor([[12.0]])], xp=xp)
+    assert s.xp is xp
+    if xp is HOST:
+        assert s.host("norms").tolist() == [5.0, 12.0] and s.host("max_abs").tolist() == [4.0, 12.0]
+    else:
+        assert s.host("norms") is None and s.host("max_abs") is None
+    assert s.norms.tolist() == [5.0, 12.0] and float(s.global_norm) == 13.0 and not bool(s.bad)
+
+
+def test_stats_of_no_gradients():
+    s = compute_stats([], [])
+    assert len(s) == 0 and s.norms.shape == (0,) and s.max_abs.shape == (0,)
+    assert float(s.global_norm) == 0.0 and not bool(s.bad)

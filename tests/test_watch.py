@@ -11,6 +11,8 @@ from torch import nn
 
 import gradguard as gg
 
+from _helpers import bits
+
 
 def _model(seed=0):
     torch.manual_seed(seed)
@@ -26,8 +28,7 @@ def _backward(model, i, poison=False):
         model[0].bias.grad[0] = math.nan
 
 
-def _bits(t):
-    return t.detach().contiguous().view(torch.int32)
+_bits = bits  # integer views of the float bits
 
 
 @pytest.mark.parametrize("backend", ["host", "device"])

@@ -83,7 +83,9 @@ class _Host(Backend):
         return np.minimum(x, x.dtype.type(cap))
 
     def reciprocal(self, x):
-        if np.ndim(x) == 0 and x != 0 and abs(x) < math.inf:  # finite, non-zero: nothing to warn
+        # finite and not tiny: nothing to warn (1/x overflows float32 below ~2.9e-39, e.g.
+        # the reciprocal of a subnormal clip coefficient a fused optimizer gets as grad_scale)
+        if np.ndim(x) == 0 and 1e-38 < abs(x) < math.inf:
             return np.reciprocal(x)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             return np.reciprocal(x)
