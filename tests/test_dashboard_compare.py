@@ -228,7 +228,9 @@ def test_heatmap_groups_many_tensors_by_module(tmp_path, browser):
         assert [t.strip() for t in g["ticks"][5:13]] == list(SUB)
         assert g["text"][5:13] == [f"model.layers.3.{s}" for s in SUB]
         np.testing.assert_allclose(np.array(g["z"][5:13], float), z[blk3], rtol=1e-9)
-        # Clicking the group's row in the heatmap itself folds it again.
+        # Clicking the group's row in the heatmap itself folds it again (in view: a mouse
+        # click lands only inside the viewport).
+        page.evaluate("document.getElementById('chart-heat').scrollIntoView({block: 'center'})")
         box = page.evaluate("""(() => { const d = document.getElementById('chart-heat'), L = d._fullLayout;
             const r = d.getBoundingClientRect();
             return [r.left + L.xaxis._offset + L.xaxis._length / 2, r.top + L.yaxis._offset + L.yaxis.l2p(4)]; })()""")
