@@ -232,7 +232,7 @@ def start_server(log_dir, host: str = "127.0.0.1", port: int = 0, allowed_hosts=
     """Serve ``log_dir`` on a thread; port 0 picks a free port. Returns a ``DashboardServer``.
 
     Example:
-        >>> srv = start_server("runs"); print(srv.url); srv.stop()
+        >>> srv = start_server("gradguard-runs"); print(srv.url); srv.stop()
     """
     import time
 

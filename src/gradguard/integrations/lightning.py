@@ -64,7 +64,7 @@ class GradGuardCallback(Callback):
             Lightning steps.
 
     Example:
-        >>> cb = GradGuardCallback(clip=gg.GlobalNorm(1.0), log_dir="runs")
+        >>> cb = GradGuardCallback(clip=gg.GlobalNorm(1.0), log_dir="gradguard-runs")
         >>> Trainer(callbacks=[cb], max_steps=100).fit(model, loader)
         >>> cb.guard.events
     """

@@ -75,7 +75,7 @@ class RunStore:
             it then holds no runs).
 
     Example:
-        >>> store = RunStore("runs")
+        >>> store = RunStore("gradguard-runs")
         >>> [r["name"] for r in store.runs()]
         ['20250101-120000']
         >>> s = store.steps("20250101-120000", max_points=2000)

@@ -439,7 +439,7 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
         written on the first flush (or at ``close()``).
 
     Example:
-        >>> rec = open_recorder("runs", layers=[{"name": "w", "shape": [3], "order": 0}])
+        >>> rec = open_recorder("gradguard-runs", layers=[{"name": "w", "shape": [3], "order": 0}])
         >>> rec.write_steps([0], rows, GLOBAL_COLS); rec.close()
     """
     layers = list(layers or [])

@@ -51,7 +51,7 @@ class MlflowSink:
         every: log every ``every``-th step.
 
     Example:
-        >>> guard = gg.Guard(model, opt, log_dir="runs",
+        >>> guard = gg.Guard(model, opt, log_dir="gradguard-runs",
         ...                  sinks=[MlflowSink("file:///tmp/mlruns", experiment="lstm")])
     """
 

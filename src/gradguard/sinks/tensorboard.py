@@ -26,7 +26,7 @@ class TensorBoardSink:
         every: write every ``every``-th row (histograms are the bulky part).
 
     Example:
-        >>> guard = gg.Guard(model, opt, log_dir="runs")
+        >>> guard = gg.Guard(model, opt, log_dir="gradguard-runs")
         >>> guard.recorder.add_sink(TensorBoardSink("tb"))
     """
 

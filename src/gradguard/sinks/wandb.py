@@ -42,7 +42,7 @@ class WandbSink:
             ``group``, ``tags``, ...).
 
     Example:
-        >>> guard = gg.Guard(model, opt, log_dir="runs",
+        >>> guard = gg.Guard(model, opt, log_dir="gradguard-runs",
         ...                  sinks=[WandbSink("my-project", mode="offline", dir="wandb_logs")])
     """
 
