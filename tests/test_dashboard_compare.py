@@ -128,6 +128,12 @@ def test_first_view_compares_and_every_panel_overlays(server, browser, log_dir):
         lines = [(run, c) for kind, run, c in _series(page, cid) if kind == "lines"]
         assert sorted(r for r, _ in lines) == sorted(listed)
         assert all(rgb(c) == colour[r] for r, c in lines), (cid, lines, colour)
+    # The legend sits above each plot area, never over a line at the top of it (a clip
+    # coefficient of 1 was hidden behind it).
+    for cid in ("chart-loss", "chart-norm", "chart-clip", "chart-lr"):
+        legend, plot = page.evaluate(f"""[...['.legend', '.nsewdrag'].map(sel =>
+            document.querySelector('#{cid} ' + sel).getBoundingClientRect().toJSON())]""")
+        assert legend["bottom"] <= plot["top"] + 1, (cid, legend, plot)
     heat = [run for kind, run, _ in _series(page, "chart-heat") if kind == "heatmap"]
     assert sorted(heat) == sorted(listed)
     titles = page.evaluate("document.getElementById('chart-heat').layout.annotations.map(a => [a.text, a.font.color])")

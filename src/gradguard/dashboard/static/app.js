@@ -156,9 +156,10 @@
   }
   function layout(title, ytitle, traces, ylog, extra) {
     const yaxis = Object.assign({title: {text: ytitle}, type: ylog ? "log" : "linear"}, ylog ? logTicks(traces) : {});
-    return Object.assign({title: {text: title, font: {size: 14}, x: 0.01}, margin: {l: 60, r: 20, t: 30, b: 36},
+    return Object.assign({title: {text: title, font: {size: 14}, x: 0.01}, margin: {l: 60, r: 20, t: 52, b: 36},
       xaxis: xaxis(), yaxis: yaxis,
-      showlegend: true, legend: {orientation: "h", y: 1.12, x: 1, xanchor: "right"},
+      // the legend sits above the plot area, never over a line at the top (a clip coefficient of 1)
+      showlegend: true, legend: {orientation: "h", y: 1.0, yanchor: "bottom", x: 1, xanchor: "right"},
       shapes: eventShapes(), hovermode: "x unified", uirevision: state.selected.join("\n")}, extra || {});
   }
   const CFG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["select2d", "lasso2d"]};
