@@ -140,15 +140,21 @@ def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
     guard.close()
     ref = RunStore(tmp_path / "ref")
 
-    # Checkpoint at 14, keep training (and logging) to 19, then the process dies.
+    # Checkpoint at 14, keep training (and logging) to 24, then the process dies.
     log = tmp_path / "log"
     model, opt, guard = _build("zclip", log, "r")
     _steps(model, opt, guard, 0, 14)
     # deepcopy: a state_dict shares storage with the live model, a checkpoint must not
     ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()})
-    _steps(model, opt, guard, 14, 19)
-    guard.recorder.flush()  # steps 14..18 reached the store before the crash
-    del model, opt, guard
+    pending = ckpt["guard"]["pending"]["steps"]
+    assert pending and pending[0] < 14  # rows the checkpoint holds, not yet in the store
+    _steps(model, opt, guard, 14, 24)
+    guard.flush()  # the guard's buffer to the recorder, then the recorder's queue to SQLite:
+    guard.recorder.flush()  # steps up to 23 and the event at 21 reached the store before the crash
+    crashed = RunStore(log)
+    assert crashed.steps("r")["step"].tolist() == list(range(24))  # the premise, checked
+    assert [e.step for e in crashed.events("r") if e.step >= pending[0]] == [21]
+    del model, opt, guard, crashed
 
     model, opt, guard = _build("zclip", log, "r")
     model.load_state_dict(ckpt["model"])
