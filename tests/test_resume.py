@@ -203,3 +203,76 @@ def test_state_saved_by_0_1_0_loads_and_continues(tmp_path):
     steps = gg.RunStore(tmp_path).steps("r")
     assert steps["step"].tolist() == list(range(18, 26))  # the pending rows, then the new ones
     assert all(math.isfinite(v) for v in steps["loss"].tolist())
+
+
+class _Branchy(nn.Module):
+    """The resume model plus two branches: ``early`` gets gradients only on the first steps,
+    ``never`` none at all (what UnusedDetector reports, once its patience is spent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+        self.early, self.never = nn.Linear(5, 2), nn.Linear(5, 2)
+        self.use_early = True
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + self.early(x) if self.use_early else y
+
+
+def _build_crossing(snap_dir):
+    model = _Branchy()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    det = gg.UnusedDetector(patience=20)
+    guard = gg.Guard(model, opt, flush_every=2, detectors=[det],
+                     remedies={"nonfinite": gg.Rollback(every=2, skip_batches=6, to=snap_dir)})
+    return model, opt, guard
+
+
+def _crossing_steps(model, opt, guard, start, stop, held_seen):
+    for i in range(start, stop):
+        model.use_early = i < 5  # ``early`` has gradients on steps 0-4 only
+        x, y = _batch(i)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i == 9:
+            model.body[2].weight.grad[0, 0] = math.nan  # rollback at once, then 6 held steps
+        held_seen[i] = guard.hold_steps
+        guard.step(loss=loss)
+
+
+@pytest.mark.parametrize("stop", [11, 13, 19, 25])
+def test_resume_crosses_held_batches_and_unused_patience(stop, tmp_path):
+    """A checkpoint taken while a Rollback still holds batches (steps 10-15), and before
+    UnusedDetector's patience (20) is spent: the resumed run holds the same batches, and the
+    detector fires at the same step naming ``never`` only (``early`` had gradients before the
+    checkpoint) -- as in the uninterrupted run; after it fired (stop 25), it does not fire again."""
+    held_ref = {}
+    model, opt, guard = _build_crossing(tmp_path / "snap_ref")
+    _crossing_steps(model, opt, guard, 0, TOTAL, held_ref)
+    ref = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    assert [i for i, h in held_ref.items() if h] == list(range(10, 16))  # the premise: a hold
+    unused = [e for e in guard.events if e.kind == "unused"]
+    assert [(e.step, e.layers) for e in unused] == [(19, ["never.weight", "never.bias"])]
+    assert guard.remedies.state_dict()  # (a rollback happened: see held_ref)
+
+    held = {}
+    model, opt, guard = _build_crossing(tmp_path / "snap")
+    _crossing_steps(model, opt, guard, 0, stop, held)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}, ckpt)
+    del model, opt, guard
+
+    state = torch.load(ckpt)
+    model, opt, guard = _build_crossing(tmp_path / "snap")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    guard.load_state_dict(state["guard"])
+    _crossing_steps(model, opt, guard, stop, TOTAL, held)
+    assert held == held_ref
+    assert [(e.step, e.layers) for e in guard.events if e.kind == "unused"] == \
+        [(e.step, e.layers) for e in unused]
+    assert_same(ref["model"], model.state_dict(), "model")
+    assert_same(ref["opt"], opt.state_dict(), "optimizer")
+    assert_same(ref["guard"], guard.state_dict(), "guard")
