@@ -1,0 +1,87 @@
+"""Spike detectors: a spike enters the baseline clipped to the threshold, never at its own value.
+
+Both ``SpikeDetector`` (log global gradient norm) and ``LossSpikeDetector`` (log loss) keep a
+median / MAD baseline over a window.  A value that fires is appended to that window as the
+threshold it crossed, so a burst of spikes cannot drag the median (and the MAD) up to the spike
+level and hide the spikes that follow.  These tests feed synthetic rows straight to the
+detector (layout ``gradguard.layout``) and check every spike of a burst is reported, and that
+the baseline each event reports stays the clean one, not the spikes'.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import detect as D
+from gradguard.layout import GLOBAL_COLS
+
+NAMES = ["a.weight", "b.weight"]
+
+
+def _bound(det):
+    params = [nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(3))]
+    return gg.Guard(list(zip(NAMES, params)), torch.optim.SGD(params, lr=0.1), detectors=[det])
+
+
+def _row(gnorm, loss):
+    head = dict(bad=0.0, skipped=0.0, loss=loss, loss_bad=0.0, global_norm=gnorm, clip_coef=1.0,
+                lr=0.1, param_norm=math.nan)
+    layers = [gnorm * 0.6, gnorm * 0.8]
+    return np.asarray([head[c] for c in GLOBAL_COLS] + layers + layers, np.float32)
+
+
+def _series(n_clean, burst, spike, seed=0):
+    """``n_clean`` values around 1 (log-normal, sigma 0.05), then ``burst`` values ``spike``."""
+    rng = np.random.default_rng(seed)
+    clean = np.exp(rng.normal(0.0, 0.05, n_clean))
+    return np.concatenate([clean, np.full(burst, spike)])
+
+
+DETECTORS = {
+    "spike": lambda w: D.SpikeDetector(window=w, warmup=w, cooldown=0),
+    "loss_spike": lambda w: D.LossSpikeDetector(window=w, warmup=w, cooldown=0),
+}
+
+
+def _feed(kind, det, values, per_flush, start=0, guard=None):
+    guard = guard or _bound(det)
+    rows = [_row(v, 1.0) if kind == "spike" else _row(1.0, v) for v in values]
+    events = []
+    for a in range(0, len(rows), per_flush):  # the same rows in flushes of any size
+        chunk = rows[a:a + per_flush]
+        events += det.update(list(range(start + a, start + a + len(chunk))), np.stack(chunk), guard.run)
+    return events, guard
+
+
+@pytest.mark.parametrize("per_flush", [1, 3, 64])
+@pytest.mark.parametrize("window", [3, 5, 8, 20])
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_a_burst_of_spikes_is_reported_spike_by_spike(kind, window, per_flush):
+    # spikes up to just over half the window: the median of a window holding the spikes' own
+    # values would be the spike level there, and the last spike would go unreported
+    n_clean, burst = 2 * window, window // 2 + 1
+    values = _series(n_clean, burst, 1e6)
+    events, _ = _feed(kind, DETECTORS[kind](window), values, per_flush)
+    assert [e.step for e in events] == list(range(n_clean, n_clean + burst))
+    key = "median_norm" if kind == "spike" else "median_loss"
+    for e in events:
+        # the median each spike is judged against: the clean level, or at most the clipped
+        # thresholds of the spikes before it -- nowhere near the spikes' own 1e6
+        assert math.log(e.data[key]) < math.log(1e6) / 2, (e.step, e.data[key])
+
+
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_baseline_holds_the_threshold_not_the_spike(kind):
+    det = DETECTORS[kind](8)
+    values = _series(16, 1, 1e6)
+    events, guard = _feed(kind, det, values, 5)
+    assert [e.step for e in events] == [16]
+    last = det.state_dict()["hist"][-1]
+    level = math.log(last) if kind == "loss_spike" else last  # spike: log norms; loss: raw losses
+    assert level < math.log(1e6) / 2, det.state_dict()["hist"]
+    # ... and a second spike after it, as large, is still one
+    more, _ = _feed(kind, det, [1e6], 1, start=17, guard=guard)
+    assert len(more) == 1
