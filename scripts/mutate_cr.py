@@ -125,10 +125,11 @@ def run_module(mod: str, args, tmp: Path, k: int, n: int) -> list[dict]:
         raise SystemExit(f"cosmic-ray exec failed for {mod}: {out.stderr[-2000:]}")
     results = []
     with use_db(str(db)) as wdb:
-        for w, r in wdb.results:
+        by_id = {w.job_id: w for w in wdb.work_items}
+        for job_id, r in wdb.results:
             if r.worker_outcome == WorkerOutcome.SKIPPED:
                 continue
-            m = w.mutations[0]
+            m = by_id[job_id].mutations[0]
             verdict = "survived" if r.test_outcome == "survived" else (
                 "incompetent" if r.test_outcome == "incompetent" else "killed")
             diff = [ln for ln in (r.diff or "").splitlines() if ln[:1] in "+-" and ln[:3] not in ("---", "+++")]

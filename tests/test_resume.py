@@ -122,13 +122,15 @@ def test_state_dict_is_weights_only_loadable_and_round_trips(tmp_path):
 
 
 def test_resume_mid_flush_interval(tmp_path):
-    """state_dict() flushes: rows pending in the device buffer are not lost."""
+    """state_dict() does not flush: rows pending in the buffer are saved in it (not lost), and
+    still reach the store at close."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gg.Guard(model, opt, flush_every=8, log_dir=tmp_path, run_name="r")
     _steps(model, opt, guard, 0, 5)  # 5 rows pending, step 3 poisoned
     sd = guard.state_dict()
     assert sd["step"] == 5 and sd["skipped"] == 1 and [e["step"] for e in sd["events"]] == [3]
+    assert sd["pending"]["steps"] == [4]  # step 3 (poisoned) flushed at once on the host lane
     guard.close()
     assert RunStore(tmp_path).steps("r")["step"].tolist() == [0, 1, 2, 3, 4]
 
