@@ -85,3 +85,25 @@ def test_baseline_holds_the_threshold_not_the_spike(kind):
     # ... and a second spike after it, as large, is still one
     more, _ = _feed(kind, det, [1e6], 1, start=17, guard=guard)
     assert len(more) == 1
+
+
+def test_spike_detector_defaults_as_documented():
+    """Defaults: no verdict before 20 finite steps (``warmup``), a spike at 5x the median
+    (``ratio``) fires, 4x does not."""
+    clean = list(np.ones(20))
+    assert _feed("spike", D.SpikeDetector(), clean[:19] + [1e3], 64)[0] == []  # 19 steps: warm-up
+    events, _ = _feed("spike", D.SpikeDetector(), clean + [1e3], 64)
+    assert [e.step for e in events] == [20]
+    assert _feed("spike", D.SpikeDetector(), clean + [4.0], 64)[0] == []
+    assert [e.step for e in _feed("spike", D.SpikeDetector(), clean + [5.5], 64)[0]] == [20]
+
+
+def test_spike_of_exactly_critical_times_the_median_is_critical():
+    """'A jump of at least ``critical`` x the median is critical': the bound is inclusive."""
+    values = list(np.ones(20)) + [3e3]
+    (ev,), _ = _feed("spike", D.SpikeDetector(critical=1e9), values, 64)
+    assert ev.severity == "info"
+    ratio = ev.data["ratio"]  # the ratio as the detector computes it, to the last bit
+    (at,), _ = _feed("spike", D.SpikeDetector(critical=ratio), values, 64)
+    (above,), _ = _feed("spike", D.SpikeDetector(critical=math.nextafter(ratio, math.inf)), values, 64)
+    assert (at.severity, above.severity) == ("critical", "info")
