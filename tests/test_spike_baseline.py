@@ -107,3 +107,29 @@ def test_spike_of_exactly_critical_times_the_median_is_critical():
     (at,), _ = _feed("spike", D.SpikeDetector(critical=ratio), values, 64)
     (above,), _ = _feed("spike", D.SpikeDetector(critical=math.nextafter(ratio, math.inf)), values, 64)
     assert (at.severity, above.severity) == ("critical", "info")
+
+
+def test_loss_spike_default_cooldown():
+    """Default ``cooldown=10``: a second jump 10 steps after a reported one is reported, 9 is not."""
+    base = list(np.ones(20))
+    for gap, want in ((10, [20, 30]), (9, [20])):
+        values = base + [3.0] + [1.0] * (gap - 1) + [3.0] + [1.0] * 3
+        events, _ = _feed("loss_spike", D.LossSpikeDetector(), values, 64)
+        assert [e.step for e in events] == want, gap
+
+
+@pytest.mark.parametrize("per_flush", [1, 64])
+def test_loss_spike_leaves_raw_space_once_the_non_positive_loss_is_out_of_the_window(per_flush):
+    """A loss <= 0 sends the judgement to raw values while it is in the window; `window` steps
+    later the log-space baseline is back.  Losses around 100 (1% noise): 130 is a jump in raw
+    values (12 MADs) but not in log space (below 1.5x the median)."""
+    rng = np.random.default_rng(3)
+    values = list(100 * np.exp(rng.normal(0, 0.01, 40)))
+    values[3] = 0.0
+    det = D.LossSpikeDetector(window=10, warmup=10)
+    events, _ = _feed("loss_spike", det, values + [130.0], per_flush)
+    assert events == []
+    # the same 130 with the non-positive loss inside the window: raw space, a jump
+    values[35] = 0.0
+    events, _ = _feed("loss_spike", D.LossSpikeDetector(window=10, warmup=10), values + [130.0], per_flush)
+    assert [e.step for e in events] == [40]
