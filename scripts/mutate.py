@@ -54,13 +54,14 @@ TARGETS: dict[str, list[str]] = {
     # detectors: synthetic-row tests first, then the training scenarios of test_detect
     "detect/spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
     "detect/loss_spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
-    "detect/unused.py": ["tests/test_detect.py", "tests/test_resume.py"],
+    "detect/unused.py": ["tests/test_unused.py", "tests/test_detect.py", "tests/test_resume.py"],
     "detect/poisoned.py": ["tests/test_dead_run.py", "tests/test_detect.py"],
     **{f"detect/{m}.py": ["tests/test_detect.py"] for m in (
         "exploding", "vanishing", "divergence", "over_clipping", "weight_growth", "nonfinite", "_window")},
     "detect/base.py": ["tests/test_detect.py", "tests/test_reliability.py"],
     # remedies
-    "remedies/rollback.py": ["tests/test_act.py", "tests/test_honest_skips.py", "tests/test_resume.py"],
+    "remedies/rollback.py": ["tests/test_rollback_schedule.py", "tests/test_act.py", "tests/test_honest_skips.py",
+                             "tests/test_resume.py"],
     "remedies/snapshot.py": ["tests/test_act.py", "tests/test_honest_skips.py", "tests/test_apply_paths.py"],
     "remedies/actions.py": ["tests/test_act.py", "tests/test_remedies.py"],
     "remedies/table.py": ["tests/test_act.py", "tests/test_remedies.py"],
