@@ -52,7 +52,7 @@ bench: $(VENV)/.installed-test
 # Sampled so that it ends within the hour on 2 cores; MUTATE_ARGS="--sample 0" runs every
 # mutant, --shard K/N splits a run.  `make mutate-ast`: the dependency-free fallback runner.
 # See docs/testing.md.
-MUTATE_ARGS ?= --sample 5 --seed 1
+MUTATE_ARGS ?= --sample 4 --seed 1
 
 $(VENV)/.installed-mutate: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e ".[test,mutate]"

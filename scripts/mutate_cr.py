@@ -7,7 +7,7 @@ drops the ones that cannot change behaviour (mutants inside annotations -- never
 cosmic-ray on it with the module's own test files.  Each module is mutated inside a private copy
 of ``src/`` (cosmic-ray edits the file it mutates in place): the working tree is never touched.
 
-    python scripts/mutate_cr.py                          # every module, 25 mutants each
+    python scripts/mutate_cr.py                          # every module, 25 mutants each (make mutate: 4)
     python scripts/mutate_cr.py --module detect/spike --sample 0   # every mutant of one module
     python scripts/mutate_cr.py --shard 2/4              # the second of four interleaved slices
     python scripts/mutate_cr.py --list                   # the sampled mutants, nothing run

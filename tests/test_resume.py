@@ -278,3 +278,32 @@ def test_resume_crosses_held_batches_and_unused_patience(stop, tmp_path):
     assert_same(ref["model"], model.state_dict(), "model")
     assert_same(ref["opt"], opt.state_dict(), "optimizer")
     assert_same(ref["guard"], guard.state_dict(), "guard")
+
+
+@pytest.mark.parametrize("stored", [None, "", "0", "3"])
+def test_resume_keeps_the_dropped_rows_count(stored, tmp_path):
+    """The count of rows a run lost survives a resume; a store without the key (or with an
+    empty value) counts 0, never a negative number."""
+    import sqlite3
+
+    from gradguard.record.schema import DB_NAME
+
+    model, opt, guard = _build("none", tmp_path, "r")
+    _steps(model, opt, guard, 0, 6)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()})
+    guard.close()
+    con = sqlite3.connect(tmp_path / "r" / DB_NAME)
+    with con:
+        con.execute("DELETE FROM meta WHERE key = 'dropped_rows'")
+        if stored is not None:
+            con.execute("INSERT INTO meta VALUES ('dropped_rows', ?)", (stored,))
+    con.close()
+    model, opt, guard = _build("none", tmp_path, "r")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    guard.load_state_dict(ckpt["guard"])
+    _steps(model, opt, guard, 6, 10)
+    guard.close()
+    (run,) = RunStore(tmp_path).runs()
+    assert run["dropped_rows"] == (int(stored) if stored else 0)
+    assert RunStore(tmp_path).steps("r")["step"].tolist() == list(range(10))
