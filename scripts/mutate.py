@@ -1,4 +1,4 @@
-"""Mutation testing of gradguard's core decision modules: does a test fail when the code is wrong?
+"""Mutation testing of gradguard's core modules without a dependency: does a test fail when the code is wrong?
 
 A small AST mutation runner (no dependency).  For each module below it makes single-point
 mutants of the source -- a comparison flipped (``<`` -> ``<=``, ``==`` -> ``!=``, ``is`` ->
@@ -7,11 +7,9 @@ a numeric constant changed, ``True``/``False`` swapped, a statement dropped -- a
 module's own test files against each, in a fresh interpreter with a timeout.  A mutant is
 *killed* when the tests fail (or time out, or crash), *survived* when they pass.
 
-Why not mutmut / cosmic-ray: mutmut 3 rewrites every function into a trampoline and first
-runs the whole selected suite for per-test statistics; cosmic-ray needs a session database and
-a config per module.  The question here is narrower -- "do the test files that claim this
-module catch a wrong line in it?" -- and a runner that states exactly what it mutates is
-easier to judge.
+``make mutate`` runs cosmic-ray (``scripts/mutate_cr.py``, on this same ``TARGETS`` table);
+this runner is the fallback without that dependency (``make mutate-ast``).  It states exactly
+what it mutates, only inside function bodies, so its mutants are fewer and rarely equivalent.
 
 Each mutant is written into a private copy of ``src/`` (the compiled kernel travels with it),
 so the working tree is never modified, and an interrupted run leaves nothing behind.
@@ -53,6 +51,25 @@ TARGETS: dict[str, list[str]] = {
     "apply.py": ["tests/test_apply_paths.py", "tests/test_honest_skips.py", "tests/test_regressions.py",
                  "tests/test_host_sync.py"],
     "stats.py": ["tests/test_stats.py"],
+    # detectors: synthetic-row tests first, then the training scenarios of test_detect
+    "detect/spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
+    "detect/loss_spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
+    "detect/unused.py": ["tests/test_unused.py", "tests/test_detect.py", "tests/test_resume.py"],
+    "detect/poisoned.py": ["tests/test_dead_run.py", "tests/test_detect.py"],
+    **{f"detect/{m}.py": ["tests/test_detect.py"] for m in (
+        "exploding", "vanishing", "divergence", "over_clipping", "weight_growth", "nonfinite", "_window")},
+    "detect/base.py": ["tests/test_detect.py", "tests/test_reliability.py"],
+    # remedies
+    "remedies/rollback.py": ["tests/test_rollback_schedule.py", "tests/test_act.py", "tests/test_honest_skips.py",
+                             "tests/test_resume.py"],
+    "remedies/snapshot.py": ["tests/test_act.py", "tests/test_honest_skips.py", "tests/test_apply_paths.py"],
+    "remedies/actions.py": ["tests/test_act.py", "tests/test_remedies.py"],
+    "remedies/table.py": ["tests/test_act.py", "tests/test_remedies.py"],
+    "remedies/context.py": ["tests/test_act.py", "tests/test_remedies.py"],
+    "remedies/flight.py": ["tests/test_act.py", "tests/test_replay.py"],
+    "remedies/autopilot.py": ["tests/test_autopilot.py"],
+    # the store writer (SQLite): committed rows, resume, failures
+    "record/store_writer.py": ["tests/test_store.py", "tests/test_resume.py", "tests/test_store_reliability.py"],
 }
 # (the fast, targeted files come first: with -x a killed mutant costs seconds)
 

@@ -36,24 +36,50 @@ def stats_path(request, monkeypatch):
     return request.param
 
 
+def _to_host(src: torch.Tensor, dst_device) -> bool:
+    """A copy from ``src`` to ``dst_device`` is a device-to-host read back."""
+    return dst_device is not None and torch.device(dst_device).type == "cpu" and src.device.type != "cpu"
+
+
 @contextlib.contextmanager
 def no_host_sync():
-    """Fail on any Tensor -> Python read (item/bool/float/int/tolist/numpy)."""
-    names = ["item", "__bool__", "__float__", "__int__", "tolist", "numpy"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
+    """Fail on any Tensor -> Python read (item/bool/float/int/tolist/numpy), on ``Tensor.cpu()``
+    (a request for a host copy: flagged on any device, so that a CPU run sees it too), and on a
+    blocking device-to-host copy through ``Tensor.to`` or ``Tensor.copy_`` (only visible where the
+    tensor is on an accelerator: on CPU ``.to("cpu")`` copies nothing).  A ``non_blocking=True``
+    copy is allowed: it does not wait (whoever reads it waits on an event)."""
+    names = ["item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"]
+    missing = object()
+    saved = {n: torch.Tensor.__dict__.get(n, missing) for n in names + ["to", "copy_"]}
+    real = {n: getattr(torch.Tensor, n) for n in ("to", "copy_")}
 
     def boom(name):
         def f(self, *a, **k):
             raise AssertionError(f"host sync: Tensor.{name} called")
         return f
 
+    def to(self, *a, **k):
+        device, _, non_blocking, _ = torch._C._nn._parse_to(*a, **k)
+        if not non_blocking and _to_host(self, device):
+            raise AssertionError(f"host sync: Tensor.to copies a {self.device} tensor to the host")
+        return real["to"](self, *a, **k)
+
+    def copy_(self, src, non_blocking=False):
+        if not non_blocking and isinstance(src, torch.Tensor) and _to_host(src, self.device):
+            raise AssertionError(f"host sync: Tensor.copy_ copies a {src.device} tensor to the host")
+        return real["copy_"](self, src, non_blocking)
+
     try:
         for n in names:
             setattr(torch.Tensor, n, boom(n))
+        torch.Tensor.to, torch.Tensor.copy_ = to, copy_
         yield
     finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
+        for n, f in saved.items():  # as it was: a method of the class, or inherited from TensorBase
+            if f is missing:
+                delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, f)
 
 
 def assert_same(a, b, path="state"):

@@ -18,6 +18,8 @@ from gradguard.backend import DEVICE, HOST
 from gradguard.decide import decide, loss_value
 from gradguard.stats import compute_stats
 
+from conftest import no_host_sync
+
 SRC = Path(gg.__file__).parent
 
 
@@ -166,18 +168,36 @@ def test_only_apply_steps_the_optimizer():
     assert calls  # the walk did find the real call sites
 
 
+def _to_host(func, args, kwargs) -> bool:
+    """A dispatched copy from a non-CPU tensor into CPU memory: a device-to-host read back
+    (``.to("cpu")``, ``.cpu()``, ``cpu_tensor.copy_(device_tensor)``).  On a CPU run no tensor
+    is elsewhere, so it never fires there: it is for the same test on an accelerator."""
+    op = str(func.overloadpacket)
+    if op == "aten._to_copy":
+        src, dst = args[0], kwargs.get("device")
+        return dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu"
+    if op == "aten.copy_":
+        dst, src = args[0], args[1]
+        return isinstance(src, torch.Tensor) and dst.device.type == "cpu" and src.device.type != "cpu"
+    return False
+
+
 class _Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self.to_host: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+        if _to_host(func, args, kwargs):
+            self.to_host.append(str(func))
+        return func(*args, **kwargs)
 
 
-def _ops_per_step(depth: int, clip, opt_kind: str, monkeypatch) -> list[list[str]]:
-    model = _model(depth=depth)
+def _ops_per_step(depth: int, clip, opt_kind: str, monkeypatch, device="cpu") -> list[list[str]]:
+    model = _model(depth=depth).to(device)
     params = list(model.parameters())
     opt = (torch.optim.AdamW(params, lr=1e-3, fused=True) if opt_kind == "fused"
            else torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True))  # as on CUDA
@@ -187,30 +207,58 @@ def _ops_per_step(depth: int, clip, opt_kind: str, monkeypatch) -> list[list[str
         real = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _real=real, _n=name, **k: made.append(_n) or _real(*a, **k))
     per_step = []
-    loss = torch.full((), 0.5)
+    loss = torch.full((), 0.5, device=device)
     for i in range(4):
         _backward(model, i)
         made.clear()
         with _Count() as c:
             guard.step(loss=loss)
-        per_step.append((c.ops, list(made)))
+        per_step.append((c.ops, list(made) + c.to_host))
     monkeypatch.undo()
     return per_step[2:]  # steady state: the optimizer's state exists
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt_kind", ["fused", "sgd"])
 @pytest.mark.parametrize("clip", [None, "global"])
-def test_accelerator_lane_dispatches_a_constant_number_of_ops(opt_kind, clip, monkeypatch):
+def test_accelerator_lane_dispatches_a_constant_number_of_ops(opt_kind, clip, device, monkeypatch):
     """The accelerator lane launches the same ops for 8 tensors as for 80 (multi-tensor
-    kernels), and never builds a tensor from Python data (a host-to-device copy on CUDA)."""
+    kernels), never builds a tensor from Python data (a host-to-device copy on CUDA) and
+    never copies a device tensor to the host (checked where there is a device: on CPU such a
+    copy is no copy at all and dispatches nothing)."""
     policy = (lambda: gg.GlobalNorm(1.0)) if clip else (lambda: None)
-    small = _ops_per_step(3, policy(), opt_kind, monkeypatch)
-    large = _ops_per_step(39, policy(), opt_kind, monkeypatch)
+    small = _ops_per_step(3, policy(), opt_kind, monkeypatch, device)
+    large = _ops_per_step(39, policy(), opt_kind, monkeypatch, device)
     assert [len(ops) for ops, _ in small] == [len(ops) for ops, _ in large], (small[0][0], large[0][0])
     for ops, made in small + large:
         assert not made, made
     if opt_kind == "fused":
         assert small[0][0].count("aten._fused_adamw_") == 1
+
+
+def test_the_sync_checks_see_a_copy_to_the_host():
+    """The checks above and conftest.no_host_sync can fail: a copy out of a non-CPU tensor
+    (the meta device stands in for an accelerator) is seen by the dispatch count, and by
+    no_host_sync through ``.to``, ``.copy_`` and ``.cpu``; ``.to`` that stays put, or only
+    changes the dtype, is not a read."""
+    meta, host = torch.empty(3, device="meta"), torch.ones(3)
+    for copy in (lambda: meta.to("cpu"), lambda: meta.to(host), lambda: meta.cpu(),
+                 lambda: torch.empty(3).copy_(meta)):
+        with _Count() as c, pytest.raises(NotImplementedError):  # a meta tensor has no data
+            copy()
+        assert c.to_host, c.ops
+        with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
+            copy()
+    with no_host_sync():
+        host.to("cpu"), host.to(torch.float64), host.to(host), host.clone().copy_(host)
+        with pytest.raises(NotImplementedError):  # past the check (no wait), then meta has no data
+            meta.to("cpu", non_blocking=True)
+        with pytest.raises(AssertionError, match="Tensor.cpu"):
+            host.cpu()  # a request for a host copy: seen on CPU too
+    assert torch.Tensor.cpu is torch._C.TensorBase.cpu and torch.Tensor.to is torch._C.TensorBase.to
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
