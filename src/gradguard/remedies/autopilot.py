@@ -103,6 +103,7 @@ class Autopilot(Action):
         self._hist: deque = deque(maxlen=50)  # (step, loss): finite losses of applied steps
         self._suspect: dict | None = None  # {"step", "kind", "ref", "after": [losses]}
         self._rollback_steps: list[int] = []
+        self._target = -1  # the snapshot (its step) of the last rollback
         self.rollbacks = 0
         self.interventions = 0  # rollbacks + learning-rate changes (0 on a healthy run)
 
@@ -258,20 +259,31 @@ class Autopilot(Action):
             clean = [x for x in clean if math.isfinite(self._norm(x))]
         if not clean and self._snaps:
             clean = self._snaps[:1]  # older than anything else we have
+        if len(clean) > 1 and clean[-1][0] == self._target and self._rollback_steps and \
+                now - self._rollback_steps[-1] < self.lr.recover_every:
+            # the run went wrong again soon after a rollback to this snapshot: the damage may be
+            # in it (a fault a few steps before a quiet flush looks healthy there), go further back
+            clean = clean[:-1]
         if clean:
             s, snap, _ = clean[-1]
             groups = [{k: v for k, v in g.items() if k != "params"} for g in ctx.optimizer.param_groups]
             ctx.restore(snap)
             for g, saved in zip(ctx.optimizer.param_groups, groups):
                 g.update(saved)  # hyperparameters are the scheduler's: not rolled back
-            ctx.hold(self.skip_batches)
+            # a first rollback withholds nothing: the batch that did the damage is already past,
+            # and each withheld batch is an update lost; a rollback that repeats within
+            # ``recover_every`` steps means the cause persists (bad data ahead, PaLM): hold then
+            repeat = bool(self._rollback_steps) and now - self._rollback_steps[-1] < self.lr.recover_every
+            hold = self.skip_batches if repeat else 0
+            ctx.hold(hold)
             self._snaps = [x for x in self._snaps if x[0] <= s]
+            self._target = s
             self._hist = deque(((t, v) for t, v in self._hist if t < s), maxlen=self._hist.maxlen)
             self.rollbacks += 1
             self.interventions += 1
             self._rollback_steps.append(now)
-            done.append(f"rolled back to the state after step {s - 1}; skipping the next "
-                        f"{self.skip_batches} batches")
+            done.append(f"rolled back to the state after step {s - 1}" +
+                        (f"; skipping the next {hold} batches" if hold else ""))
         else:
             done.append("no clean snapshot yet: nothing to roll back to")
         before = self.lr.scale
