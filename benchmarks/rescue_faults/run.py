@@ -10,7 +10,8 @@ Grid: 3 architectures x (5 faults + none) x seeds x 4 methods, CPU only.
   for 5 steps), ``weight`` (one weight set to 1e4), ``inf`` (5 steps whose gradients overflow
   to inf).
 - methods: ``none`` (no guard), ``clip`` (``GlobalNorm(1.0)`` + skip), ``zclip``
-  (``adaptive.ZClip()`` + skip), ``auto`` (``remedies="auto"``, no clipping).
+  (``adaptive.ZClip()`` + skip), ``auto`` (``remedies="auto"``, no clipping), ``autoclip``
+  (``remedies="auto"`` + ``GlobalNorm(1.0)``: clipping is not implied by "auto").
 
 Metric: final held-out loss against the same method and seed without the fault; a faulted run
 is *recovered* when that loss is finite and at most 2% above.  Interventions (rollbacks,
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "rescue_faults.json"
 ARCHS = ("cnn", "gru", "gpt")
 FAULTS = ("none", "nan", "corrupt", "lr", "weight", "inf")
-METHODS = ("none", "clip", "zclip", "auto")
+METHODS = ("none", "clip", "zclip", "auto", "autoclip")
 TOL = 0.02  # recovered: final held-out loss within 2% of the fault-free run
 
 
@@ -146,6 +147,8 @@ def make_guard(method, model, opt):
     if method == "zclip":
         from gradguard.adaptive import ZClip
         return gg.Guard(model, opt, clip=ZClip(), detectors=[])
+    if method == "autoclip":  # the autopilot with the clipping the "clip" method uses
+        return gg.Guard(model, opt, clip=gg.GlobalNorm(1.0), remedies="auto")
     return gg.Guard(model, opt, remedies="auto")
 
 
@@ -270,7 +273,7 @@ def score(runs):
 
 
 LABELS = {"none": "no guard", "clip": "GlobalNorm(1.0) + skip", "zclip": "ZClip + skip",
-          "auto": 'remedies="auto"'}
+          "auto": 'remedies="auto"', "autoclip": 'remedies="auto" + GlobalNorm(1.0)'}
 
 
 def markdown(res) -> str:
@@ -292,7 +295,7 @@ def markdown(res) -> str:
         by = " | ".join(f"{a}/{b}" for a, b in (r["by_fault"][f] for f in FAULTS[1:]))
         by += " | " + " | ".join(f"{a}/{b}" for a, b in (r["by_arch"].get(x, [0, 0]) for x in ARCHS))
         iv = (f"{r['clean_interventions']} ({r['clean_skipped']} steps withheld) in {r['clean_runs']} runs"
-              if m == "auto" else "-")
+              if m.startswith("auto") else "-")
         lines.append(f"| {LABELS[m]} | {r['recovered']}/{r['faulted']} ({100 * r['rate']:.0f}%) | "
                      f"{r['within5']}/{r['faulted']} | {by} | {iv} |")
     missed = [r for r in res["runs"] if r["method"] == "auto" and r["fault"] != "none" and not r.get("recovered")]
@@ -340,14 +343,16 @@ def plot(res, path: Path) -> None:
     import matplotlib.pyplot as plt
     s = res["summary"]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.2
-    for i, m in enumerate(m for m in METHODS if m in s):
+    shown = [m for m in METHODS if m in s]
+    width = 0.8 / len(shown)
+    for i, m in enumerate(shown):
         rates = [s[m]["by_fault"][f][0] / max(s[m]["by_fault"][f][1], 1) for f in FAULTS[1:]]
-        ax.bar([j + (i - 1.5) * width for j in range(len(FAULTS) - 1)], rates, width, label=LABELS[m])
+        ax.bar([j + (i - (len(shown) - 1) / 2) * width for j in range(len(FAULTS) - 1)], rates, width,
+               label=LABELS[m])
     ax.set_xticks(range(len(FAULTS) - 1), FAULTS[1:])
     ax.set_ylabel("recovered (within 2%)")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.legend(fontsize=7, ncol=len(shown), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("Faulted runs recovered, by fault (3 architectures x seeds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
