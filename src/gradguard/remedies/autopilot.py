@@ -327,7 +327,7 @@ class Autopilot(Action):
         self.rollbacks, self.interventions = int(sd["rollbacks"]), int(sd["interventions"])
         self._rollback_steps = [int(s) for s in sd["rollback_steps"]]
         self._hist = deque(((int(s), float(v)) for s, v in sd["hist"]), maxlen=self._hist.maxlen)
-        self._snaps, self._suspect = [], None
+        self._snaps, self._suspect, self._target = [], None, -1
 
     def __repr__(self) -> str:
         return (f"Autopilot(every={self.every}, skip_batches={self.skip_batches}, keep={self.keep}, "
