@@ -316,6 +316,16 @@ def markdown(res) -> str:
                      f"{max(ratios, default=0):.3f}x the fault-free loss (a rollback discards the updates "
                      "from the snapshot, at most a 4-step CPU flush before the fault, to the flush that "
                      "confirms it, and the short runs are still improving when they end)")
+        late = []  # rolled back to a state that already held the fault's first updates
+        for r in rolled:
+            acts = [a for e in r.get("events", []) if e[1] == "rescue" for a in (e[3] or [])]
+            after = [int(a.split("after step ")[1].split(";")[0]) for a in acts[:1] if "after step " in a]
+            if after and after[0] >= cfg["steps"] // 2:
+                late.append(f"{r['arch']}/{r['fault']} seed {r['seed']} ({r['ratio']:.3f}x, to the state after "
+                            f"step {after[0]})")
+        if late:
+            text += ("; rolled back to a snapshot taken after the fault (at a quiet flush before the loss "
+                     "rose): " + ", ".join(late))
         if idle:
             text += (f"; {len(idle)} had no rollback: "
                      + ", ".join(f"{r['arch']}/{r['fault']} seed {r['seed']} ({r['ratio']:.3f}x)" if r.get("ratio")
