@@ -292,3 +292,68 @@ def test_bench_command_knows_rescue():
     args = parser.parse_args(["rescue", "--smoke"])
     assert args.what == "rescue" and args.smoke
     assert (ROOT / "benchmarks" / bench.SUITES["rescue"]).exists()
+
+
+# ------------------------------------------------------------------ rollback distance
+@pytest.mark.parametrize("remedies,flush_every,expected", [
+    ("auto", None, Autopilot.CPU_FLUSH_EVERY), (Autopilot(every=7), None, Autopilot.CPU_FLUSH_EVERY),
+    (None, None, 16), ({"critical": "rollback"}, None, 16), ("auto", 8, 8), ("auto", 1, 1)])
+def test_the_autopilot_shortens_the_cpu_flush_interval_unless_it_is_given(remedies, flush_every, expected):
+    """A rollback discards the updates since the snapshot, taken at a flush: flush often on CPU."""
+    m = _mlp(0)
+    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.1), remedies=remedies, flush_every=flush_every)
+    assert guard.flush_every == expected
+    assert Autopilot.CPU_FLUSH_EVERY < 16
+
+
+class _Ctx:
+    """What Autopilot.__call__ uses of a RemedyContext, recording restores and holds."""
+
+    def __init__(self):
+        self.optimizer = torch.optim.SGD(_mlp(0).parameters(), 0.1)
+        self.steps, self.restored, self.holds = 0, [], []
+
+    def restore(self, snap):
+        self.restored.append(snap)
+
+    def hold(self, n):
+        self.holds.append(n)
+
+
+def _rescue(step, trigger):
+    return gg.Event(step, "rescue", "warning", [], "test", data={"trigger_step": trigger})
+
+
+@pytest.mark.parametrize("gap,repeat", [(12, True), (199, True), (200, False), (5000, False)])
+def test_a_repeated_rollback_goes_further_back_and_holds_batches(gap, repeat):
+    ap = Autopilot(skip_batches=5, recover_every=200, max_rollbacks=10)
+    ctx = _Ctx()
+    ap._snaps = [[96, "s96", 1.0], [100, "s100", 1.0]]
+    ctx.steps = 108
+    note = ap(_rescue(107, 103), ctx)
+    # the first rollback: the newest snapshot before the fault, nothing withheld
+    assert ctx.restored == ["s100"] and ctx.holds == [0] and "skipping" not in note
+    ctx.steps = 108 + gap
+    note = ap(_rescue(ctx.steps, 110), ctx)
+    if repeat:  # the run went wrong again soon: the snapshot may hold the damage, and bad data may be ahead
+        assert ctx.restored[-1] == "s96" and ctx.holds[-1] == 5 and "skipping the next 5 batches" in note
+    else:
+        assert ctx.restored[-1] == "s100" and ctx.holds[-1] == 0 and "skipping" not in note
+    assert ap.rollbacks == 2
+
+
+def test_a_refuted_suspect_does_not_hide_a_rise_later_in_the_same_flush():
+    """A noisy step, refuted by the losses after it, then a lasting rise in the flush that refutes
+    it: the rise is the suspect at its own step, not at the next flush's."""
+    m = _mlp(0)
+    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(confirm=5),
+                     detectors=[], param_norm_every=0, flush_every=4)
+    losses = [1.0 + 0.01 * (i % 3) for i in range(44)] + [5.0] + [1.0] * 5 + [2.0] + [1.6] * 13
+    x = torch.zeros(4, 8)
+    for v in losses:
+        loss = v + 0.0 * m(x).sum()  # the loss is the scripted value; gradients exist (zero)
+        loss.backward()
+        guard.step(loss=loss)
+    guard.flush()
+    rescues = [e for e in guard.events if e.kind == "rescue"]
+    assert rescues and rescues[0].data["trigger_step"] == 50

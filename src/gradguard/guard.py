@@ -40,7 +40,7 @@ from ._validate import check_choice, check_int
 from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
 from .lr_groups import GroupLRs
 from .nan_origin import OriginOnPoison
-from .remedies import RemedyContext, Remedies
+from .remedies import Autopilot, RemedyContext, Remedies
 from .shards import agree_any, world_of
 from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
 
@@ -79,7 +79,7 @@ class Guard:
             unscaled gradients and calls ``scaler.step(optimizer)``.  You still
             call ``scaler.update()``.
         flush_every: steps between two flushes of the rows to the detectors,
-            remedies and the store (default 16 on CPU, 32 on accelerators, where
+            remedies and the store (default 16 on CPU, 4 with the autopilot, 32 on accelerators, where
             a flush is the interval's one host sync).  A step with NaN/Inf is
             flushed at once on CPU.
         run_name: name of the run in the store.
@@ -161,7 +161,9 @@ class Guard:
         self._xp = HOST if (backend == "host" or (backend == "auto" and on_cpu)) else DEVICE
         if self._xp is HOST and not on_cpu:
             raise ValueError("backend='host' needs every parameter on the CPU")
-        self.flush_every = flush_every or (CPU_FLUSH_EVERY if on_cpu else 32)
+        # the autopilot rolls back to a snapshot taken at a flush: shorter CPU intervals lose fewer updates
+        auto = isinstance(remedies, Autopilot) or (isinstance(remedies, str) and remedies == "auto")
+        self.flush_every = flush_every or ((Autopilot.CPU_FLUSH_EVERY if auto else CPU_FLUSH_EVERY) if on_cpu else 32)
         # How the optimizer is stepped, chosen once (apply.py); check() never steps.
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
