@@ -40,8 +40,12 @@ $(CHROMIUM):
 	$$SUDO apt-get update -q && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
+# Two pytest-xdist workers (CI has 2 cores); a test file stays on one worker (--dist loadfile),
+# so its module fixtures (dashboard server, browser) are built once.  TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
+
 test: $(VENV)/.installed-test | $(CHROMIUM)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e ".[test,bench]"

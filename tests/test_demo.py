@@ -49,27 +49,32 @@ def test_demo_is_deterministic_per_seed():
     assert a[0].loss != c[0].loss
 
 
-def test_default_demo_shows_a_rescue():
+@pytest.fixture(scope="module")
+def default_demo():
+    """One run of the default demo (the same call in both tests below, deterministic per
+    seed: test_demo_is_deterministic_per_seed), shared so that the suite pays for it once."""
+    buf = io.StringIO()
+    ung, gua = run_demo(log_dir=None, out=buf, show_progress=False)
+    return ung, gua, buf.getvalue()
+
+
+def test_default_demo_shows_a_rescue(default_demo):
     # The claim `make demo` makes: same seed, same init; unguarded fails, guarded learns.
-    ung, gua = run_demo(log_dir=None, out=_quiet(), show_progress=False)
+    ung, gua, _ = default_demo
     assert ung.accuracy < 0.3 and not (ung.loss < 5)          # chance level, loss blown up (or NaN)
     assert gua.accuracy > 0.8 and gua.loss < 1.0
     assert gua.clipped > 0
 
 
-def test_default_demo_names_its_explosion_first():
+def test_default_demo_names_its_explosion_first(default_demo):
     """The unguarded run's explosion is named (kind, culprit layer, step) before step 30, and
     the summary leads with it, before the table."""
-    import io
-
-    buf = io.StringIO()
-    ung, _ = run_demo(log_dir=None, out=buf, show_progress=False)
+    ung, _, text = default_demo
     from gradguard.tools.demo import first_alarm
 
     alarm = first_alarm(ung.events)
     assert alarm is not None and alarm.step < 30
     assert alarm.kind in ("diverging", "exploding", "spike", "loss_spike") and alarm.layers
-    text = buf.getvalue()
     assert text.index("What happened") < text.index("unguarded vs guarded")
     assert f"step {alarm.step}" in text.split("What happened", 1)[1].splitlines()[0]
 
