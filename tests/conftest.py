@@ -1,4 +1,5 @@
 import contextlib
+import os
 
 import pytest
 import torch
@@ -85,3 +86,22 @@ def no_host_sync():
 def assert_same(a, b, path="state"):
     """Deep bitwise equality (integer views: -0.0 != 0.0, NaN payloads count); see _helpers."""
     assert_bitwise(a, b, path)
+
+
+# ---------------------------------------------------------------- headless browser
+CHROMIUM = "/usr/bin/chromium"
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium (playwright), one per test module."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        yield b
+        b.close()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import httpx
 import numpy as np
@@ -16,9 +15,6 @@ from gradguard.guard import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
 
 EVIL = "<img src=x onerror=alert(1)>"
-CHROMIUM = "/usr/bin/chromium"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 class IRNN(torch.nn.Module):
@@ -142,18 +138,6 @@ def test_only_get(server):
     with httpx.Client(base_url=server.url, timeout=10) as c:
         assert c.post("/api/runs").status_code == 405
         assert c.delete("/api/runs/guarded/steps").status_code == 405
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser, url):

@@ -7,7 +7,6 @@ import argparse
 from html import escape
 import json
 import math
-import os
 import re
 
 import httpx
@@ -19,7 +18,7 @@ from gradguard import report
 from gradguard.dashboard.server import start_server
 from gradguard.layout import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
-from test_dashboard import CHROME_ARGS, CHROMIUM, train_irnn
+from test_dashboard import train_irnn
 
 BLOCKS, PER_BLOCK = 20, 8          # 160 tensors + 2: GPT-2-like names, past the grouping threshold
 SUB = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
@@ -57,18 +56,6 @@ def server(log_dir):
     srv = start_server(log_dir, "127.0.0.1", 0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser, url):
