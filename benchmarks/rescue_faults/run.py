@@ -220,8 +220,8 @@ def overhead(archs, steps, reps):
         for r in range(reps):
             for m in ("default", "auto") if r % 2 == 0 else ("auto", "default"):
                 times[m].append(1e3 * train(arch, "none", m, 0, steps, task)["wall_s"] / steps)
-        out[arch] = {m: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v)}
-                     for m, v in times.items()}
+        out[arch] = {m: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v),
+                         "reps": len(v)} for m, v in times.items()}
     return out
 
 
@@ -334,7 +334,8 @@ def markdown(res) -> str:
         lines += ["", text + "."]
     oh = res.get("overhead")
     if oh:
-        lines += ["", "Per-step wall time on healthy runs (single process, 5 interleaved runs of "
+        reps = next(iter(oh.values()))["default"].get("reps", 5)  # (results before "reps" was stored: 5)
+        lines += ["", f"Per-step wall time on healthy runs (single process, {reps} interleaved runs of "
                   f"{cfg['steps']} steps, median [min-max] ms, forward and backward included): "
                   + "; ".join(f"{a}: default guard {v['default']['median_ms']:.2f} [{v['default']['min_ms']:.2f}-"
                               f"{v['default']['max_ms']:.2f}], auto {v['auto']['median_ms']:.2f} "
