@@ -88,13 +88,10 @@ class DeadRunBudget:
         bad = np.asarray(rows)[:, COL["bad"]] > 0
         if not len(bad):
             return None
-        clean = np.flatnonzero(~bad)
-        if len(clean):  # the streak (if any) starts after the last clean step
-            self._streak = len(bad) - 1 - int(clean[-1])
-            self._first = int(steps[int(clean[-1]) + 1]) if self._streak else -1
-        else:
-            self._first = self._first if self._streak else int(steps[0])
-            self._streak += len(bad)
+        streak = int(W.runs(bad, self._streak)[-1])  # the same run length PoisonedRunDetector counts
+        if streak <= len(bad):  # the streak began in this flush (or there is none)
+            self._first = int(steps[len(bad) - streak]) if streak else -1
+        self._streak = streak
         if self.budget is None or self._streak < self.budget:
             return None
         return self._error(int(steps[-1]), rows[-1], run)
