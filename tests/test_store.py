@@ -153,12 +153,16 @@ def test_reader_while_writer_writes(tmp_path):
     while not done.is_set() or len(seen) < 2:
         if not (tmp_path / "live" / DB_NAME).exists():
             continue  # the store appears, complete, with the first flush
+        # The status is read first: 'finished' is committed after the last row, so a reader that
+        # sees it must then see every row (reading it after the rows would race the writer).
+        status = store.info("live")["status"]
         s = store.steps("live")
         n = len(s["step"])
         np.testing.assert_array_equal(s["step"], np.arange(n))      # committed prefix, never torn
+        assert status == "running" or n == 4000
         ds = store.layer_norms("live", max_points=30)
         assert ds["norm"].shape[1] == L
-        statuses.add(store.info("live")["status"])
+        statuses.add(status)
         seen.append(n)
         if done.is_set():
             break
