@@ -93,6 +93,8 @@ class Autopilot(Action):
     # snapshot taken at a flush and discards the updates since; measured on the rescue benchmark,
     # 16-step flushes cost a GRU run about 3.5% of its final loss after a rollback, 4-step ones ~1%.
     CPU_FLUSH_EVERY = 4
+    # A small rise is watched for up to this many x ``confirm`` losses (see ``_confirm``).
+    EXTEND = 4
 
     def __init__(self, every: int = 4, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
                  ratio: float = 1.05, z: float = 4.0, max_rollbacks: int = 4, budget_steps: int = 1000,
@@ -139,7 +141,7 @@ class Autopilot(Action):
             elif ev.kind in SOFT and self._suspect is None and trigger is None:
                 ref = self._baseline(ev.step, steps, loss, ok)
                 if ref is not None:
-                    self._suspect = {"step": ev.step, "kind": ev.kind, "ref": ref[0], "thr": ref[1],
+                    self._suspect = {"step": ev.step, "kind": ev.kind, "ref": ref[0], "spread": ref[1],
                                      "after": [], "event": ev}
         if trigger is None and self._suspect is None:
             self._suspect = self._loss_suspect(steps, loss, ok)
@@ -157,6 +159,10 @@ class Autopilot(Action):
                 trigger, _ = self._confirm(steps, loss, ok)
         if trigger is not None:
             self._suspect = None
+            onset = self._onset(trigger["step"])
+            if onset != trigger["step"]:
+                trigger["why"] += f" (the loss was already above its damage threshold at step {onset})"
+                trigger["step"] = onset
             ev = Event(steps[-1], "rescue", "warning", list(trigger["event"].layers),
                        f"autopilot: {trigger['kind']} at step {trigger['step']}: {trigger['why']}.",
                        data={"trigger_step": trigger["step"], "trigger_kind": trigger["kind"],
@@ -177,23 +183,62 @@ class Autopilot(Action):
             norm = param_norm(ctx.params, DEVICE)
             self._snaps.append([ctx.steps, ctx.capture(wait=False, reuse=old), norm])
 
+    def _thr(self, sus, n: int) -> float:
+        """The loss level the median of ``n`` losses after a suspect must exceed to count as damage:
+        ``ratio`` x the median before it, and ``z`` x the spread of one log loss over sqrt(n)."""
+        return sus["ref"] * math.exp(max(math.log(self.ratio), self.z * sus["spread"] / math.sqrt(n)))
+
     def _confirm(self, steps, loss, ok):
-        """Feed the suspect the losses after it; (trigger or None, the refuted suspect's step or None)."""
+        """Feed the suspect the losses after it; (trigger or None, the refuted suspect's step or None).
+
+        A sequential test: damage is confirmed early when 3 or more losses after the suspect all
+        exceed the threshold of ``confirm`` losses (each step waited for is an update a rollback
+        discards); at ``confirm`` losses when their median does; and a rise that is real but
+        small (the median above the level before, below the threshold) is tested once more over
+        ``EXTEND`` x ``confirm`` losses, against a threshold smaller by sqrt(EXTEND): a mild LR
+        burst leaves a 5-10% rise that lasts, which 5 noisy losses cannot tell from noise, and
+        a transient of a few steps barely moves the median of 20."""
         sus = self._suspect
+        cap = self.EXTEND * self.confirm
         for i, s in enumerate(steps):
-            if ok[i] and loss[i] == loss[i] and s > sus["step"] and len(sus["after"]) < self.confirm:
+            if ok[i] and loss[i] == loss[i] and s > sus["step"] and len(sus["after"]) < cap:
                 sus["after"].append(float(loss[i]))
-        if len(sus["after"]) < self.confirm:
+        after, n = sus["after"], len(sus["after"])
+        if n >= 3 and min(after) > self._thr(sus, self.confirm):
+            return self._confirmed(sus, f"every one of the {n} losses after the {sus['kind']} "
+                                   f"stayed above {self._thr(sus, self.confirm):.4g}"), None
+        if n < self.confirm:
             return None, None
+        med = statistics.median(after)
+        if n in (self.confirm, cap) and med > self._thr(sus, n):  # two tests, not one per flush
+            return self._confirmed(sus, f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its "
+                                   f"median {sus['ref']:.4g}) over the {n} steps after the {sus['kind']}"), None
+        if med > sus["ref"] and n < cap:
+            return None, None  # above the level before, not yet beyond the noise: keep watching
         self._suspect = None
-        med = statistics.median(sus["after"])
-        if med > sus["thr"]:
-            return {"step": sus["step"], "kind": sus["kind"], "event": sus["event"],
-                    "why": f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its median "
-                           f"{sus['ref']:.4g}) over the {self.confirm} steps after the {sus['kind']}"}, None
         sus["event"].data.setdefault("actions", []).append(
             f"autopilot: the loss came back ({med / sus['ref']:.2f}x its median): no action")
         return None, sus["step"]
+
+    def _confirmed(self, sus, why):
+        self._suspect = None
+        return {"step": sus["step"], "kind": sus["kind"], "event": sus["event"], "why": why}
+
+    def _onset(self, step: int) -> int:
+        """The first step of the ``confirm`` before ``step`` whose loss is above the damage
+        threshold, else ``step``: where the rollback's snapshot must come from before.
+
+        A rise is seen late: one noisy loss must jump further to raise a suspicion than a run
+        of them to confirm it, and a detector waits for the loss to persist.  Restoring a
+        snapshot that already holds the damage costs far more (measured: 1.2x the final loss)
+        than one taken a flush earlier (a few more updates discarded), so the step is moved
+        back to the earliest elevated loss, gaps allowed."""
+        base = self._baseline(step - self.confirm, (), (), ())
+        if base is None:
+            return step
+        thr = self._thr({"ref": base[0], "spread": base[1]}, self.confirm)
+        past = dict(self._hist)
+        return next((s for s in range(step - self.confirm, step) if past.get(s, -math.inf) > thr), step)
 
     @staticmethod
     def _norm(entry) -> float:
@@ -228,20 +273,20 @@ class Autopilot(Action):
         with no event at all (measured: benchmarks/rescue_faults).  This looser rule only makes
         a suspect: the strict confirmation over the next ``confirm`` losses decides."""
         # one baseline per flush (the losses before it): cheap on healthy steps
-        base = self._baseline(steps[0], steps, loss, ok, step_rise=True) if steps else None
+        base = self._baseline(steps[0], steps, loss, ok) if steps else None
         if base is None:
             return None
         for i, s in enumerate(steps):
             if s <= after or not (ok[i] and loss[i] == loss[i]):
                 continue
-            if float(loss[i]) > base[2]:
+            if float(loss[i]) > base[0] * math.exp(max(math.log(1.1), 3 * base[1])):
                 ev = Event(s, "loss_spike", "info", [], f"loss {float(loss[i]):.4g} is "
                            f"{float(loss[i]) / base[0]:.2f}x its median {base[0]:.4g}")
-                return {"step": s, "kind": "loss rise", "ref": base[0], "thr": base[1], "after": [], "event": ev}
+                return {"step": s, "kind": "loss rise", "ref": base[0], "spread": base[1], "after": [], "event": ev}
         return None
 
-    def _baseline(self, step, steps, loss, ok, step_rise=False):
-        """(median, damage threshold) of the finite losses before ``step``; None if too few."""
+    def _baseline(self, step, steps, loss, ok):
+        """(median, spread of the log losses) of the finite losses before ``step``; None if too few."""
         vals = [v for s, v in self._hist if s < step]
         vals += [float(loss[i]) for i, s in enumerate(steps) if s < step and ok[i] and loss[i] == loss[i]]
         vals = vals[-50:]
@@ -249,11 +294,7 @@ class Autopilot(Action):
             return None  # too young, or a loss that is not a positive error: no judgement
         logs = [math.log(v) for v in vals]
         med = statistics.median(logs)
-        spread = 1.4826 * statistics.median(abs(x - med) for x in logs)
-        rise = max(math.log(self.ratio), self.z * spread / math.sqrt(self.confirm))
-        if step_rise:  # one step's threshold for a suspect, and the confirmation threshold
-            return math.exp(med), math.exp(med + rise), math.exp(med + max(math.log(1.1), 3 * spread))
-        return math.exp(med), math.exp(med + rise)
+        return math.exp(med), 1.4826 * statistics.median(abs(x - med) for x in logs)
 
     # ------------------------------------------------------------------ act
     def __call__(self, event, ctx):
