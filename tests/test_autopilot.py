@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -357,3 +358,64 @@ def test_a_refuted_suspect_does_not_hide_a_rise_later_in_the_same_flush():
     guard.flush()
     rescues = [e for e in guard.events if e.kind == "rescue"]
     assert rescues and rescues[0].data["trigger_step"] == 50
+
+
+def _scripted(losses, **kw):
+    """A guard fed scripted losses (lr 0, zero gradients): what the autopilot decides from them."""
+    m = _mlp(0)
+    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(**kw),
+                     detectors=[], param_norm_every=0, flush_every=4)
+    x = torch.zeros(4, 8)
+    for v in losses:
+        loss = float(v) + 0.0 * m(x).sum()
+        loss.backward()
+        guard.step(loss=loss)
+    guard.flush()
+    return [e for e in guard.events if e.kind == "rescue"], guard.remedies.actions[0]
+
+
+def _flat(n):
+    return [1.0 + 0.01 * (i % 3) for i in range(n)]
+
+
+@pytest.mark.parametrize("first", [44, 45, 46, 47])
+def test_a_large_lasting_rise_is_acted_on_after_three_losses(first):
+    """Every loss after the suspect far above the threshold: decided once 3 are in, not 5 (each
+    step waited for is an update the rollback discards)."""
+    rescues, _ = _scripted(_flat(first) + [10.0] * 20, confirm=5)
+    assert rescues and rescues[0].data["trigger_step"] == first
+    three_in = first + 3
+    # the flush that holds the third loss after the suspect decides
+    assert rescues[0].step == (three_in // 4) * 4 + 3
+    assert "every one of the" in rescues[0].message
+
+
+@pytest.mark.parametrize("lasting,rescued", [(True, True), (False, False)])
+def test_a_small_rise_is_judged_over_a_longer_window(lasting, rescued):
+    """+8% over a 5%-noisy loss: 5 losses cannot tell it from noise; 20 can, and a transient of
+    5 steps does not move the median of 20."""
+    g = np.random.default_rng(0)
+    base = list(np.exp(0.05 * g.standard_normal(60)))
+    after = [1.3] + [1.08 * (1 + 0.005 * (-1) ** i) for i in range(30)]
+    if not lasting:
+        after = after[:5] + list(np.exp(0.05 * g.standard_normal(26)))
+    rescues, ap = _scripted(base + after, confirm=5)
+    assert bool(rescues) == rescued and ap.rollbacks == int(rescued)
+    if rescued:
+        assert rescues[0].data["trigger_step"] == 60
+        assert "over the 20 steps after" in rescues[0].message
+        assert rescues[0].step >= 80  # not at 5 losses: the longer test decided
+
+
+def test_the_snapshot_comes_from_before_the_first_elevated_loss():
+    """A loss above the damage threshold (below a suspect's) just before a quiet flush, then a
+    lasting rise: the snapshot of that flush may already hold the damage; the rollback skips it."""
+    losses = _flat(47) + [1.08, 1.0, 10.0] + [10.0] * 12
+    rescues, ap = _scripted(losses, confirm=5)
+    assert rescues and rescues[0].data["trigger_step"] == 47
+    assert "already above its damage threshold at step 47" in rescues[0].message
+    assert rescues[0].data["actions"][0] == "rolled back to the state after step 43"
+    # no elevated loss before the rise: the newest snapshot before it
+    rescues, _ = _scripted(_flat(49) + [10.0] * 12, confirm=5)
+    assert rescues[0].data["trigger_step"] == 49
+    assert rescues[0].data["actions"][0] == "rolled back to the state after step 47"

@@ -19,8 +19,14 @@ For people who do not want to design a remedies table.  What it does:
 Single-batch events are common in healthy runs (a heavy-tailed batch gives a
 300x loss in runs that converge), so an ``info`` event is only a *suspect*: the
 autopilot acts when the median of the ``confirm`` losses after it stays above the
-loss median before it by more than ``ratio`` and than ``z`` x its spread (the
-damage persists), and leaves the run alone otherwise.  A ``diverging`` or
+loss median before it by more than ``ratio`` and than ``z`` x its spread over
+sqrt(``confirm``) (the damage persists), and leaves the run alone otherwise.  The test is
+sequential: three losses after the suspect that are all above that level decide at once,
+and a median above the level before but within the noise is tested once more over
+4 x ``confirm`` losses (a mild LR burst leaves a rise of a few percent that lasts).  The
+rollback's snapshot comes from before the earliest loss above that level among the
+``confirm`` steps before the trigger: a fault shows late, and a snapshot that already holds
+it would be restored.  A ``diverging`` or
 ``weight_growth`` warning, a 1e4x spike, or a parameter norm ``blowup`` x the
 last snapshot's (read from the rows: the detector reports once per cooldown, and
 a fault may come back after a rollback) is acted on at once.
@@ -75,7 +81,9 @@ class Autopilot(Action):
         skip_batches: batches withheld after a rollback that repeats within ``recover_every``
             steps (the cause persists: bad data ahead); a first rollback withholds none (default 5).
         keep: snapshots kept in host memory, 1 or 2 (default 2).
-        confirm: losses after a suspect event that decide whether it did damage (default 5).
+        confirm: losses after a suspect event that decide whether it did damage (default 5;
+            3 that are all above the threshold decide sooner, a small rise is judged again
+            over ``4 x confirm``).
         ratio: the smallest rise of the loss median after the event over the median before
             it that counts as damage (default 1.05).
         z: the rise must also exceed ``z`` x the spread of the log losses before the event,
