@@ -17,7 +17,7 @@ Metric: final held-out loss against the same method and seed without the fault; 
 is *recovered* when that loss is finite and at most 2% above.  Interventions (rollbacks,
 learning-rate changes, held or skipped steps) are counted on the runs without a fault.
 
-    python benchmarks/rescue_faults/run.py              # full grid, 2 processes, ~10 min
+    python benchmarks/rescue_faults/run.py              # full grid, 2 processes, ~25 min
     python benchmarks/rescue_faults/run.py --smoke      # one seed, short runs (seconds)
     python benchmarks/rescue_faults/run.py --write docs/benchmarks.md --plot
 """
@@ -41,6 +41,14 @@ ARCHS = ("cnn", "gru", "gpt")
 FAULTS = ("none", "nan", "corrupt", "lr", "weight", "inf")
 METHODS = ("none", "clip", "zclip", "auto", "autoclip")
 TOL = 0.02  # recovered: final held-out loss within 2% of the fault-free run
+# Run lengths: the digits CNN and the character transformer as long as in the runs that showed the
+# problem (800 and 400 steps); the GRU reads the same digits as the CNN.  The fault is at mid-run.
+STEPS = {"cnn": 800, "gru": 800, "gpt": 400}
+
+
+def steps_of(cfg_steps, arch) -> int:
+    """A run's length from a config's ``steps``: one number for every architecture, or a table."""
+    return cfg_steps[arch] if isinstance(cfg_steps, dict) else int(cfg_steps)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -221,7 +229,7 @@ def overhead(archs, steps, reps):
             for m in ("default", "auto") if r % 2 == 0 else ("auto", "default"):
                 times[m].append(1e3 * train(arch, "none", m, 0, steps, task)["wall_s"] / steps)
         out[arch] = {m: {"median_ms": sorted(v)[len(v) // 2], "min_ms": min(v), "max_ms": max(v),
-                         "reps": len(v)} for m, v in times.items()}
+                         "reps": len(v), "steps": steps} for m, v in times.items()}
     return out
 
 
@@ -281,8 +289,10 @@ def markdown(res) -> str:
     lines = ["<!-- rescue_faults: written by benchmarks/rescue_faults/run.py -->",
              "## Rescue on faults (`gradguard bench rescue`)", "",
              f"{len(cfg['archs'])} architectures (CNN + BatchNorm + SGD-momentum on digits, GRU + Adam "
-             f"on digits rows, 2-layer char transformer + AdamW) x 5 faults at step {cfg['steps'] // 2} "
-             f"of {cfg['steps']} x {cfg['seeds']} seeds; a faulted run is recovered when its final "
+             f"on digits rows, 2-layer char transformer + AdamW) x 5 faults at mid-run ("
+             + ", ".join(f"{a}: step {steps_of(cfg['steps'], a) // 2} of {steps_of(cfg['steps'], a)}"
+                         for a in cfg["archs"])
+             + f") x {cfg['seeds']} seeds; a faulted run is recovered when its final "
              f"held-out loss is within 2% of the same method and seed without the fault. "
              + (res.get("wall_note") or f"Measured on 2 CPU cores in {res['wall_s']:.0f} s."), "",
              "| method | recovered (within 2%) | within 5% | " + " | ".join(FAULTS[1:]) + " | "
@@ -315,12 +325,12 @@ def markdown(res) -> str:
             text += (f"; {len(rolled)} of them were rolled back and end {min(ratios, default=0):.3f}-"
                      f"{max(ratios, default=0):.3f}x the fault-free loss (a rollback discards the updates "
                      "from the snapshot, at most a 4-step CPU flush before the fault, to the flush that "
-                     "confirms it, and the short runs are still improving when they end)")
+                     "confirms it)")
         late = []  # rolled back to a state that already held the fault's first updates
         for r in rolled:
             acts = [a for e in r.get("events", []) if e[1] == "rescue" for a in (e[3] or [])]
             after = [int(a.split("after step ")[1].split(";")[0]) for a in acts[:1] if "after step " in a]
-            if after and after[0] >= cfg["steps"] // 2:
+            if after and after[0] >= steps_of(cfg["steps"], r["arch"]) // 2:
                 late.append(f"{r['arch']}/{r['fault']} seed {r['seed']} ({r['ratio']:.3f}x, to the state after "
                             f"step {after[0]})")
         if late:
@@ -336,7 +346,7 @@ def markdown(res) -> str:
     if oh:
         reps = next(iter(oh.values()))["default"].get("reps", 5)  # (results before "reps" was stored: 5)
         lines += ["", f"Per-step wall time on healthy runs (single process, {reps} interleaved runs of "
-                  f"{cfg['steps']} steps, median [min-max] ms, forward and backward included): "
+                  f"{next(iter(oh.values()))['default'].get('steps', 300)} steps, median [min-max] ms, forward and backward included): "
                   + "; ".join(f"{a}: default guard {v['default']['median_ms']:.2f} [{v['default']['min_ms']:.2f}-"
                               f"{v['default']['max_ms']:.2f}], auto {v['auto']['median_ms']:.2f} "
                               f"[{v['auto']['min_ms']:.2f}-{v['auto']['max_ms']:.2f}]" for a, v in oh.items())
@@ -384,7 +394,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="1 seed, 60 steps, no files written")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps of every run (default: " + ", ".join(f"{a} {n}" for a, n in STEPS.items()) + ")")
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     ap.add_argument("--faults", nargs="+", default=list(FAULTS), choices=FAULTS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -397,7 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write", default=None, metavar="MD", help="replace this section of a markdown file")
     ap.add_argument("--plot", action="store_true", help="write docs/img/bench_rescue_faults.png")
     args = ap.parse_args(argv)
-    seeds, steps = (1, 60) if args.smoke else (args.seeds, args.steps)
+    seeds = 1 if args.smoke else args.seeds
+    steps = 60 if args.smoke else (args.steps or dict(STEPS))
     oh_path = OUT.parent / "rescue_faults_overhead.json"
     if args.from_json:
         res = json.loads((Path(args.out) if args.out else OUT).read_text())
@@ -411,13 +423,14 @@ def main(argv=None) -> int:
         return 0
     if args.overhead:
         torch.set_num_threads(1)
-        res = overhead(args.archs, steps, args.overhead)
+        res = overhead(args.archs, args.steps or 300, args.overhead)
         print(json.dumps(res, indent=1))
         if not args.smoke:
             oh_path.write_text(json.dumps(res, indent=1))
         return 0
     faults = args.faults if "none" in args.faults else ["none"] + args.faults
-    specs = [(a, f, m, s, steps) for a in args.archs for f in faults for m in args.methods for s in range(seeds)]
+    specs = [(a, f, m, s, steps_of(steps, a)) for a in args.archs for f in faults for m in args.methods
+             for s in range(seeds)]
     t0 = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing as mp
