@@ -1,7 +1,7 @@
 """P4: host reads made by ``guard.step`` (counted, never timed).
 
 Every Tensor method that pulls a value to the host (``item``, ``tolist``,
-``cpu``, ``numpy``, ``bool()``, ``float()``, ``int()``) is wrapped with a
+``cpu``, ``numpy``, ``bool()``, ``float()``, ``int()``, ``to(host)``) is wrapped with a
 counter while ``guard.step`` runs.  Two measures:
 
 - *calls*: every wrapped call (nested calls such as ``float`` -> ``item``
@@ -26,11 +26,20 @@ import gradguard as gg
 PKG = str(Path(gg.__file__).resolve().parent)
 TORCH_OPTIM = str(Path(torch.optim.__file__).resolve().parent)
 OPTIMIZER = "<torch.optim>"
-READERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+READERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")  # and .to(host)
 # Host reads per step on CPU, any optimizer, documented in docs/benchmarks.md
 # "Host reads per step": the loss value (guard.py) with the compiled kernel, this
 # step's row in the buffer (record/buffer.py) without it.
 CPU_READS_PER_STEP = 1
+
+
+def _to_host(self, *args, **kwargs) -> bool:
+    """Whether a ``Tensor.to`` call asks for the host by name (``"cpu"``, ``"cpu:0"``).
+
+    A device given as an object is not counted: the accelerator path run on CPU moves the loss
+    to its statistics' device, ``torch.device("cpu")`` there and a GPU on a GPU (no sync)."""
+    dev = kwargs.get("device", args[0] if args else None)
+    return isinstance(dev, str) and torch.device(dev).type == "cpu"
 
 
 class SyncCounter:
@@ -43,12 +52,16 @@ class SyncCounter:
         self._main = threading.get_ident()
         for name in READERS:
             monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        # ``x.to("cpu")`` (or ``device=``) is a device-to-host copy on an accelerator; on CPU it
+        # does nothing, so it is counted by what it asks for, not by what it costs here
+        monkeypatch.setattr(torch.Tensor, "to", self._wrap("to", torch.Tensor.to, _to_host))
 
-    def _wrap(self, name, orig):
+    def _wrap(self, name, orig, asks=None):
         counter = self
 
         def wrapper(*args, **kwargs):
-            if not counter.active or threading.get_ident() != counter._main:
+            if not counter.active or threading.get_ident() != counter._main or \
+                    (asks is not None and not asks(*args, **kwargs)):
                 return orig(*args, **kwargs)
             if counter._depth == 0:
                 counter.calls.append((name, counter._site()))
@@ -136,10 +149,12 @@ def test_counter_sees_every_kind_of_read(monkeypatch):
         t.sum().item(), bool(t[0]), float(t[0]), int(t[0]), t.tolist(), t.cpu(), t.numpy()
         if t[1]:
             pass
+        t.to("cpu"), t.to(device="cpu"), t.to("cpu:0", torch.float64), t.to(t), t.to(torch.float64), \
+            t.to(dtype=torch.int32)
     finally:
         counter.active = False
     assert Counter(m for m, _ in counter.calls) == Counter(
-        {"item": 1, "__bool__": 2, "__float__": 1, "__int__": 1, "tolist": 1, "cpu": 1, "numpy": 1})
+        {"item": 1, "__bool__": 2, "__float__": 1, "__int__": 1, "tolist": 1, "cpu": 1, "numpy": 1, "to": 3})
     assert all(site == "<outside gradguard>" for _, site in counter.calls)
 
 
