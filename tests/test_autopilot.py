@@ -419,3 +419,14 @@ def test_the_snapshot_comes_from_before_the_first_elevated_loss():
     rescues, _ = _scripted(_flat(49) + [10.0] * 12, confirm=5)
     assert rescues[0].data["trigger_step"] == 49
     assert rescues[0].data["actions"][0] == "rolled back to the state after step 47"
+
+
+@pytest.mark.parametrize("floor,rescued", [(0.01, False), (0.0, True)])
+def test_a_rise_tiny_against_the_runs_scale_is_left_alone(floor, rescued):
+    """A run that went from 2 to 0.004 and wanders to 0.008: twice the level, noise-free, yet
+    0.2% of where it started; the floor (a fraction of the first losses) leaves it alone."""
+    losses = [2.0] * 10 + list(np.geomspace(2.0, 0.004, 40)) + [0.004] * 60 + [0.008] * 30
+    rescues, ap = _scripted(losses, floor=floor)
+    assert bool(rescues) == rescued and (ap.rollbacks > 0) == rescued  # (scripted: it rises again)
+    assert ap._first == [2.0] * 10
+    assert ap.state_dict()["first"] == [2.0] * 10

@@ -87,7 +87,11 @@ class Autopilot(Action):
         ratio: the smallest rise of the loss median after the event over the median before
             it that counts as damage (default 1.05).
         z: the rise must also exceed ``z`` x the spread of the log losses before the event,
-            over ``sqrt(confirm)`` (default 4): noisy losses need a larger rise.
+            over ``sqrt(confirm)`` (default 5): noisy losses need a larger rise.  (4 rolled
+            back two healthy 800-step runs whose heavy-tailed losses put 3 of 5 high.)
+        floor: and it must be at least this fraction of the run's first losses (the median
+            of its first 10; default 0.01): a run that went from 2.3 to 0.004 and wanders
+            to 0.006 has lost nothing that matters, however large the ratio.
         max_rollbacks: rollbacks within ``budget_steps`` steps before ``GuardAlarm`` (default 4).
         budget_steps: the window of that budget (default 1000).
         lr_factor: learning-rate back-off factor when rollbacks repeat (default 0.5).
@@ -105,8 +109,9 @@ class Autopilot(Action):
     EXTEND = 4
 
     def __init__(self, every: int = 4, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
-                 ratio: float = 1.05, z: float = 4.0, max_rollbacks: int = 4, budget_steps: int = 1000,
-                 lr_factor: float = 0.5, recover_every: int = 200, blowup: float = 10.0):
+                 ratio: float = 1.05, z: float = 5.0, max_rollbacks: int = 4, budget_steps: int = 1000,
+                 lr_factor: float = 0.5, recover_every: int = 200, blowup: float = 10.0,
+                 floor: float = 0.01):
         self.every = check_int("every", every, 1)
         self.skip_batches = check_int("skip_batches", skip_batches, 0)
         self.keep = check_int("keep", keep, 1)
@@ -115,6 +120,7 @@ class Autopilot(Action):
         self.confirm = check_int("confirm", confirm, 1)
         self.ratio = check_positive("ratio", ratio)
         self.z = check_positive("z", z)
+        self.floor = check_positive("floor", floor, allow_zero=True)
         self.blowup = check_positive("blowup", blowup)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
         self.budget_steps = check_int("budget_steps", budget_steps, 1)
@@ -122,6 +128,7 @@ class Autopilot(Action):
         # (steps taken when captured, snapshot, its parameter norm), oldest first
         self._snaps: list[list] = []
         self._hist: deque = deque(maxlen=50)  # (step, loss): finite losses of applied steps
+        self._first: list[float] = []  # the run's first 10 such losses: its scale
         self._suspect: dict | None = None  # {"step", "kind", "ref", "after": [losses]}
         self._rollback_steps: list[int] = []
         self._target = -1  # the snapshot (its step) of the last rollback
@@ -156,6 +163,8 @@ class Autopilot(Action):
         for i, s in enumerate(steps):
             if ok[i] and loss[i] == loss[i]:  # finite (inf is excluded by loss_bad)
                 self._hist.append((s, float(loss[i])))
+                if len(self._first) < 10:
+                    self._first.append(float(loss[i]))
         refuted = None
         if trigger is None and self._suspect is not None:
             trigger, refuted = self._confirm(steps, loss, ok)
@@ -193,8 +202,11 @@ class Autopilot(Action):
 
     def _thr(self, sus, n: int) -> float:
         """The loss level the median of ``n`` losses after a suspect must exceed to count as damage:
-        ``ratio`` x the median before it, and ``z`` x the spread of one log loss over sqrt(n)."""
-        return sus["ref"] * math.exp(max(math.log(self.ratio), self.z * sus["spread"] / math.sqrt(n)))
+        ``ratio`` x the median before it, ``z`` x the spread of one log loss over sqrt(n) above
+        it, and ``floor`` x the run's first losses above it."""
+        scale = statistics.median(self._first) if self._first else 0.0
+        return max(sus["ref"] * math.exp(max(math.log(self.ratio), self.z * sus["spread"] / math.sqrt(n))),
+                   sus["ref"] + self.floor * scale)
 
     def _confirm(self, steps, loss, ok):
         """Feed the suspect the losses after it; (trigger or None, the refuted suspect's step or None).
@@ -369,17 +381,19 @@ class Autopilot(Action):
     def state_dict(self):
         # Snapshots are model copies: not part of the state (the next quiet flush takes one).
         return {"lr": self.lr.state_dict(), "rollbacks": self.rollbacks, "interventions": self.interventions,
-                "rollback_steps": list(self._rollback_steps), "hist": [list(x) for x in self._hist]}
+                "rollback_steps": list(self._rollback_steps), "hist": [list(x) for x in self._hist],
+                "first": list(self._first)}
 
     def load_state_dict(self, sd):
         self.lr.load_state_dict(sd["lr"])
         self.rollbacks, self.interventions = int(sd["rollbacks"]), int(sd["interventions"])
         self._rollback_steps = [int(s) for s in sd["rollback_steps"]]
         self._hist = deque(((int(s), float(v)) for s, v in sd["hist"]), maxlen=self._hist.maxlen)
+        self._first = [float(v) for v in sd.get("first", [])]  # (states saved before it: rebuilt)
         self._snaps, self._suspect, self._target = [], None, -1
 
     def __repr__(self) -> str:
         return (f"Autopilot(every={self.every}, skip_batches={self.skip_batches}, keep={self.keep}, "
                 f"confirm={self.confirm}, ratio={self.ratio:g}, z={self.z:g}, max_rollbacks={self.max_rollbacks}, "
                 f"budget_steps={self.budget_steps}, lr_factor={self.lr.factor:g}, "
-                f"recover_every={self.lr.recover_every}, blowup={self.blowup:g})")
+                f"recover_every={self.lr.recover_every}, blowup={self.blowup:g}, floor={self.floor:g})")
