@@ -363,7 +363,7 @@ def test_a_refuted_suspect_does_not_hide_a_rise_later_in_the_same_flush():
 def _scripted(losses, **kw):
     """A guard fed scripted losses (lr 0, zero gradients): what the autopilot decides from them."""
     m = _mlp(0)
-    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(**kw),
+    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(**{"every": 4, **kw}),
                      detectors=[], param_norm_every=0, flush_every=4)
     x = torch.zeros(4, 8)
     for v in losses:

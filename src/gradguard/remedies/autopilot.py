@@ -40,7 +40,7 @@ Memory: ``keep`` snapshots (default 2), each a copy of the model's
 already hold the update that caused a fault detected one step later; the
 rollback takes the newest snapshot from before the fault.  A snapshot is taken
 at a quiet flush (no event, no suspect, nothing held) at most every ``every``
-steps; on CPU the guard flushes every ``Autopilot.CPU_FLUSH_EVERY`` (4) steps with the
+steps; on CPU the guard flushes every ``Autopilot.CPU_FLUSH_EVERY`` (8) steps with the
 autopilot, so a rollback discards few updates.  The learning rate and the other ``param_groups`` hyperparameters are
 *not* rolled back (a scheduler owns them); the model, its buffers (BatchNorm
 statistics) and the optimizer's state (moments, step counts) are.
@@ -76,8 +76,8 @@ class Autopilot(Action):
     """Skip, roll back, back off the learning rate, escalate: ``remedies="auto"`` with tunables.
 
     Args:
-        every: the fewest steps between snapshots (default 4: one at each quiet flush, every
-            4 steps on CPU, 32 on an accelerator, where the copy is asynchronous).
+        every: the fewest steps between snapshots (default 8: one at each quiet flush, every
+            8 steps on CPU, 32 on an accelerator, where the copy is asynchronous).
         skip_batches: batches withheld after a rollback that repeats within ``recover_every``
             steps (the cause persists: bad data ahead); a first rollback withholds none (default 5).
         keep: snapshots kept in host memory, 1 or 2 (default 2).
@@ -102,13 +102,15 @@ class Autopilot(Action):
     """
 
     # The guard's flush interval on CPU with the autopilot (16 otherwise): a rollback returns to a
-    # snapshot taken at a flush and discards the updates since; measured on the rescue benchmark,
-    # 16-step flushes cost a GRU run about 3.5% of its final loss after a rollback, 4-step ones ~1%.
-    CPU_FLUSH_EVERY = 4
+    # snapshot taken at a flush and discards the updates since.  Measured on the rescue benchmark
+    # (300-step runs), 16-step flushes cost a GRU run about 3.5% of its final loss after a rollback,
+    # 4-step ones ~1%; 8 keeps the autopilot's cost on healthy steps within the default guard's
+    # run-to-run spread, where 4 added 12-15% (docs/benchmarks.md, "Rescue on faults").
+    CPU_FLUSH_EVERY = 8
     # A small rise is watched for up to this many x ``confirm`` losses (see ``_confirm``).
     EXTEND = 4
 
-    def __init__(self, every: int = 4, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
+    def __init__(self, every: int = 8, skip_batches: int = 5, keep: int = 2, confirm: int = 5,
                  ratio: float = 1.05, z: float = 5.0, max_rollbacks: int = 4, budget_steps: int = 1000,
                  lr_factor: float = 0.5, recover_every: int = 200, blowup: float = 10.0,
                  floor: float = 0.01):
