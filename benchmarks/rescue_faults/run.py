@@ -321,7 +321,7 @@ def markdown(res) -> str:
         text = (f"{LABELS[m]}: {sum(r.get('recovered', False) for r in tune)}/{len(tune)} recovered on seeds "
                 f"0-2 (the seeds its settings were chosen on)"
                 + (f", {sum(r.get('recovered', False) for r in held)}/{len(held)} on seeds 3-{cfg['seeds'] - 1}"
-                   if held else "") + f". It misses {len(missed)} faulted runs")
+                   if held else "") + f". It misses {len(missed)} faulted run{'s' if len(missed) != 1 else ''}")
         if rolled:
             text += (f"; {len(rolled)} of them were rolled back and end {min(ratios, default=0):.3f}-"
                      f"{max(ratios, default=0):.3f}x the fault-free loss (a rollback discards the updates "
@@ -350,7 +350,9 @@ def markdown(res) -> str:
                   f"{next(iter(oh.values()))['default'].get('steps', 300)} steps, median [min-max] ms, forward and backward included): "
                   + "; ".join(f"{a}: default guard {v['default']['median_ms']:.2f} [{v['default']['min_ms']:.2f}-"
                               f"{v['default']['max_ms']:.2f}], auto {v['auto']['median_ms']:.2f} "
-                              f"[{v['auto']['min_ms']:.2f}-{v['auto']['max_ms']:.2f}]" for a, v in oh.items())
+                              f"[{v['auto']['min_ms']:.2f}-{v['auto']['max_ms']:.2f}] "
+                              f"({100 * (v['auto']['median_ms'] / v['default']['median_ms'] - 1):+.0f}%)"
+                              for a, v in oh.items())
                   + "."]
     short = res.get("short")
     if short:
@@ -360,8 +362,8 @@ def markdown(res) -> str:
                   + ", ".join(f"{LABELS[m]} {ss[m]['recovered']}/{ss[m]['faulted']} within 2% "
                               f"({ss[m]['within5']}/{ss[m]['faulted']} within 5%)" for m in METHODS if m in ss)
                   + ". " + (short.get("wall_note") or "")
-                  + " In runs that short, a rollback's discarded updates weigh more: a GRU run ends about "
-                    "0.2% worse per lost update, and even two skipped NaN batches cost it 0.4-0.8%."]
+                  + " A GRU run there ends about 0.2% worse per lost update: two skipped NaN batches cost it "
+                    "0.4-0.8%."]
     lines += ["", "![recovered by fault](img/bench_rescue_faults.png)"]
     return "\n".join(lines) + "\n"
 
