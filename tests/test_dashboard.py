@@ -78,7 +78,9 @@ def log_dir(tmp_path_factory):
     rows = np.ones((20, len(GLOBAL_COLS) + 4), np.float32)
     rec.write_steps(np.arange(20), rows, GLOBAL_COLS)
     rec.write_events([gg.Event(5, "spike", "warning", [EVIL], f"spike in {EVIL}", [f"clip {EVIL}"],
-                               {"x": math.nan})])
+                               {"x": math.nan}),
+                      gg.Event(9, "rescue", "warning", [], "autopilot: loss rise at step 6",
+                               data={"trigger_step": 6, "actions": [f"rolled back {EVIL}", "learning rate x0.5"]})])
     rec.close()
     return d
 
@@ -289,3 +291,16 @@ def test_layers_table_reads_non_finite_norms_in_both_json_forms(tmp_path, browse
         page.close()
     finally:
         srv.stop()
+
+
+def test_what_a_remedy_did_is_shown_with_its_event(server, browser):
+    """event.data["actions"] (a rescue's rollback, a skip) is listed under the event, as text."""
+    page, dialogs, errors = _open(browser, server.url + "/#runs=evil")
+    page.wait_for_selector("#events li .ev-actions", timeout=20000)
+    heads = page.locator("#events > li .ev-head").all_text_contents()
+    acts = [li.locator(".ev-actions li").all_text_contents() for li in page.locator("#events > li").all()]
+    assert [h.split(" · ")[-1] for h in heads] == ["spike", "rescue"], heads
+    assert acts == [[], [f"done: rolled back {EVIL}", "done: learning rate x0.5"]], acts
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    assert not dialogs and not errors, (dialogs, errors)
+    page.close()

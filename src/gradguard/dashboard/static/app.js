@@ -361,6 +361,13 @@
         e.advice.forEach((a) => ul.append(el("li", null, a)));
         li.append(ul);
       }
+      // what a remedy did about it (event.data.actions: "step skipped", "rolled back to ...")
+      const acts = e.data && Array.isArray(e.data.actions) ? e.data.actions : [];
+      if (acts.length) {
+        const ul = el("ul", "ev-actions");
+        acts.forEach((a) => ul.append(el("li", null, "done: " + String(a))));
+        li.append(ul);
+      }
       li.addEventListener("click", () => focusEvent(e, li));
       return li;
     }));
