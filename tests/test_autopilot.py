@@ -430,3 +430,12 @@ def test_a_rise_tiny_against_the_runs_scale_is_left_alone(floor, rescued):
     assert bool(rescues) == rescued and (ap.rollbacks > 0) == rescued  # (scripted: it rises again)
     assert ap._first == [2.0] * 10
     assert ap.state_dict()["first"] == [2.0] * 10
+
+
+def test_the_five_loss_test_runs_when_a_flush_brings_more_than_five():
+    """Suspect at a flush's first step: 3 losses after it in that flush, 4 more in the next. The
+    median of the first 5 decides, though the count jumps from 3 to 7 (it once waited for exactly 5)."""
+    losses = _flat(48) + [10.0] + [1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0] + _flat(20)
+    rescues, _ = _scripted(losses)
+    assert rescues and rescues[0].data["trigger_step"] == 48
+    assert "over the 5 steps after" in rescues[0].message and rescues[0].step == 55

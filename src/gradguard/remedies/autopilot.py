@@ -231,16 +231,26 @@ class Autopilot(Action):
                                    f"stayed above {self._thr(sus, self.confirm):.4g}"), None
         if n < self.confirm:
             return None, None
-        med = statistics.median(after)
-        if n in (self.confirm, cap) and med > self._thr(sus, n):  # two tests, not one per flush
-            return self._confirmed(sus, f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its "
-                                   f"median {sus['ref']:.4g}) over the {n} steps after the {sus['kind']}"), None
-        if med > sus["ref"] and n < cap:
+        if "med" not in sus:  # the first ``confirm`` losses, judged once (a flush may bring more)
+            sus["med"] = med = statistics.median(after[:self.confirm])
+            if med > self._thr(sus, self.confirm):
+                return self._confirmed(sus, self._stayed(sus, med, self.confirm)), None
+        if n >= cap:
+            med = statistics.median(after)
+            if med > self._thr(sus, n):
+                return self._confirmed(sus, self._stayed(sus, med, n)), None
+        elif sus["med"] > sus["ref"]:
             return None, None  # above the level before, not yet beyond the noise: keep watching
+        med = statistics.median(after)
         self._suspect = None
         sus["event"].data.setdefault("actions", []).append(
             f"autopilot: the loss came back ({med / sus['ref']:.2f}x its median): no action")
         return None, sus["step"]
+
+    @staticmethod
+    def _stayed(sus, med, n) -> str:
+        return (f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its median {sus['ref']:.4g}) "
+                f"over the {n} steps after the {sus['kind']}")
 
     def _confirmed(self, sus, why):
         self._suspect = None
