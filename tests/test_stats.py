@@ -193,3 +193,25 @@ def test_stats_of_no_gradients():
     s = compute_stats([], [])
     assert len(s) == 0 and s.norms.shape == (0,) and s.max_abs.shape == (0,)
     assert float(s.global_norm) == 0.0 and not bool(s.bad)
+
+
+@pytest.mark.parametrize("missing_index", [0, 1])
+def test_prepared_statistics_fall_back_when_a_gradient_is_missing(missing_index):
+    """A guard's ``Statistics`` prepares the kernel's dtypes for all its parameters once; on a
+    step where one has no gradient, the rest are read with their own dtypes (the general path),
+    equal to ``compute_stats`` on the same gradients."""
+    from gradguard.backend import HOST
+    from gradguard.stats import Statistics
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(7, generator=g, dtype=torch.float32), torch.randn(5, generator=g, dtype=torch.float64)]
+    names = ["w", "b"]
+    prepared = Statistics(params, HOST)
+    keep = [i for i in range(2) if i != missing_index]
+    grads = [params[i] * 3 for i in keep]
+    got = prepared([names[i] for i in keep], grads, [names[missing_index]])
+    ref = compute_stats([names[i] for i in keep], grads, [names[missing_index]], xp=HOST)
+    assert got.missing == ref.missing == [names[missing_index]]
+    torch.testing.assert_close(torch.as_tensor(got.norms), torch.as_tensor(ref.norms), rtol=0, atol=0)
+    torch.testing.assert_close(torch.as_tensor(got.max_abs), torch.as_tensor(ref.max_abs), rtol=0, atol=0)
+    assert float(got.total) == float(ref.total)
