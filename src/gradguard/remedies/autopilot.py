@@ -87,8 +87,8 @@ class Autopilot(Action):
         ratio: the smallest rise of the loss median after the event over the median before
             it that counts as damage (default 1.05).
         z: the rise must also exceed ``z`` x the spread of the log losses before the event,
-            over ``sqrt(confirm)`` (default 5): noisy losses need a larger rise.  (4 rolled
-            back two healthy 800-step runs whose heavy-tailed losses put 3 of 5 high.)
+            over ``sqrt(confirm)`` (default 5): noisy losses need a larger rise.  (With 4, a
+            healthy 800-step GRU run was rolled back: its heavy-tailed losses put 3 of 5 high.)
         floor: and it must be at least this fraction of the run's first losses (the median
             of its first 10; default 0.01): a run that went from 2.3 to 0.004 and wanders
             to 0.006 has lost nothing that matters, however large the ratio.
