@@ -18,12 +18,12 @@ For people who do not want to design a remedies table.  What it does:
 
 Single-batch events are common in healthy runs (a heavy-tailed batch gives a
 300x loss in runs that converge), so an ``info`` event is only a *suspect*: the
-autopilot acts when the median of the ``confirm`` losses after it stays above the
-loss median before it by more than ``ratio`` and than ``z`` x its spread over
-sqrt(``confirm``) (the damage persists), and leaves the run alone otherwise.  The test is
-sequential: three losses after the suspect that are all above that level decide at once,
-and a median above the level before but within the noise is tested once more over
-4 x ``confirm`` losses (a mild LR burst leaves a rise of a few percent that lasts).  The
+autopilot acts when the losses after it stay above the loss median before it by more
+than ``ratio`` and than ``z`` x its spread over
+sqrt(``confirm``) (the damage persists), and leaves the run alone otherwise: it acts as soon
+as three or more losses after the suspect are all above that level, or when the median of
+4 x ``confirm`` losses is above a level half as far (a mild LR burst leaves a rise of a few
+percent that lasts).  The
 rollback's snapshot comes from before the earliest loss above that level among the
 ``confirm`` steps before the trigger: a fault shows late, and a snapshot that already holds
 it would be restored.  A ``diverging`` or
@@ -81,14 +81,16 @@ class Autopilot(Action):
         skip_batches: batches withheld after a rollback that repeats within ``recover_every``
             steps (the cause persists: bad data ahead); a first rollback withholds none (default 5).
         keep: snapshots kept in host memory, 1 or 2 (default 2).
-        confirm: losses after a suspect event that decide whether it did damage (default 5;
-            3 that are all above the threshold decide sooner, a small rise is judged again
-            over ``4 x confirm``).
+        confirm: sets the damage threshold, the spread over sqrt(``confirm``) (default 5): 3 or
+            more losses after a suspect all above it confirm it, as does the median of
+            ``4 x confirm`` losses above the threshold for that many; a suspect whose first
+            ``confirm`` losses have a median at or below the level before it is dropped.
         ratio: the smallest rise of the loss median after the event over the median before
             it that counts as damage (default 1.05).
         z: the rise must also exceed ``z`` x the spread of the log losses before the event,
             over ``sqrt(confirm)`` (default 5): noisy losses need a larger rise.  (With 4, a
-            healthy 800-step GRU run was rolled back: its heavy-tailed losses put 3 of 5 high.)
+            healthy 800-step GRU run was rolled back: its heavy-tailed losses put 3 of 5 high
+            above the threshold of a median of 5, a test since dropped.)
         floor: and it must be at least this fraction of the run's first losses (the median
             of its first 10; default 0.01): a run that went from 2.3 to 0.004 and wanders
             to 0.006 has lost nothing that matters, however large the ratio.
@@ -213,13 +215,15 @@ class Autopilot(Action):
     def _confirm(self, steps, loss, ok):
         """Feed the suspect the losses after it; (trigger or None, the refuted suspect's step or None).
 
-        A sequential test: damage is confirmed early when 3 or more losses after the suspect all
-        exceed the threshold of ``confirm`` losses (each step waited for is an update a rollback
-        discards); at ``confirm`` losses when their median does; and a rise that is real but
-        small (the median above the level before, below the threshold) is tested once more over
-        ``EXTEND`` x ``confirm`` losses, against a threshold smaller by sqrt(EXTEND): a mild LR
-        burst leaves a 5-10% rise that lasts, which 5 noisy losses cannot tell from noise, and
-        a transient of a few steps barely moves the median of 20."""
+        Two tests, decided the same however the losses arrive in flushes: damage is confirmed
+        as soon as 3 or more losses after the suspect are *all* above the threshold of
+        ``confirm`` losses (a large rise: each step waited for is an update a rollback
+        discards), or when the median of ``EXTEND`` x ``confirm`` losses is above a threshold
+        sqrt(EXTEND) times closer (a mild LR burst leaves a 5-10% rise that lasts, which 5
+        noisy losses cannot tell from noise, and a transient of a few steps barely moves the
+        median of 20).  A suspect whose first ``confirm`` losses have a median at or below the
+        level before it is dropped early.  (A median-of-``confirm`` test rolled back a healthy
+        800-step GRU run: heavy-tailed losses put 3 of 5 high by chance.)"""
         sus = self._suspect
         cap = self.EXTEND * self.confirm
         for i, s in enumerate(steps):
@@ -229,28 +233,16 @@ class Autopilot(Action):
         if n >= 3 and min(after) > self._thr(sus, self.confirm):
             return self._confirmed(sus, f"every one of the {n} losses after the {sus['kind']} "
                                    f"stayed above {self._thr(sus, self.confirm):.4g}"), None
-        if n < self.confirm:
-            return None, None
-        if "med" not in sus:  # the first ``confirm`` losses, judged once (a flush may bring more)
-            sus["med"] = med = statistics.median(after[:self.confirm])
-            if med > self._thr(sus, self.confirm):
-                return self._confirmed(sus, self._stayed(sus, med, self.confirm)), None
-        if n >= cap:
-            med = statistics.median(after)
-            if med > self._thr(sus, n):
-                return self._confirmed(sus, self._stayed(sus, med, n)), None
-        elif sus["med"] > sus["ref"]:
-            return None, None  # above the level before, not yet beyond the noise: keep watching
+        if n < cap and (n < self.confirm or statistics.median(after[:self.confirm]) > sus["ref"]):
+            return None, None  # not yet beyond the noise, and not back to the level before
         med = statistics.median(after)
+        if n >= cap and med > self._thr(sus, n):
+            return self._confirmed(sus, f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its median "
+                                        f"{sus['ref']:.4g}) over the {n} steps after the {sus['kind']}"), None
         self._suspect = None
         sus["event"].data.setdefault("actions", []).append(
             f"autopilot: the loss came back ({med / sus['ref']:.2f}x its median): no action")
         return None, sus["step"]
-
-    @staticmethod
-    def _stayed(sus, med, n) -> str:
-        return (f"the loss stayed at {med:.4g} ({med / sus['ref']:.2f}x its median {sus['ref']:.4g}) "
-                f"over the {n} steps after the {sus['kind']}")
 
     def _confirmed(self, sus, why):
         self._suspect = None
