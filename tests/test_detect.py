@@ -889,3 +889,45 @@ def test_nonfinite_event_names_the_producer_first():
                                                       "param": "a.weight"})
     assert ev.layers[0] == "a.weight" and sorted(ev.layers) == sorted(plain.layers)
     assert ev.message.startswith("made in a (Linear, forward): ") and ev.data["origin"]["where"] == "forward"
+
+
+@pytest.mark.parametrize("case,severity", [("doubled", "warning"), ("x30", "critical"), ("shock", "critical")])
+def test_divergence_severity_follows_the_rise(case, severity):
+    """2.5x the start for good: a warning; 30x for good: critical; one step at 30x with the
+    gradient norm 20x its start (the shock rule, the last 3 losses not yet all high): critical."""
+    start = [2.0] * 10
+    if case == "doubled":
+        losses, g = start + [5.0] * 10, [1.0] * 20
+    elif case == "x30":
+        losses, g = start + [60.0] * 10, [1.0] * 20
+    else:
+        losses, g = start + [60.0] + [2.0] * 9, [1.0] * 10 + [20.0] + [1.0] * 9
+    det = D.DivergenceDetector()
+    events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
+    assert [(e.kind, e.step, e.severity) for e in events][:1] == [("diverging", 10 if case == "shock" else 12, severity)]
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_poisoned_streak_from_the_first_step_fires_on_its_patience_th_step(patience):
+    """A run poisoned from step 0: the event comes on step patience-1 (not one step early)
+    and names step 0 as the streak's first."""
+    det = D.PoisonedRunDetector(patience=patience)
+    events = feed(det, bound(det), _loss_rows([1.0] * 8, bad=[True] * 8))
+    assert [(e.step, e.data["first_step"], e.data["count"]) for e in events] == [(patience - 1, 0, patience)]
+
+
+def test_vanishing_through_depth_with_four_weight_layers_names_the_starved_ones():
+    """Gradient norms shrinking 10-20x per layer from the output back (2,000x over 4 weight
+    layers, the smallest not 'tiny'): the depth rule fires after ``patience`` steps and names
+    the layers below the largest / sqrt(depth_ratio), earliest first."""
+    names = [f"l{i}.weight" for i in range(4)]
+    params = [nn.Parameter(torch.ones(3, 3)) for _ in names]
+    det = D.VanishingDetector(rel=1e-4, patience=5)
+    guard = gg.Guard(list(zip(names, params)), torch.optim.SGD(params, lr=0.1), detectors=[det])
+    norms = (5e-5, 1e-3, 1e-2, 1e-1)
+    head = dict(bad=0.0, skipped=0.0, loss=1.0, loss_bad=0.0, global_norm=0.1, clip_coef=1.0, lr=0.1,
+                param_norm=math.nan)
+    r = np.asarray([head[c] for c in GLOBAL_COLS] + list(norms) + list(norms), np.float32)
+    events = det.update(list(range(8)), np.stack([r] * 8), guard.run)
+    assert [(e.step, e.data["rule"]) for e in events] == [(4, "depth")]
+    assert events[0].layers == ["l0.weight", "l1.weight"]
