@@ -931,3 +931,20 @@ def test_vanishing_through_depth_with_four_weight_layers_names_the_starved_ones(
     events = det.update(list(range(8)), np.stack([r] * 8), guard.run)
     assert [(e.step, e.data["rule"]) for e in events] == [(4, "depth")]
     assert events[0].layers == ["l0.weight", "l1.weight"]
+
+
+def test_exploding_trend_rate_is_the_least_squares_slope():
+    """The trend event's per-step rate is exp of the least-squares slope of the log norm over
+    the window (numpy's polyfit as the reference), not just any rising measure."""
+    det = D.ExplodingDetector()
+    guard = bound(det)
+    rng = np.random.default_rng(1)
+    grow = [row(gnorm=float(3.0 ** k * np.exp(rng.normal(0, 0.2))), layers=(0.5, 3.0 ** k, 0.5, 0.1))
+            for k in range(10)]
+    rows = noisy_rows(30) + grow
+    ev = [e for e in feed(det, guard, rows) if e.data.get("rule") == "trend"]
+    assert ev
+    n, k = det.trend_window, ev[0].step
+    g = np.stack(rows)[:, GLOBAL_COLS.index("global_norm")].astype(np.float64)
+    slope = np.polyfit(np.arange(n), np.log(g[k - n + 1:k + 1]), 1)[0]
+    assert ev[0].data["rate"] == pytest.approx(math.exp(slope), rel=1e-6)
