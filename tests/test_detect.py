@@ -659,6 +659,8 @@ def test_weight_growth_culprits_from_the_run_not_the_parameters(init):
     ev = det.update(list(range(60)), _rows(60, norms, pn), run)
     assert [(e.step, e.kind, e.severity) for e in ev] == [(20, "weight_growth", "warning")]
     assert ev[0].layers[0] == "a.weight", ev[0].layers
+    # only tensors within 10x of the top score: b (0.05) and c (0.01) are far below a's 2
+    assert ev[0].layers == (["a.weight"] if init is not None else ["a.weight", "b.weight", "c.bias"])
     assert ev[0].data["culprit_scores"][0] == 2.0
     assert det.state_dict()["ref"] == ("weights" if init is not None else "gradients")
     np.testing.assert_array_equal(det._init, init if init is not None else np.float32([1.0, 5.0, 0.01]))
