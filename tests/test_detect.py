@@ -891,6 +891,11 @@ def test_nonfinite_event_names_the_producer_first():
                                                       "param": "a.weight"})
     assert ev.layers[0] == "a.weight" and sorted(ev.layers) == sorted(plain.layers)
     assert ev.message.startswith("made in a (Linear, forward): ") and ev.data["origin"]["where"] == "forward"
+    # a NaN already in the batch, with "input" as a string built at run time (as one read back
+    # from JSON is): compared by value
+    where = "".join(["in", "put"])
+    ev = D.nonfinite_event(7, guard.run, r, origin={"module": None, "type": None, "where": where, "param": None})
+    assert ev.message.startswith("the input batch already held NaN/Inf (check the data): ")
 
 
 @pytest.mark.parametrize("case,severity", [("doubled", "warning"), ("x30", "critical"), ("shock", "critical")])
