@@ -955,3 +955,26 @@ def test_exploding_trend_rate_is_the_least_squares_slope():
     g = np.stack(rows)[:, GLOBAL_COLS.index("global_norm")].astype(np.float64)
     slope = np.polyfit(np.arange(n), np.log(g[k - n + 1:k + 1]), 1)[0]
     assert ev[0].data["rate"] == pytest.approx(math.exp(slope), rel=1e-6)
+
+
+@pytest.mark.parametrize("first", [1, 3, 8, 12])
+def test_rolling_robust_matches_numpy_in_warm_up_and_full_windows(first):
+    """The (median, MAD x 1.4826) of the window before each position, short warm-up windows
+    included, against numpy on each window."""
+    from gradguard.detect._window import rolling_robust
+
+    cat = np.random.default_rng(first).lognormal(0, 1, 20)
+    size = 8
+    med, sd = rolling_robust(cat, first, size)
+    for p in range(first, len(cat)):
+        w = cat[max(0, p - size):p]
+        assert med[p - first] == np.median(w)
+        assert sd[p - first] == pytest.approx(1.4826 * np.median(np.abs(w - np.median(w))), rel=1e-12)
+
+
+def test_names_list_counts_the_rest():
+    from gradguard.detect._window import names_list
+
+    assert names_list(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert names_list(["a", "b"]) == "a, b"
+    assert names_list(list("abcdefgh"), k=2) == "a, b and 6 more"
