@@ -114,6 +114,18 @@ def test_lr_backoff_after_repeated_events_and_gradual_restore():
     assert other.state_dict() == sd
 
 
+def test_lr_backoff_forgets_events_older_than_recover_every():
+    """Two poisoned steps 12 steps apart (recover_every 10), quiet flushes in between: the second
+    is a first again, no back-off (a restore check on a quiet run must not count as an event)."""
+    lb = LRBackoff(factor=0.5, patience=2, recover_every=10)
+    model, opt, guard = setup({"nonfinite": lb})
+    one_step(model, opt, guard, 0, poison=True)
+    for i in range(1, 12):
+        one_step(model, opt, guard, i)
+    one_step(model, opt, guard, 12, poison=True)
+    assert opt.param_groups[0]["lr"] == 0.01 and lb.scale == 1.0
+
+
 def test_raise_remedy_raises_after_recording():
     model, opt, guard = setup({"loss_spike": "raise"}, detectors=[gg.detect.LossSpikeDetector(warmup=5)])
     for i in range(10):
