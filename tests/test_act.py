@@ -439,3 +439,32 @@ def test_remedies_do_not_keep_the_guard_alive(tmp_path, spec):
     finally:
         gc.enable()
     assert ctx.held == 0  # the context itself outlives the guard
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_on_raise_dumps_once_per_recorder(tmp_path, shared):
+    """on_nonfinite="raise": every flight recorder listed under the event's kind or severity
+    writes its dump before the error, one each, even when one recorder serves both keys."""
+    a = FlightRecorder(tmp_path / "a")
+    b = a if shared else FlightRecorder(tmp_path / "b")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, remedies={"nonfinite": a, "critical": b}, detectors=[], on_nonfinite="raise")
+    one_step(model, opt, guard, 0)
+    with pytest.raises(gg.NonFiniteGradientError):
+        one_step(model, opt, guard, 1, poison=True)
+    assert len(a.dumps) == 1 and len(b.dumps) == 1
+    assert len(list(tmp_path.rglob("*.pt"))) == (1 if shared else 2)
+    # written before the error, with the pre-step weights, and not overwritten at the flush after
+    assert all(torch.load(p, weights_only=False)["exact"] is True for p in a.dumps + b.dumps)
+
+
+def test_remedies_state_of_another_length_is_refused():
+    model = nn.Linear(2, 2)
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     remedies={"spike": "rollback", "critical": "lr_backoff"}, detectors=[])
+    sd = guard.remedies.state_dict()
+    for bad in (sd[:1], sd + sd[:1], []):
+        with pytest.raises(ValueError, match="action states"):
+            guard.remedies.load_state_dict(bad)

@@ -82,7 +82,10 @@ class FlightRecorder(Action):
         return None
 
     def __call__(self, event, ctx, exact: bool | None = None):
-        if len(self.dumps) >= self.max_dumps:
+        path = self.directory / f"flight-{event.step:08d}-{event.kind}.pt"
+        if len(self.dumps) >= self.max_dumps or str(path) in self.dumps:
+            # (with on_nonfinite="raise" the event is dumped, exactly, before the error and then
+            # dispatched at the flush: the second call would overwrite the exact dump)
             return None
         now = ctx.steps
         if exact is None:  # the weights are the pre-step ones only if nothing moved them since
@@ -102,7 +105,6 @@ class FlightRecorder(Action):
             dump["model_pickle"] = _try_pickle(ctx.model)
         if self.loss_fn is not None:
             dump["loss_fn"] = _try_pickle(self.loss_fn)
-        path = self.directory / f"flight-{event.step:08d}-{event.kind}.pt"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             torch.save(dump, path)
