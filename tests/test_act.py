@@ -468,3 +468,15 @@ def test_remedies_state_of_another_length_is_refused():
     for bad in (sd[:1], sd + sd[:1], []):
         with pytest.raises(ValueError, match="action states"):
             guard.remedies.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("step", [2, 3, 10, 11])
+@pytest.mark.parametrize("later", [0, 1])
+def test_flight_dump_is_exact_only_right_after_a_withheld_step(tmp_path, step, later):
+    """A dump holds the pre-step weights when the event's step was withheld and nothing has
+    moved the weights since (the guard's step count is the event's step + 1), at any step."""
+    _, _, ctx = make_ctx(steps=lambda: step + 1 + later)
+    rec = FlightRecorder(tmp_path)
+    rec.bind(ctx)
+    rec(Event(step, "nonfinite", "critical", [], "x", data={"skipped": True}), ctx)
+    assert torch.load(rec.dumps[0], weights_only=False)["exact"] is (later == 0)
