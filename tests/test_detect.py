@@ -978,3 +978,22 @@ def test_names_list_counts_the_rest():
     assert names_list(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
     assert names_list(["a", "b"]) == "a, b"
     assert names_list(list("abcdefgh"), k=2) == "a, b and 6 more"
+
+
+def test_poisoned_streak_survives_a_flush_that_ends_on_the_firing_row():
+    """The firing row is the last of its flush (at an odd index): the streak carried to the
+    next flush is the full one, so the next flush's rows do not fire again."""
+    det = D.PoisonedRunDetector(patience=2)
+    guard = bound(det)
+    assert [e.step for e in feed(det, guard, _loss_rows([1.0] * 2, bad=[True] * 2))] == [1]
+    assert det.state_dict()["streak"] == 2
+    assert feed(det, guard, _loss_rows([1.0] * 3, bad=[True] * 3), start=2) == []
+
+
+def test_vanishing_stuck_layer_is_reported_again_after_the_cooldown():
+    """A layer that stays tiny: reported at ``patience`` steps and again once the cooldown has
+    passed (its count keeps growing past ``patience``)."""
+    det = D.VanishingDetector(patience=3, cooldown=5)
+    guard = bound(det)
+    rows = [row(layers=(1e-9, 0.5, 0.5, 0.1)) for _ in range(12)]
+    assert [e.step for e in feed(det, guard, rows)] == [2, 7]
