@@ -442,3 +442,22 @@ def test_the_decision_does_not_depend_on_how_flushes_cut_the_losses(flush_every)
     assert rescues and rescues[0].data["trigger_step"] == 48
     assert "over the 20 steps after" in rescues[0].message
     assert rescues[0].step >= 68  # the 20th loss after the suspect is step 68
+
+
+@pytest.mark.parametrize("now,raises", [(1000, True), (1001, False)])
+def test_the_default_rollback_budget_is_four_in_1000_steps(now, raises):
+    """The documented default: after 4 rollbacks within 1,000 steps the next trigger raises; once
+    the first is 1,000 steps old it has left the window."""
+    ap = Autopilot()
+    ctx = _Ctx()
+    ap._snaps = [[0, "s0", 1.0]]
+    for step in (1, 250, 500, 750):
+        ctx.steps = step
+        ap(_rescue(step, 1), ctx)
+    ctx.steps = now
+    if raises:
+        with pytest.raises(GuardAlarm, match="rollback budget exhausted: 4 rollbacks in 999 steps"):
+            ap(_rescue(now, 1), ctx)
+    else:
+        ap(_rescue(now, 1), ctx)
+        assert ap.rollbacks == 5
