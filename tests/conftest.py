@@ -105,3 +105,26 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def server(log_dir):
+    """The dashboard's HTTP server on 127.0.0.1 over the module's ``log_dir`` fixture."""
+    from gradguard.dashboard.server import start_server
+
+    srv = start_server(log_dir, "127.0.0.1", 0)
+    yield srv
+    srv.stop()
+
+
+def open_page(browser, url):
+    """A page of ``url`` once the dashboard says it is ready: (page, dialogs, page errors).
+
+    bypass_csp: escaping must hold on its own (and wait_for_function needs eval)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1200}, bypass_csp=True)
+    dialogs, errors = [], []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']", timeout=20000)
+    return page, dialogs, errors

@@ -14,6 +14,8 @@ from gradguard.dashboard.server import start_server
 from gradguard.guard import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
 
+from conftest import open_page as _open
+
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -85,13 +87,6 @@ def log_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(log_dir):
-    srv = start_server(log_dir, "127.0.0.1", 0)
-    yield srv
-    srv.stop()
-
-
 def test_api_serves_the_store(server, log_dir):
     store = RunStore(log_dir)
     with httpx.Client(base_url=server.url, timeout=10) as c:
@@ -140,17 +135,6 @@ def test_only_get(server):
     with httpx.Client(base_url=server.url, timeout=10) as c:
         assert c.post("/api/runs").status_code == 405
         assert c.delete("/api/runs/guarded/steps").status_code == 405
-
-
-def _open(browser, url):
-    # bypass_csp: escaping must hold on its own (and wait_for_function needs eval)
-    page = browser.new_page(viewport={"width": 1400, "height": 1200}, bypass_csp=True)
-    dialogs, errors = [], []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']", timeout=20000)
-    return page, dialogs, errors
 
 
 def test_page_renders_and_event_click_zooms(server, browser):

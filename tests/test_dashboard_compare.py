@@ -18,6 +18,7 @@ from gradguard import report
 from gradguard.dashboard.server import start_server
 from gradguard.layout import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
+from conftest import open_page
 from test_dashboard import train_irnn
 
 BLOCKS, PER_BLOCK = 20, 8          # 160 tensors + 2: GPT-2-like names, past the grouping threshold
@@ -51,19 +52,8 @@ def log_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(log_dir):
-    srv = start_server(log_dir, "127.0.0.1", 0)
-    yield srv
-    srv.stop()
-
-
 def _open(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1200}, bypass_csp=True)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']", timeout=20000)
+    page, _, errors = open_page(browser, url)
     return page, errors
 
 
