@@ -34,7 +34,7 @@ def main() -> None:
     root = Path(a.dir or tempfile.mkdtemp(prefix="gg_bench_store_"))
     G, L = len(GLOBAL_COLS), a.layers
     rng = np.random.default_rng(0)
-    block = rng.lognormal(0, 1, (4096, G + 2 * L)).astype(np.float32)   # reused: content does not matter
+    block = rng.lognormal(0, 1, (4096, G + 3 * L)).astype(np.float32)   # reused: content does not matter
     rec = open_recorder(root, run_name="big", layers=[{"name": f"block{i}.weight", "shape": [64, 64], "order": i}
                                                      for i in range(L)])
     call_times = []

@@ -412,7 +412,7 @@ def test_flight_recorder_keeps_only_the_current_intervals_batches(tmp_path):
     _, _, ctx = make_ctx(steps=lambda: now[0])
     rec.bind(ctx)
     batches = [torch.full((2,), float(i)) for i in range(6)]
-    width = len(gg.layout.GLOBAL_COLS) + 2 * len(ctx.names)
+    width = gg.layout.RowLayout(len(ctx.names)).width
     for i in range(4):
         rec.on_step(i, batches[i])
     now[0] = 4

@@ -77,7 +77,7 @@ def log_dir(tmp_path_factory):
     # A run with a hostile layer name, as if a user named a parameter that way.
     rec = open_recorder(d, run_name="evil", layers=[{"name": EVIL, "shape": [2], "order": 0},
                                                     {"name": "ok.weight", "shape": [2, 2], "order": 1}])
-    rows = np.ones((20, len(GLOBAL_COLS) + 4), np.float32)
+    rows = np.ones((20, len(GLOBAL_COLS) + 6), np.float32)
     rec.write_steps(np.arange(20), rows, GLOBAL_COLS)
     rec.write_events([gg.Event(5, "spike", "warning", [EVIL], f"spike in {EVIL}", [f"clip {EVIL}"],
                                {"x": math.nan}),
@@ -196,11 +196,11 @@ def test_live_update_shows_new_run(tmp_path, browser):
         page.goto(srv.url + "/")
         page.wait_for_selector("#run")
         rec = open_recorder(tmp_path, run_name="late", layers=[{"name": "w", "shape": [1], "order": 0}])
-        rec.write_steps(np.arange(5), np.ones((5, len(GLOBAL_COLS) + 2), np.float32), GLOBAL_COLS)
+        rec.write_steps(np.arange(5), np.ones((5, len(GLOBAL_COLS) + 3), np.float32), GLOBAL_COLS)
         rec.flush()
         page.wait_for_function("document.querySelector('#status').textContent.includes('step 4')", timeout=15000)
         assert page.locator("#status").text_content().startswith("running")
-        rec.write_steps(np.arange(5, 9), np.ones((4, len(GLOBAL_COLS) + 2), np.float32), GLOBAL_COLS)
+        rec.write_steps(np.arange(5, 9), np.ones((4, len(GLOBAL_COLS) + 3), np.float32), GLOBAL_COLS)
         rec.close()
         page.wait_for_function("document.querySelector('#status').textContent.includes('finished · step 8')",
                                timeout=15000)
@@ -229,7 +229,7 @@ def test_newer_schema_store_gives_a_clear_api_error(tmp_path):
     from gradguard.record.schema import DB_NAME
 
     rec = open_recorder(tmp_path, run_name="future", layers=[{"name": "w", "shape": [1], "order": 0}])
-    rec.write_steps(np.arange(3), np.ones((3, len(GLOBAL_COLS) + 2), np.float32), GLOBAL_COLS)
+    rec.write_steps(np.arange(3), np.ones((3, len(GLOBAL_COLS) + 3), np.float32), GLOBAL_COLS)
     rec.close()
     con = sqlite3.connect(tmp_path / "future" / DB_NAME)
     con.execute("PRAGMA user_version=99")
@@ -250,7 +250,7 @@ def test_layers_table_reads_non_finite_norms_in_both_json_forms(tmp_path, browse
     rec = open_recorder(tmp_path, run_name="nf", layers=[{"name": "a", "shape": [1], "order": 0},
                                                          {"name": "b", "shape": [1], "order": 1}])
     G = len(GLOBAL_COLS)
-    rows = np.ones((4, G + 4), np.float32)
+    rows = np.ones((4, G + 6), np.float32)
     rows[:, G + 1] = np.nan          # layer b never gets a gradient: NaN norm
     rec.write_steps(np.arange(4), rows, GLOBAL_COLS)
     rec.close()

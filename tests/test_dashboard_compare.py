@@ -33,7 +33,7 @@ def _big_run(log_dir):
     rec = open_recorder(log_dir, run_name="big", layers=[{"name": n, "shape": [4], "order": i}
                                                          for i, n in enumerate(names)])
     G, L, n = len(GLOBAL_COLS), len(names), 40
-    rows = np.ones((n, G + 2 * L), np.float32)
+    rows = np.ones((n, G + 3 * L), np.float32)
     norms = np.array([1.0] + [10 ** (b / 4) * (1 + j) for b in range(BLOCKS) for j in range(PER_BLOCK)] + [3.0])
     rows[:, G:G + L] = norms[None, :] * np.linspace(1, 2, n)[:, None]
     rows[:, GLOBAL_COLS.index("global_norm")] = np.logspace(-3, 3, n)     # six decades
@@ -309,7 +309,7 @@ def test_skipped_steps_counts_every_raw_row(tmp_path, n, every):
     """Across chunk boundaries (256 rows), with NaN elsewhere in the row, against a plain count."""
     rec = open_recorder(tmp_path, run_name="s", layers=[{"name": "w", "shape": [1], "order": 0}])
     G = len(GLOBAL_COLS)
-    rows = np.ones((n, G + 2), np.float32)
+    rows = np.ones((n, G + 3), np.float32)
     rows[:, GLOBAL_COLS.index("skipped")] = (np.arange(n) % every == every - 1)
     rows[::5, GLOBAL_COLS.index("loss")] = np.nan
     if n:

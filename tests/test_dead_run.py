@@ -170,7 +170,7 @@ def test_budget_against_a_reference_counter():
     for _ in range(30):
         bad = rng.random(80) < 0.8
         budget = int(rng.integers(1, 8))
-        rows = np.zeros((80, N_GLOBAL + 2), np.float32)
+        rows = np.zeros((80, N_GLOBAL + 3), np.float32)
         rows[:, COL["bad"]] = bad
         rows[bad, N_GLOBAL + 1] = np.nan
         want, streak = [], 0

@@ -297,10 +297,12 @@ def bound(det):
     return guard
 
 
-def row(gnorm=1.0, layers=(0.5, 0.5, 0.5, 0.1), loss=1.0, bad=0.0, coef=1.0, param_norm=math.nan):
+def row(gnorm=1.0, layers=(0.5, 0.5, 0.5, 0.1), loss=1.0, bad=0.0, coef=1.0, param_norm=math.nan,
+        param_norms=None):
     head = dict(bad=bad, skipped=bad, loss=loss, loss_bad=float(not math.isfinite(loss)), global_norm=gnorm,
                 clip_coef=coef, lr=0.1, param_norm=param_norm)
     r = [head[c] for c in GLOBAL_COLS] + list(layers) + [abs(x) for x in layers]
+    r += list(param_norms) if param_norms is not None else [math.nan] * len(layers)
     return np.asarray(r, np.float32)
 
 
@@ -377,7 +379,7 @@ def test_exploding_trend_fires_on_geometric_growth_only():
 
 @pytest.mark.parametrize("make", [
     lambda: D.SpikeDetector(), lambda: D.ExplodingDetector(), lambda: D.LossSpikeDetector(),
-    lambda: D.VanishingDetector(patience=3), lambda: D.WeightGrowthDetector(),
+    lambda: D.VanishingDetector(patience=3), lambda: D.WeightGrowthDetector(cooldown=0),
     lambda: D.OverClippingDetector(window=5, tiny_steps=3), lambda: D.UnusedDetector(patience=30),
     lambda: D.DivergenceDetector(cooldown=0), lambda: D.PoisonedRunDetector(patience=1)])
 def test_state_dict_round_trip(make, tmp_path):
@@ -385,7 +387,8 @@ def test_state_dict_round_trip(make, tmp_path):
     guard_a = bound(a)
     rows = noisy_rows(40)
     rows += [row(gnorm=math.nan, bad=1.0, loss=math.nan), row(gnorm=1e30), row(gnorm=1e-30, loss=1e-30)]
-    rows += [row(gnorm=1.0, layers=(1e-12, 1e-12, 1.0, 1.0), coef=1e-5, param_norm=3.0)] * 4
+    rows += [row(gnorm=1.0, layers=(1e-12, 1e-12, 1.0, 1.0), coef=1e-5, param_norm=3.0,
+                 param_norms=(1.7, 1.7, 1.7, 0.1))] * 4
     feed(a, guard_a, rows)
     sd = a.state_dict()
     torch.save(sd, tmp_path / "d.pt")
@@ -393,11 +396,15 @@ def test_state_dict_round_trip(make, tmp_path):
     guard_b = bound(b)
     b.load_state_dict(torch.load(tmp_path / "d.pt", weights_only=False))
     assert b.state_dict() == sd
-    more = [row(gnorm=1.0, layers=(1e-12, 1e-12, 1.0, 1.0), coef=1e-5, param_norm=300.0)] * 6
+    # b.weight x20 since the saved state's last measurement: only a restored "prev" sees the jump
+    more = [row(gnorm=1.0, layers=(1e-12, 1e-12, 1.0, 1.0), coef=1e-5, param_norm=3.0,
+                param_norms=(1.7, 34.0, 1.7, 0.1))] * 6
     more += [row(gnorm=500.0, loss=80.0)] + noisy_rows(10, seed=5)
     ea = [e.to_dict() for e in feed(a, guard_a, more, start=100)]
     eb = [e.to_dict() for e in feed(b, guard_b, more, start=100)]
     assert ea == eb
+    if isinstance(a, D.WeightGrowthDetector):
+        assert (ea[0]["step"], ea[0]["severity"], ea[0]["layers"][0]) == (100, "warning", "b.weight")
 
 
 def test_guard_state_dict_round_trips_default_detectors():
@@ -453,7 +460,7 @@ def _scripted_rows(n_steps=770, seed=0):
     n, G = len(guard.names), len(GLOBAL_COLS)
     col = {c: i for i, c in enumerate(GLOBAL_COLS)}
     rng = np.random.default_rng(seed)
-    rows = np.zeros((n_steps, G + 2 * n), np.float32)
+    rows = np.zeros((n_steps, G + 3 * n), np.float32)
     norms = rng.lognormal(0, 0.2, (n_steps, n))
     loss = 2.0 * rng.lognormal(0, 0.05, n_steps)
     norms[150] *= 1e3                          # a spike
@@ -470,7 +477,7 @@ def _scripted_rows(n_steps=770, seed=0):
     loss[700:730] *= 1.15 ** np.arange(30)     # the loss leaving its range, slowly
     norms[740:770] = np.nan                    # a dead run: poisoned on every step
     rows[:, G:G + n] = norms
-    rows[:, G + n:] = norms / 3
+    rows[:, G + n:G + 2 * n] = norms / 3
     rows[:, col["global_norm"]] = np.sqrt(np.nansum(norms ** 2, 1))
     rows[:, col["loss"]] = loss
     rows[:, col["loss_bad"]] = ~np.isfinite(loss)
@@ -486,6 +493,9 @@ def _scripted_rows(n_steps=770, seed=0):
     pn[630::10] = 30.0 * 1.5 ** np.arange(len(pn[630::10]))  # weights growing
     pn[660] = np.inf                           # non-finite weights
     rows[:, col["param_norm"]] = pn
+    pnorms = np.repeat(pn[:, None] / np.sqrt(n), n, 1)
+    pnorms[580:, 2] *= 30                      # one weight corrupted (x30) at step 580
+    rows[:, G + 2 * n:] = pnorms
     return guard, list(range(n_steps)), rows
 
 
@@ -581,6 +591,8 @@ def test_states_saved_by_the_previous_version_load():
     params = [torch.ones(s) for s in shapes]
     run = RunInfo.describe(saved["names"], params, init_layer_norms=np.array([3.0, 6.0, 3.0, 3 ** 0.5]))
     rows = np.asarray(saved["rows"], np.float32)
+    # that version's rows had no per-tensor parameter norms: that block is NaN (not measured)
+    rows = np.concatenate([rows, np.full((len(rows), len(shapes)), np.nan, np.float32)], 1)
     for name, entry in saved["detectors"].items():
         det = getattr(D, name)(**entry["kwargs"])
         det.bind(run)
@@ -624,7 +636,7 @@ def test_custom_detectors_receive_the_run_info():
         opt.zero_grad()
         model(torch.ones(2, 3)).sum().backward()
         guard.step()
-    assert det.seen == ([0, 1], (2, len(GLOBAL_COLS) + 8), guard.names)
+    assert det.seen == ([0, 1], (2, len(GLOBAL_COLS) + 3 * 4), guard.names)
 
 
 def _run(names=("a.weight", "b.weight", "c.bias"), shapes=((4, 4), (4, 4), (4,)), init=None, every=10):
@@ -634,8 +646,9 @@ def _run(names=("a.weight", "b.weight", "c.bias"), shapes=((4, 4), (4, 4), (4,))
 
 def _rows(n, norms, param_norm, every=10):
     n_layers = norms.shape[1]
-    r = np.zeros((n, len(GLOBAL_COLS) + 2 * n_layers), np.float32)
+    r = np.zeros((n, len(GLOBAL_COLS) + 3 * n_layers), np.float32)
     r[:, len(GLOBAL_COLS):len(GLOBAL_COLS) + n_layers] = norms
+    r[:, len(GLOBAL_COLS) + 2 * n_layers:] = np.nan  # per-tensor parameter norms: not recorded
     r[:, COL["global_norm"]] = np.linalg.norm(norms, axis=1)
     r[:, COL["clip_coef"]] = 1.0
     r[:, COL["param_norm"]] = np.nan
@@ -997,3 +1010,64 @@ def test_vanishing_stuck_layer_is_reported_again_after_the_cooldown():
     guard = bound(det)
     rows = [row(layers=(1e-9, 0.5, 0.5, 0.1)) for _ in range(12)]
     assert [e.step for e in feed(det, guard, rows)] == [2, 7]
+
+
+class _LoRA(nn.Module):
+    """A base layer plus a low-rank update whose B starts at zero, a head initialised tiny, and
+    an embedding table that holds most of the parameter norm (as in a language model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4096, 32)
+        self.base = nn.Linear(8, 32)
+        self.a = nn.Linear(8, 4, bias=False)
+        self.b = nn.Linear(4, 32, bias=False)
+        nn.init.zeros_(self.b.weight)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+        nn.init.normal_(self.head.weight, std=1e-4)
+
+    def forward(self, x):
+        tok = (x[:, 0].abs() * 1000).long() % 4096
+        return self.head(self.norm(torch.relu(self.base(x) + self.b(self.a(x))) + self.emb(tok)))
+
+
+def _train(model, steps, every, corrupt=None, lr=1e-2):
+    torch.manual_seed(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    guard = gg.Guard(model, opt, detectors=[D.WeightGrowthDetector()], param_norm_every=every, flush_every=8)
+    w = torch.randn(8, 4)
+    for i in range(steps):
+        x = torch.randn(16, 8)
+        y = (x @ w).argmax(1)
+        if corrupt is not None and i == corrupt[1]:
+            with torch.no_grad():
+                corrupt[0].mul_(30.0)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    guard.flush()
+    return [e for e in guard.events if e.kind == "weight_growth"]
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_a_corrupted_weight_is_named_at_the_next_measurement(every):
+    """x30 on one weight matrix behind a LayerNorm: the loss barely moves and the total parameter
+    norm grows a few percent; the per-tensor parameter norms name it, at the first measuring step
+    that sees it."""
+    torch.manual_seed(0)
+    model = _LoRA()
+    ev = _train(model, 60, every, corrupt=(model.base.weight, 33))
+    first = 33 if every == 1 else 35
+    assert [(e.step, e.severity, e.layers[0]) for e in ev] == [(first, "warning", "base.weight")]
+    assert "base.weight grew" in ev[0].message and ev[0].data["culprit_scores"][0] > 25
+
+
+def test_zero_and_tiny_initialised_weights_growing_are_not_a_jump():
+    """LoRA's B (zero at the start) and a head initialised at 1e-4 grow by large factors in a
+    healthy run; measured every step, they are judged only once above the floor."""
+    torch.manual_seed(0)
+    model = _LoRA()
+    assert _train(model, 300, 1) == []
+    assert model.b.weight.norm() > 0.1 and model.head.weight.norm() > 100 * 1e-4 * 32 ** 0.5 * 2

@@ -585,3 +585,33 @@ def test_guards_of_different_dtypes_alternate():
             want = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in m.parameters()]))
             got = guards[dt].step().global_norm
             assert got == pytest.approx(float(want), rel=1e-6), dt
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+@pytest.mark.parametrize("every", [1, 3, 0])
+def test_rows_hold_each_parameter_norm_before_the_step(backend, every):
+    """The per-tensor parameter-norm block: torch's vector_norm of each parameter as it was
+    when the step was taken (before the update), on measuring steps; NaN on the others.  The
+    ``param_norm`` column is their L2 total."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    tap = _RowTap()
+    guard = gg.Guard(model, opt, detectors=[tap], flush_every=5, param_norm_every=every, backend=backend)
+    lay = gg.layout.RowLayout(len(guard.names))
+    want = []
+    for i in range(7):
+        x, y = _batch(i)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        want.append([torch.linalg.vector_norm(p.detach().double()).item() for p in model.parameters()])
+        guard.step()
+    guard.flush()
+    rows = np.concatenate(tap.rows)
+    assert rows.shape == (7, lay.width)
+    for i, w in enumerate(want):
+        got = lay.param_norms(rows[i])
+        if every and i % every == 0:
+            np.testing.assert_allclose(got, w, rtol=1e-6)
+            np.testing.assert_allclose(lay.column(rows[i], "param_norm"), np.linalg.norm(w), rtol=1e-6)
+        else:
+            assert np.isnan(got).all() and np.isnan(lay.column(rows[i], "param_norm"))

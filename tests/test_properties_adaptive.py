@@ -21,6 +21,7 @@ import gradguard as gg
 from gradguard.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradguard.detect import default_detectors
 from gradguard.guard import GLOBAL_COLS
+from gradguard.layout import RowLayout
 
 _BIG = float(np.float32(1e30))
 finite = st.floats(min_value=-_BIG, max_value=_BIG, allow_nan=False, allow_infinity=False, width=32)
@@ -211,7 +212,7 @@ row_value = st.one_of(st.floats(min_value=0, max_value=_BIG, width=32),
 @st.composite
 def rows(draw, n_layers):
     steps = draw(st.integers(1, 30))
-    out = np.empty((steps, len(GLOBAL_COLS) + 2 * n_layers), np.float32)
+    out = np.empty((steps, RowLayout(n_layers).width), np.float32)
     for i in range(steps):
         vals = [draw(row_value) for _ in range(out.shape[1])]
         out[i] = vals
@@ -287,7 +288,7 @@ def test_over_clipping_detector_guards_its_own_baseline():
     guard = _guard()
     det = next(d for d in default_detectors() if type(d).__name__ == "OverClippingDetector")
     det.bind(guard.run)
-    row = np.zeros((1, len(GLOBAL_COLS) + 2 * len(guard.names)), np.float32)
+    row = np.zeros((1, RowLayout(len(guard.names)).width), np.float32)
     row[0, GLOBAL_COLS.index("global_norm")] = math.nan
     row[0, GLOBAL_COLS.index("clip_coef")] = 1.0
     det.update([0], row, guard.run)

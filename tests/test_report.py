@@ -24,7 +24,7 @@ def run_dir(tmp_path):
     rec = open_recorder(tmp_path / "logs", run_name="r+1",
                         layers=[{"name": EVIL, "shape": [3], "order": 0}, {"name": "b", "shape": [1], "order": 1}])
     n = 300
-    rows = np.ones((n, len(GLOBAL_COLS) + 4), np.float32)
+    rows = np.ones((n, len(GLOBAL_COLS) + 6), np.float32)  # 2 layers: norms, max |g|, parameter norms
     rows[:, GLOBAL_COLS.index("global_norm")] = np.linspace(1, 2, n)
     rows[200, GLOBAL_COLS.index("global_norm")] = 1e6
     rows[:, len(GLOBAL_COLS)] = np.logspace(0, 3, n)

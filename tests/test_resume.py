@@ -171,6 +171,9 @@ def test_store_resume_no_duplicate_or_missing_steps(tmp_path):
     assert got["step"].tolist() == list(range(TOTAL))  # no duplicates, no gaps
     for col in want:
         np.testing.assert_array_equal(got[col], want[col], err_msg=col)
+    got, want = store.param_norms("r"), ref.param_norms("r")
+    assert got["step"].tolist() == want["step"].tolist() and len(got["step"]) >= TOTAL // 10
+    np.testing.assert_array_equal(got["norm"], want["norm"])
     assert [e.to_dict() for e in store.events("r")] == [e.to_dict() for e in ref.events("r")]
 
 

@@ -48,7 +48,7 @@ def _guard_run(tmp_path, sink):
 def _awkward_rows():
     """Globals and norms with nan, +-inf, 1e30, 1e-30; layer 2 non-finite in rows 0 and 2."""
     G = len(GLOBAL_COLS)
-    rows = np.ones((4, G + 2 * len(LAYERS)), np.float32)
+    rows = np.ones((4, G + 3 * len(LAYERS)), np.float32)
     li = GLOBAL_COLS.index("loss")
     rows[:, li] = [np.nan, np.inf, -np.inf, 1e30]
     rows[:, G:G + 3] = [[1e-30, 2.0, np.nan], [1e30, 1.0, 3.0], [np.inf, 0.5, np.nan], [1.0, 2.0, 4.0]]
@@ -125,7 +125,7 @@ def test_mlflow_existing_run_left_open(mlflow_uri):
     client = MlflowClient(tracking_uri=mlflow_uri)
     rid = client.create_run(client.create_experiment("mine")).info.run_id
     rec = open_recorder(None, run_name="x", layers=LAYERS, sinks=[MlflowSink(mlflow_uri, run_id=rid, every=2)])
-    rec.write_steps(np.arange(4), np.ones((4, len(GLOBAL_COLS) + 6), np.float32), GLOBAL_COLS)
+    rec.write_steps(np.arange(4), np.ones((4, len(GLOBAL_COLS) + 9), np.float32), GLOBAL_COLS)
     rec.close()
     assert rec.failures == {}
     assert client.get_run(rid).info.status == "RUNNING"

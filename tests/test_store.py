@@ -26,10 +26,11 @@ def _layers(n):
 
 def _rows(steps, L, rng):
     k = len(steps)
-    rows = np.empty((k, G + 2 * L), np.float32)
+    rows = np.empty((k, G + 3 * L), np.float32)
     rows[:, :G] = rng.random((k, G))
     rows[:, G:G + L] = rng.lognormal(0, 1, (k, L))
-    rows[:, G + L:] = rows[:, G:G + L] / 3
+    rows[:, G + L:G + 2 * L] = rows[:, G:G + L] / 3
+    rows[:, G + 2 * L:] = rng.lognormal(2, 1, (k, L))  # parameter norms
     return rows
 
 
@@ -38,13 +39,14 @@ def test_guard_round_trip(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, opt, clip=gg.GlobalNorm(0.5), log_dir=tmp_path, run_name="rt")
-    ref_norms, ref_max, ref_loss = [], [], []
+    ref_norms, ref_max, ref_loss, ref_params = [], [], [], []
     for i in range(40):
         opt.zero_grad()
         loss = ((model(torch.randn(8, 3)) - 1) ** 2).mean()
         if i == 17:
             loss = loss * math.inf
         loss.backward()
+        ref_params.append([torch.linalg.vector_norm(p.detach().double()).item() for p in model.parameters()])
         grads = [p.grad for p in model.parameters()]
         ref_norms.append([torch.linalg.vector_norm(g.double()).item() for g in grads])
         ref_max.append([g.abs().max().item() for g in grads])
@@ -70,6 +72,10 @@ def test_guard_round_trip(tmp_path):
     ln = store.layer_norms("rt")
     np.testing.assert_allclose(ln["norm"][fin], np.array(ref_norms)[fin], rtol=1e-5)
     np.testing.assert_allclose(ln["max_abs"], np.array(ref_max), rtol=1e-6)
+    pn = store.param_norms("rt")  # measured every param_norm_every (10) steps, before the update
+    assert pn["step"].tolist() == [0, 10, 20, 30] and pn["norm"].dtype == np.float32
+    np.testing.assert_allclose(pn["norm"], np.array(ref_params)[::10], rtol=1e-6)
+    assert store.param_norms("rt", start=5, end=20)["step"].tolist() == [10, 20]
     # event data comes back under the shared JSON convention (NaN/Inf as "NaN"/"Inf"/"-Inf")
     assert [e.to_dict() for e in store.events("rt")] == json_safe([e.to_dict() for e in guard.events])
     assert store.events("rt")[0].step == 17
@@ -105,7 +111,7 @@ def test_downsampling_keeps_min_max_per_bucket(tmp_path, awkward):
 
     ln = store.layer_norms("ds", max_points=40)
     assert ln["norm"].shape[1] == L and 2 < ln["norm"].shape[0] <= 40
-    norms, maxabs = rows[:, G:G + L], rows[:, G + L:]
+    norms, maxabs = rows[:, G:G + L], rows[:, G + L:G + 2 * L]
     for i, (lo, hi) in enumerate(zip(ln["step"], ln["step_hi"])):
         m = (steps >= lo) & (steps <= hi)
         np.testing.assert_array_equal(ln["norm"][i], np.fmax.reduce(norms[m], 0))
@@ -234,9 +240,9 @@ def test_failing_sink_and_bad_rows_never_raise(tmp_path, caplog):
     rec = open_recorder(tmp_path, run_name="f", layers=_layers(2), sinks=[sink])
     with caplog.at_level(logging.WARNING, logger="gradguard.record"):
         for i in range(5):
-            rec.write_steps([i], np.ones((1, G + 4), np.float32), GLOBAL_COLS)
+            rec.write_steps([i], np.ones((1, G + 6), np.float32), GLOBAL_COLS)
         rec.write_steps([9], np.ones((1, 3), np.float32), GLOBAL_COLS)     # wrong width: store fails
-        rec.write_steps([1, 2], np.ones((1, G + 4), np.float32), GLOBAL_COLS)  # wrong rows: rejected
+        rec.write_steps([1, 2], np.ones((1, G + 6), np.float32), GLOBAL_COLS)  # wrong rows: rejected
         rec.write_events([gg.Event(3, "spike", "warning", ["layer1"], "m")])
         rec.close()
     assert rec.failures["broken"] >= 1 and rec.failures["store"] == 1 and rec.failures["recorder"] == 1
@@ -285,3 +291,39 @@ def test_bad_max_points_is_named(tmp_path, bad, err):
     rec.close()
     with pytest.raises(err, match="max_points"):
         RunStore(tmp_path).steps("mp", max_points=bad)
+
+
+def test_a_v1_store_is_read_and_upgraded_when_a_run_resumes_into_it(tmp_path):
+    """Stores written before rows held parameter norms (schema v1: no ``pnorms`` column) read as
+    before; resuming a run into one upgrades it in place and keeps its rows bit for bit."""
+    from gradguard.record.schema import DB_NAME, SCHEMA_VERSION
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(300)
+    rows = _rows(steps, 2, rng)
+    rec = open_recorder(tmp_path, run_name="old", layers=_layers(2))
+    rec.write_steps(steps, rows, GLOBAL_COLS)
+    rec.close()
+    con = sqlite3.connect(tmp_path / "old" / DB_NAME)  # what a v1 writer left
+    con.executescript("ALTER TABLE chunks DROP COLUMN pnorms; PRAGMA user_version=1; "
+                      "UPDATE meta SET value='1' WHERE key='schema_version';")
+    con.close()
+    store = RunStore(tmp_path)
+    before = store.steps("old"), store.layer_norms("old")
+    assert store.param_norms("old")["step"].size == 0 and store.param_norms("old")["norm"].shape == (0, 2)
+
+    rec = open_recorder(tmp_path, run_name="old", layers=_layers(2))
+    assert rec.resume("old", 200)  # rows from 200 on were written after the checkpoint
+    rec.write_steps(steps[200:], rows[200:], GLOBAL_COLS)
+    rec.close()
+    con = sqlite3.connect(tmp_path / "old" / DB_NAME)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+    after = store.steps("old"), store.layer_norms("old")
+    for b, a in zip(before, after):
+        assert b.keys() == a.keys()
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    pn = store.param_norms("old")  # only the rows written since the upgrade have them
+    assert pn["step"].tolist() == list(range(200, 300))
+    np.testing.assert_array_equal(pn["norm"], rows[200:, G + 4:])

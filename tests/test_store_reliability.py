@@ -42,7 +42,7 @@ def _layers(n=2):
 
 def _rows(steps, L=2):
     steps = np.asarray(steps)
-    rows = np.ones((len(steps), G + 2 * L), np.float32)
+    rows = np.ones((len(steps), G + 3 * L), np.float32)
     rows[:, 0] = steps  # column 0 carries the step: duplicates and reordering are visible
     return rows
 
@@ -152,7 +152,7 @@ from gradguard.record import open_recorder
 from gradguard.layout import GLOBAL_COLS
 G = len(GLOBAL_COLS)
 def rows(s):
-    r = np.ones((len(s), G + 4), np.float32); r[:, 0] = s; return r
+    r = np.ones((len(s), G + 6), np.float32); r[:, 0] = s; return r
 class Owner:  # stands in for the guard: rows 90..99 still in its buffer
     pass
 owner = Owner()

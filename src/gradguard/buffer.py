@@ -98,7 +98,8 @@ class RowWriter:
         self._nan = torch.full((), float("nan"), device=dev)
         self._zero = torch.zeros((), device=dev)
 
-    def write(self, step: int, stats, d, coef, skipped, loss, lr, param_norm) -> None:
+    def write(self, step: int, stats, d, coef, skipped, loss, lr, params) -> None:
+        """``params``: the parameters' statistics on a step that measures them (``param_stats``), else None."""
         buf, n = self.buffer, self.n
         k = len(buf)
         missing = len(stats.names) != n
@@ -107,21 +108,27 @@ class RowWriter:
             with np.errstate(over="ignore", invalid="ignore"):
                 row[:G] = (d.bad, skipped, np.nan if loss is None else loss, d.loss_bad, stats.total,
                            coef, lr if not isinstance(lr, torch.Tensor) else float(lr),
-                           param_norm)
+                           np.nan if params is None else params.total)
                 sumsq, max_abs = stats.host("sumsq"), stats.host("max_abs")
                 if not missing:
                     if sumsq is not None:  # sqrt straight into the row: no temporary
                         np.sqrt(sumsq, out=row[G:G + n], casting="unsafe")
                     else:
                         row[G:G + n] = stats.host("norms")
-                    row[G + n:] = max_abs
+                    row[G + n:G + 2 * n] = max_abs
                 else:  # layers without a gradient this step: NaN norm, 0 max|g|
                     norms = stats.host("norms")
                     idx = np.fromiter(map(self._index.__getitem__, stats.names), np.intp, len(stats.names))
                     row[G:G + n] = np.nan
-                    row[G + n:] = 0
+                    row[G + n:G + 2 * n] = 0
                     row[G + idx] = norms
                     row[G + n + idx] = max_abs
+                if params is None:
+                    row[G + 2 * n:] = np.nan
+                elif (p_sumsq := params.host("sumsq")) is not None:
+                    np.sqrt(p_sumsq, out=row[G + 2 * n:], casting="unsafe")
+                else:
+                    row[G + 2 * n:] = params.host("norms")
         else:
             row = buf.next_row()
             f32 = torch.float32
@@ -130,22 +137,30 @@ class RowWriter:
             bad = d.bad.to(f32)
             torch.stack([t.to(f32) for t in (
                 bad, bad if skipped is d.bad else skipped, self._nan if loss is None else loss,
-                d.loss_bad, stats.total, coef, lr_t, self._nan if param_norm is None else param_norm)],
+                d.loss_bad, stats.total, coef, lr_t, self._nan if params is None else params.total)],
                 out=row[:G])
             if not missing:
-                sumsq = stats.device_sumsq
-                if sumsq is not None:  # the norms straight into the row: one kernel
-                    torch.sqrt(sumsq, out=row[G:G + n])
-                else:
-                    row[G:G + n].copy_(stats.norms)
-                row[G + n:].copy_(stats.max_abs_raw)
+                self._norms_into(row[G:G + n], stats)
+                row[G + n:G + 2 * n].copy_(stats.max_abs_raw)
             else:
                 row[G:G + n].fill_(float("nan"))
-                row[G + n:].zero_()
+                row[G + n:G + 2 * n].zero_()
                 idx = _index_tensor(tuple(self._index[name] for name in stats.names), dev)
                 row[G:G + n].index_copy_(0, idx, stats.norms.to(f32))
-                row[G + n:].index_copy_(0, idx, stats.max_abs.to(f32))
+                row[G + n:G + 2 * n].index_copy_(0, idx, stats.max_abs.to(f32))
+            if params is None:
+                row[G + 2 * n:].fill_(float("nan"))
+            else:
+                self._norms_into(row[G + 2 * n:], params)
         buf.commit(step)
+
+    @staticmethod
+    def _norms_into(out, stats) -> None:
+        sumsq = stats.device_sumsq
+        if sumsq is not None:  # the norms straight into the row: one kernel
+            torch.sqrt(sumsq, out=out)
+        else:
+            out.copy_(stats.norms)
 
     def _lr(self, lr, dev):
         if isinstance(lr, torch.Tensor):

@@ -14,6 +14,7 @@ import numpy as np
 from ._json import list_to_array
 from .detect import ADDED_DEFAULTS
 from .events import Event
+from .layout import N_GLOBAL
 
 __all__ = ["STATE_VERSION", "check_state"]
 
@@ -55,6 +56,9 @@ def check_state(state_dict, names, clip, detectors, params, width: int):
     pending = state_dict.get("pending") or {"steps": [], "rows": []}
     rows = list_to_array(pending["rows"]).astype(np.float32).reshape(len(pending["rows"]), -1) \
         if pending["rows"] else np.zeros((0, width), np.float32)
+    n_layers = (width - N_GLOBAL) // 3
+    if len(rows) and rows.shape[1] == width - n_layers:  # saved before rows held parameter norms
+        rows = np.concatenate([rows, np.full((len(rows), n_layers), np.nan, np.float32)], axis=1)
     if len(rows) != len(pending["steps"]) or (len(rows) and rows.shape[1] != width):
         raise ValueError("state_dict['pending'] does not hold rows of this guard's layout")
     return events, pending, rows

@@ -37,12 +37,12 @@ from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
 from .hooks import OptimizerHooks, check_watched, group_sizes
 from ._validate import check_choice, check_int
-from .layout import COL, GLOBAL_COLS, N_GLOBAL, RunInfo
+from .layout import COL, GLOBAL_COLS, RowLayout, RunInfo
 from .lr_groups import GroupLRs
 from .nan_origin import OriginOnPoison
 from .remedies import Autopilot, RemedyContext, Remedies
 from .shards import agree_any, world_of
-from .stats import Statistics, compute_stats, local_grads, named_parameters, param_norm
+from .stats import Statistics, compute_stats, local_grads, named_parameters, param_stats
 
 __all__ = ["Guard", "StepReport"]
 
@@ -92,7 +92,8 @@ class Guard:
             "critical": gg.FlightRecorder("dumps/")}`` (see ``gradguard.remedies``);
             ``"auto"`` (or ``gg.Autopilot(...)``): the built-in skip/rollback/back-off policy.
         param_norm_every: steps between measurements of the total parameter
-            norm (the ``param_norm`` column, read by weight_growth); 0: never.
+            norm and of each tensor's (the ``param_norm`` column and the rows'
+            per-tensor parameter norms, read by weight_growth); 0: never.
         backend: ``"auto"``: decide on host numbers for CPU parameters, on
             device tensors elsewhere; ``"device"``: the accelerator lane on CPU too.
         scheduler: an LR scheduler the guard steps after each *applied* update
@@ -168,7 +169,7 @@ class Guard:
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
         self._statistics = Statistics(self.params, self._xp)  # how, chosen once
-        self._buffer = StepBuffer(N_GLOBAL + 2 * len(self.names), self.flush_every, self.device)
+        self._buffer = StepBuffer(RowLayout(len(self.names)).width, self.flush_every, self.device)
         self._writer = RowWriter(self._buffer, self.names, self._xp)
         self._step = 0
         self._skipped = 0
@@ -359,11 +360,12 @@ class Guard:
         return report
 
     def _param_norm(self):
-        """The ``param_norm`` column: every ``param_norm_every`` steps (None in between).
-        Reading every parameter each step would double the memory traffic."""
+        """The parameters' norms (the ``param_norm`` column and the per-tensor block) every
+        ``param_norm_every`` steps, None in between: reading every parameter each step would
+        double the memory traffic."""
         if not self.param_norm_every or self._step % self.param_norm_every:
-            return None if not self._xp.on_host else math.nan
-        return param_norm(self.params, self._xp)
+            return None
+        return param_stats(self.params, self._xp)
 
     def _raise(self, stats, d, loss_v, pnorm, grads):
         """``on_nonfinite="raise"``: the step is withheld and recorded like a skip (row,

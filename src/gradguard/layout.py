@@ -5,9 +5,11 @@ store and the dashboard read those rows.  The layout lives here, in a leaf
 module, so that every reader and writer uses the column *names* and no reader
 imports the orchestrator.
 
-A row is the global columns (``GLOBAL_COLS``) followed by one L2 norm per
-watched tensor, then one max |g| per watched tensor, in model order.  A tensor
-without a gradient on a step has a NaN norm and a 0 max |g|.
+A row is the global columns (``GLOBAL_COLS``) followed by one gradient L2 norm
+per watched tensor, one max |g| per watched tensor, then one *parameter* L2 norm
+per watched tensor, in model order.  A tensor without a gradient on a step has a
+NaN norm and a 0 max |g|.  Parameter norms are measured with the ``param_norm``
+column, every ``param_norm_every`` steps, and are NaN in between.
 
 ``RunInfo`` is the small description of the run that detectors and remedies
 are bound to (names, shapes, owning module types, which tensors are weight
@@ -41,13 +43,17 @@ class RowLayout:
     Every accessor works on one row (1-D) or a batch of rows (2-D), returning views.
     """
 
-    __slots__ = ("n", "width", "norms_slice", "max_abs_slice")
+    __slots__ = ("n", "width", "norms_slice", "max_abs_slice", "param_norms_slice")
+
+    #: per-layer blocks after the global columns: gradient norms, max |g|, parameter norms
+    BLOCKS = 3
 
     def __init__(self, n_layers: int):
         self.n = int(n_layers)
-        self.width = N_GLOBAL + 2 * self.n
+        self.width = N_GLOBAL + self.BLOCKS * self.n
         self.norms_slice = slice(N_GLOBAL, N_GLOBAL + self.n)
-        self.max_abs_slice = slice(N_GLOBAL + self.n, self.width)
+        self.max_abs_slice = slice(N_GLOBAL + self.n, N_GLOBAL + 2 * self.n)
+        self.param_norms_slice = slice(N_GLOBAL + 2 * self.n, self.width)
 
     @staticmethod
     def index(name: str) -> int:
@@ -66,6 +72,10 @@ class RowLayout:
 
     def max_abs(self, rows):
         return rows[..., self.max_abs_slice]
+
+    def param_norms(self, rows):
+        """Per-tensor parameter L2 norms (NaN on steps that do not measure them)."""
+        return rows[..., self.param_norms_slice]
 
     def globals(self, rows):
         return rows[..., :N_GLOBAL]

@@ -28,7 +28,7 @@ from .backend import DEVICE, HOST
 from .gather import all_dense, dense, gather  # noqa: F401 (dense: public here since 0.1)
 from .shards import dtensor_type as _dtensor_type, local_grads, reduce_shards
 
-__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm", "Statistics"]
+__all__ = ["GradStats", "grad_stats", "named_parameters", "compute_stats", "local_grads", "param_norm", "param_stats", "Statistics"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _layout, _dtype, _is_cpu = (operator.attrgetter(a) for a in ("layout", "dtype", "is_cpu"))
@@ -439,10 +439,16 @@ def _local_sumsq_maxabs(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
     return sumsq_all, maxabs_all
 
 
-def param_norm(params: list[Tensor], xp) -> object:
-    """Total L2 norm of ``params`` in backend ``xp`` (full-tensor numbers for DTensor shards)."""
+def param_stats(params: list[Tensor], xp) -> GradStats:
+    """Per-tensor and total L2 norms of ``params`` (not their gradients) in backend ``xp``
+    (full-tensor numbers for DTensor shards)."""
     names = [str(i) for i in range(len(params))]
-    return compute_stats(names, [p.detach() for p in params], xp=xp).total
+    return compute_stats(names, [p.detach() for p in params], xp=xp)
+
+
+def param_norm(params: list[Tensor], xp) -> object:
+    """Total L2 norm of ``params`` in backend ``xp``."""
+    return param_stats(params, xp).total
 
 
 class Statistics:

@@ -17,23 +17,35 @@ class WeightGrowthDetector(Detector):
 
     Reads the ``param_norm`` column (total parameter L2 norm, recorded by the
     guard every ``param_norm_every`` steps; NaN rows in between are ignored)
-    and works on the RMS weight, ``param_norm / sqrt(numel)``:
+    and the rows' per-tensor parameter norms (measured on the same steps), and
+    works on RMS weights (``norm / sqrt(numel)``):
 
-    - growth: RMS >= ``growth`` x its minimum over the last ``window`` steps;
-    - large: RMS >= ``max_rms`` (critical);
-    - non-finite parameters (critical).
+    - growth: the total RMS >= ``growth`` x its minimum over the last ``window`` steps;
+    - large: the total RMS >= ``max_rms`` (critical);
+    - non-finite parameters (critical);
+    - a jump: one weight tensor's RMS >= ``layer_jump`` x its previous measurement
+      (``param_norm_every`` steps earlier).  An optimizer moves a weight by a small
+      fraction between two measurements; a tensor multiplied by 30 in one step (a bad
+      write, a corrupted checkpoint shard, a broken custom update) is invisible in the
+      total norm of a large model and in the loss behind a LayerNorm.  Tensors whose
+      previous RMS is below ``layer_floor`` x the total RMS are not judged: a tensor
+      that starts at or near zero (LoRA's B, zero-initialised projections) grows by
+      large factors in a healthy run.
 
-    The detector never reads the parameters.  Culprits are the tensors whose
-    gradient norm at the firing step is largest relative to their reference:
-    each tensor's parameter norm when the guard was built
-    (``RunInfo.init_layer_norms``), or, without it, the tensor's gradient norm on
-    the first step with a measured parameter norm.
+    The detector never reads the parameters.  Culprits: with per-tensor parameter
+    norms, the weight tensors that grew most (since the previous measurement for a
+    jump, since the guard was built otherwise: ``RunInfo.init_layer_norms``); without
+    them (rows recorded before they existed), the tensors whose gradient norm is
+    largest relative to their parameter norm when the guard was built, or to their
+    gradient norm on the first measured step.
 
     Args:
         growth: growth factor over the window (default 10).
         window: steps (default 200).
         max_rms: RMS weight limit (default 100).
         cooldown: steps between two events (default 200).
+        layer_jump: growth of one weight tensor between two measurements (default 10).
+        layer_floor: smallest previous RMS judged, relative to the total RMS (default 0.01).
     """
 
     kind = "weight_growth"
@@ -42,12 +54,15 @@ class WeightGrowthDetector(Detector):
     # those rows is cheaper than array set-up for a handful of values.
 
     def __init__(self, growth: float = 10.0, window: int = 200, max_rms: float = 100.0,
-                 cooldown: int = 200):
+                 cooldown: int = 200, layer_jump: float = 10.0, layer_floor: float = 0.01):
         super().__init__(cooldown)
         self.growth = check_pos("growth", growth)
         self.window = check_int("window", window, 1)
         self.max_rms = check_pos("max_rms", max_rms)
+        self.layer_jump = check_pos("layer_jump", layer_jump)
+        self.layer_floor = check_pos("layer_floor", layer_floor, allow_zero=True)
         self._hist: deque = deque()  # (step, rms)
+        self._prev: np.ndarray | None = None  # each weight tensor's RMS at the last measurement
         self._init: np.ndarray | None = None  # per-tensor reference norms (see the class doc)
         self._ref = "weights"  # what _init holds: "weights" (parameter norms) or "gradients"
 
@@ -55,6 +70,8 @@ class WeightGrowthDetector(Detector):
         super().bind(run)
         self._numel = max(run.numel, 1)
         self._every = int(run.param_norm_every or 0)
+        self._w = run.weight_idx  # the tensors judged for a jump: weight matrices and kernels
+        self._sqrt_w = np.sqrt([max(math.prod(run.shapes[i]), 1) for i in self._w]).astype(np.float64)
         if self._init is None and run.init_layer_norms is not None:
             self._init, self._ref = np.asarray(run.init_layer_norms, np.float64), "weights"
 
@@ -70,24 +87,43 @@ class WeightGrowthDetector(Detector):
         p = pn[idx].astype(np.float64).tolist()  # numpy, no host sync
         st = steps[idx].tolist()  # numpy, no host sync
         rms = [v / math.sqrt(self._numel) for v in p]
+        with np.errstate(all="ignore"):  # per-tensor RMS of the weight tensors (NaN: not measured)
+            lrms = self.layout.param_norms(rows[idx])[:, self._w].astype(np.float64) / self._sqrt_w
         # the minimum RMS over the `window` steps before each row: the history, then the earlier rows
         hist = list(self._hist)
-        lo, fired = [], []
+        prev = self._prev
+        lo, fired, jump = [], [], []
         for j, (s, v, r) in enumerate(zip(st, p, rms)):
             if not math.isfinite(v):
                 lo.append(math.nan)
+                jump.append(None)
                 fired.append(int(idx[j]))
                 continue
+            total_prev = hist[-1][1] if hist else r
             hist = [e for e in hist if e[0] >= s - self.window]
             m = min((e[1] for e in hist), default=r)
             lo.append(m)
             hist.append((s, r))
-            if r >= self.max_rms or (m > 0 and r / m >= self.growth):
+            cur = lrms[j]
+            ratio = None
+            if prev is not None and np.isfinite(cur).all():
+                with np.errstate(all="ignore"):
+                    ratio = np.where((prev > 0) & (prev >= self.layer_floor * total_prev), cur / prev, 0.0)
+            jump.append(ratio)
+            if np.isfinite(cur).all():
+                prev = cur
+            if (r >= self.max_rms or (m > 0 and r / m >= self.growth)
+                    or (ratio is not None and ratio.max(initial=0.0) >= self.layer_jump)):
                 fired.append(int(idx[j]))
-        return Scan(fired, len(rows), idx, steps=steps, rows=rows, pn=p, rms=rms, lo=lo)
+        return Scan(fired, len(rows), idx, steps=steps, rows=rows, pn=p, rms=rms, lo=lo, lrms=lrms,
+                    jump=jump)
 
     def _absorb(self, s, a, b):
         ja, jb = s.span(a, b) if b > a else (0, 0)
+        for j in range(jb - 1, ja - 1, -1):  # the last complete per-tensor measurement
+            if math.isfinite(s.pn[j]) and np.isfinite(s.lrms[j]).all():
+                self._prev = s.lrms[j].copy()
+                break
         keep = [(int(s.steps[s.idx[j]]), s.rms[j]) for j in range(ja, jb) if math.isfinite(s.pn[j])]
         if not keep:
             return
@@ -104,27 +140,58 @@ class WeightGrowthDetector(Detector):
         j = s.at(k)
         step, pn = int(s.steps[k]), s.pn[j]
         if not math.isfinite(pn):
-            bad = np.flatnonzero(~np.isfinite(self.layout.max_abs(s.rows[k])))
+            held = np.flatnonzero(~np.isfinite(self.layout.param_norms(s.rows[k])))  # NaN: not measured
+            bad = held if len(held) < self.n else np.flatnonzero(~np.isfinite(self.layout.max_abs(s.rows[k])))
             layers = [self.names[i] for i in bad]
-            grads = f"; {len(layers)} tensors have non-finite gradients ({W.names_list(layers)})" if layers else ""
+            where = "hold NaN/Inf" if len(held) < self.n else "have non-finite gradients"
+            grads = f"; {len(layers)} tensors {where} ({W.names_list(layers)})" if layers else ""
             return self._emit(step, "critical", layers,
                               f"parameter norm is {W.fmt(pn)}: the weights hold NaN/Inf{grads}.",
                               {"param_norm": pn})
-        rms, lo = s.rms[j], s.lo[j]
+        rms, lo, ratio = s.rms[j], s.lo[j], s.jump[j]
         self._absorb(s, k, k + 1)
+        data = {"rms": rms, "param_norm": pn, "growth": rms / lo if lo > 0 else math.inf}
         if rms >= self.max_rms:
             sev, msg = "critical", (f"RMS weight {rms:.3g} (parameter norm {pn:.3g}) is above the limit "
                                     f"{self.max_rms:g}")
-        else:
+        elif lo > 0 and rms / lo >= self.growth:
             sev, msg = "warning", (f"RMS weight grew {rms / lo:.1f}x in the last {self.window} steps "
                                    f"to {rms:.3g} (parameter norm {pn:.3g})")
-        layers, scores = self._culprits(self.layout.norms(s.rows[k]))
-        if layers:
-            what = "its initial weight norm" if self._ref == "weights" else "the first measured step"
-            msg += f"; largest gradient relative to {what}: {layers[0]} ({scores[0]:.3g}x)"
-        return self._emit(step, sev, layers, msg + ".",
-                          {"rms": rms, "param_norm": pn, "growth": rms / lo if lo > 0 else math.inf,
-                           "culprit_scores": scores})
+        else:
+            i = int(np.argmax(ratio))
+            sev, msg = "warning", (f"the weights of {self.names[self._w[i]]} grew {ratio[i]:.3g}x since "
+                                   f"the last measurement ({self._every or 1} steps): RMS {s.lrms[j][i]:.3g}, "
+                                   f"no optimizer step moves a weight that far")
+        layers: list[str] = []
+        if ratio is not None and ratio.max(initial=0.0) >= self.layer_jump:
+            layers, scores = self._ranked(ratio)
+            msg += "" if msg.startswith("the weights of") else \
+                f"; {layers[0]} grew {scores[0]:.3g}x since the last measurement"
+        elif np.isfinite(s.lrms[j]).all() and self._init is not None and self._ref == "weights":
+            layers, scores = self._ranked(self._growth_since_init(s.lrms[j]))
+            if layers:
+                msg += f"; grew most since the guard was built: {layers[0]} ({scores[0]:.3g}x its initial norm)"
+        if not layers:  # no per-tensor parameter norms (rows recorded before them): the gradients
+            layers, scores = self._culprits(self.layout.norms(s.rows[k]))
+            if layers:
+                what = "its initial weight norm" if self._ref == "weights" else "the first measured step"
+                msg += f"; largest gradient relative to {what}: {layers[0]} ({scores[0]:.3g}x)"
+        return self._emit(step, sev, layers, msg + ".", {**data, "culprit_scores": scores})
+
+    def _growth_since_init(self, lrms: np.ndarray) -> np.ndarray:
+        """Each weight tensor's RMS over its RMS when the guard was built (0: not judged)."""
+        init = self._init[self._w] / self._sqrt_w
+        total0 = math.sqrt(float(np.sum(self._init ** 2)) / self._numel)
+        with np.errstate(all="ignore"):
+            return np.where((init > 0) & (init >= self.layer_floor * total0), lrms / init, 0.0)
+
+    def _ranked(self, score: np.ndarray, k: int = 5) -> tuple[list[str], list[float]]:
+        """Weight tensors by ``score``, largest first, within 10x of the largest."""
+        order = np.argsort(-score, kind="stable")[:k]
+        if not len(order) or not score[order[0]] > 0:
+            return [], []
+        picked = [int(i) for i in order if score[i] >= 0.1 * score[order[0]]]
+        return [self.names[self._w[i]] for i in picked], [float(score[i]) for i in picked]
 
     def _culprits(self, norms: np.ndarray, k: int = 5) -> tuple[list[str], list[float]]:
         """Tensors with the largest gradient norm / reference norm (within 10x of the largest)."""
@@ -139,7 +206,8 @@ class WeightGrowthDetector(Detector):
 
     def state_dict(self):
         return {**self._base_state(), "hist": [list(h) for h in self._hist],
-                "init": None if self._init is None else array_to_list(self._init), "ref": self._ref}
+                "init": None if self._init is None else array_to_list(self._init), "ref": self._ref,
+                "prev": None if self._prev is None else array_to_list(self._prev)}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -147,3 +215,4 @@ class WeightGrowthDetector(Detector):
         if sd.get("init") is not None:
             self._init = list_to_array(sd["init"])
             self._ref = sd.get("ref", "weights")  # states saved before "ref" held parameter norms
+        self._prev = None if sd.get("prev") is None else list_to_array(sd["prev"])  # absent before 0.3

@@ -7,8 +7,10 @@
 - ``layers``: one row per watched parameter (name, shape JSON, order).
 - ``chunks``: raw per-step rows, a few hundred steps per row, each statistic
   one little-endian BLOB: ``steps`` int64[n], ``glob`` float32[n, G],
-  ``norms`` / ``maxabs`` float32[n, L].  1M steps x 300 layers is ~2.4 GB,
-  one INSERT per chunk instead of 300M rows.
+  ``norms`` / ``maxabs`` float32[n, L] (gradients), ``pnorms`` float32[n, L]
+  (parameter norms, NaN on steps that do not measure them; NULL in chunks
+  written by schema v1).  1M steps x 300 layers is ~3.6 GB, one INSERT per
+  chunk instead of 300M rows.
 - ``summary``: a min/max pyramid over the same rows.  Level ``k`` bucket
   ``b`` aggregates rows ``[b*8^k, (b+1)*8^k)`` in write order: count, first
   and last step, per-global min and max, per-layer max/min norm, max |g|
@@ -17,7 +19,8 @@
 - ``events``: one row per ``Event`` (lists and dicts as JSON).
 
 A store whose ``schema_version`` is newer than ``SCHEMA_VERSION`` is refused
-with a clear error rather than misread.
+with a clear error rather than misread.  v1 (no ``pnorms``) is read as is and
+upgraded in place (one ``ALTER TABLE``) when a run is resumed into it.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ import re
 import numpy as np
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "LOCK_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
-           "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS"]
+           "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS", "pnorm_blob"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "gradguard.sqlite"
 LOCK_NAME = "writer.lock"      # held (flock) by the run's one live writer
 FACTOR_BITS = 3           # pyramid factor 8 between levels
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS layers (idx INTEGER PRIMARY KEY, name TEXT NOT NULL,
     shape TEXT NOT NULL, ord INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (seq0 INTEGER PRIMARY KEY, n INTEGER NOT NULL,
     step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
-    steps BLOB NOT NULL, glob BLOB NOT NULL, norms BLOB NOT NULL, maxabs BLOB NOT NULL);
+    steps BLOB NOT NULL, glob BLOB NOT NULL, norms BLOB NOT NULL, maxabs BLOB NOT NULL,
+    pnorms BLOB);
 CREATE INDEX IF NOT EXISTS chunks_step ON chunks (step_hi, step_lo);
 CREATE TABLE IF NOT EXISTS summary (level INTEGER NOT NULL, bucket INTEGER NOT NULL,
     n INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
@@ -91,6 +95,13 @@ def reduce_groups(agg: dict, starts: np.ndarray) -> dict:
         out[key] = np.concatenate([f.reduce(v[:a], axis=0, keepdims=True), mid,
                                    f.reduce(v[b:], axis=0, keepdims=True)]).astype(v.dtype, copy=False)
     return out
+
+
+def pnorm_blob(blob, n: int, L: int) -> np.ndarray:
+    """A chunk's ``pnorms`` as float32[n, L]; NaN for a v1 chunk (NULL: never measured)."""
+    if blob is None:
+        return np.full((n, L), np.nan, np.float32)
+    return np.frombuffer(blob, np.float32).reshape(n, L)
 
 
 def raw_aggregates(steps: np.ndarray, glob: np.ndarray, norms: np.ndarray, maxabs: np.ndarray) -> dict:

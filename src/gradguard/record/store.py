@@ -20,7 +20,8 @@ import numpy as np
 from .._json import json_safe
 from .._validate import check_int
 from ..events import Event
-from .schema import DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, reduce_groups
+from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, pnorm_blob, raw_aggregates,
+                     reduce_groups)
 
 try:
     import fcntl
@@ -256,6 +257,30 @@ class RunStore:
             con.close()
         return {"step": agg["step_lo"], "step_hi": agg["step_hi"], "norm": agg["nmax"],
                 "norm_min": agg["nmin"], "max_abs": agg["xmax"], "nonfinite": agg["nfc"]}
+
+    @_readable
+    def param_norms(self, run: str, start: int | None = None, end: int | None = None) -> dict[str, np.ndarray]:
+        """Per-layer parameter L2 norms on the steps that measured them (every
+        ``Guard(param_norm_every=)`` steps), in the inclusive step range.
+
+        Returns:
+            dict: ``step`` (int64, measuring steps only) and ``norm`` (steps x layers float32).
+            A run written by a gradguard without per-layer parameter norms gives no steps.
+        """
+        lo, hi = _range(start, end)
+        con = self._connect(run)
+        try:
+            L = con.execute("SELECT count(*) FROM layers").fetchone()[0]
+            has = any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)"))
+            rows = con.execute("SELECT n, steps, pnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
+                               "ORDER BY seq0", (lo, hi)).fetchall() if has else []
+        finally:
+            con.close()
+        steps = np.frombuffer(b"".join(r[1] for r in rows), np.int64)
+        norms = (np.concatenate([pnorm_blob(r[2], r[0], L) for r in rows]) if rows
+                 else np.empty((0, L), _F32))
+        keep = (steps >= lo) & (steps <= hi) & ~np.isnan(norms).all(axis=1)
+        return {"step": steps[keep], "norm": norms[keep]}
 
     @_readable
     def layer_summary(self, run: str) -> list[dict]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ._files import TMP_NAME, _dumps, _text, _Vanished
-from .schema import (DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, level_aggregates, raw_aggregates,
-                     reduce_groups)
+from .schema import (DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, level_aggregates, pnorm_blob,
+                     raw_aggregates, reduce_groups)
 
 __all__ = ["CHUNK_ROWS", "HEARTBEAT_SECONDS"]
 
@@ -123,11 +123,17 @@ class _StoreWriter:
         pyramid is rebuilt.  Costs one pass over the run's rows."""
         con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             con.close()
             raise ValueError(f"run store {self.path} has schema version {version}; this gradguard "
                              f"writes {SCHEMA_VERSION}")
         self._pragmas(con)
+        if version == 1:  # v1 had no parameter norms: its chunks keep NULL there (read as NaN)
+            con.execute("BEGIN")
+            con.execute("ALTER TABLE chunks ADD COLUMN pnorms BLOB")
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            con.execute("COMMIT")
         self.n_layers = con.execute("SELECT count(*) FROM layers").fetchone()[0]
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         cols = tuple(json.loads(meta["global_cols"])) if "global_cols" in meta else ()
@@ -140,13 +146,15 @@ class _StoreWriter:
             con.execute("DELETE FROM summary")
             con.execute("DELETE FROM events WHERE step >= ?", (int(resume_at),))
             for seq0 in seqs:  # in order: rewritten rows never overtake unread chunks
-                n, steps, glob, norms, maxabs = con.execute(
-                    "SELECT n, steps, glob, norms, maxabs FROM chunks WHERE seq0 = ?", (seq0,)).fetchone()
+                n, steps, glob, norms, maxabs, pnorms = con.execute(
+                    "SELECT n, steps, glob, norms, maxabs, pnorms FROM chunks WHERE seq0 = ?",
+                    (seq0,)).fetchone()
                 con.execute("DELETE FROM chunks WHERE seq0 = ?", (seq0,))
                 steps = np.frombuffer(steps, np.int64)
                 rows = np.concatenate([np.frombuffer(glob, np.float32).reshape(n, G),
                                        np.frombuffer(norms, np.float32).reshape(n, L),
-                                       np.frombuffer(maxabs, np.float32).reshape(n, L)], axis=1)
+                                       np.frombuffer(maxabs, np.float32).reshape(n, L),
+                                       pnorm_blob(pnorms, n, L)], axis=1)
                 keep = steps < resume_at
                 if keep.any():
                     self._write_rows(con, steps[keep], rows[keep], cols)
@@ -224,22 +232,23 @@ class _StoreWriter:
     def _write_rows(self, con, steps, rows, global_cols):
         L = self.n_layers
         G = len(global_cols)
-        if rows.ndim != 2 or rows.shape[1] != G + 2 * L:
-            raise ValueError(f"rows have width {rows.shape[1:]}, expected {G} globals + 2x{L} layers")
+        if rows.ndim != 2 or rows.shape[1] != G + 3 * L:
+            raise ValueError(f"rows have width {rows.shape[1:]}, expected {G} globals + 3x{L} layers")
         if self.global_cols is None:
             self.global_cols = tuple(global_cols)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('global_cols', ?)", (json.dumps(self.global_cols),))
         elif tuple(global_cols) != self.global_cols:
             raise ValueError(f"global columns changed from {self.global_cols} to {tuple(global_cols)}")
         # Views, not copies: tobytes() below writes each chunk's slice contiguously anyway.
-        glob, norms, maxabs = rows[:, :G], rows[:, G:G + L], rows[:, G + L:]
+        glob, norms, maxabs, pnorms = rows[:, :G], rows[:, G:G + L], rows[:, G + L:G + 2 * L], rows[:, G + 2 * L:]
         n = len(steps)
         for a in range(0, n, CHUNK_ROWS):
             b = min(n, a + CHUNK_ROWS)
             s = steps[a:b]
-            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (self.seq + a, b - a, int(s.min()), int(s.max()), s.tobytes(),
-                         glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes()))
+                         glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes(),
+                         pnorms[a:b].tobytes()))
         # Pyramid: each level groups the batch-only segments of the level below
         # (sums must not count earlier rows twice), then merges with the
         # in-memory partial bucket and upserts every bucket it touched.
