@@ -35,6 +35,7 @@ def main() -> None:
     G, L = len(GLOBAL_COLS), a.layers
     rng = np.random.default_rng(0)
     block = rng.lognormal(0, 1, (4096, G + 3 * L)).astype(np.float32)   # reused: content does not matter
+    block[np.arange(4096) % 10 != 0, G + 2 * L:] = np.nan  # parameter norms: the guard's default 1 step in 10
     rec = open_recorder(root, run_name="big", layers=[{"name": f"block{i}.weight", "shape": [64, 64], "order": i}
                                                      for i in range(L)])
     call_times = []

@@ -7,10 +7,10 @@
 - ``layers``: one row per watched parameter (name, shape JSON, order).
 - ``chunks``: raw per-step rows, a few hundred steps per row, each statistic
   one little-endian BLOB: ``steps`` int64[n], ``glob`` float32[n, G],
-  ``norms`` / ``maxabs`` float32[n, L] (gradients), ``pnorms`` float32[n, L]
-  (parameter norms, NaN on steps that do not measure them; NULL in chunks
-  written by schema v1).  1M steps x 300 layers is ~3.6 GB, one INSERT per
-  chunk instead of 300M rows.
+  ``norms`` / ``maxabs`` float32[n, L] (gradients); parameter norms only for
+  the m rows that measured them (one in ``param_norm_every``): ``pidx``
+  int32[m] (row offsets in the chunk) and ``pnorms`` float32[m, L] (NULL in
+  chunks written by schema v1).  One INSERT per chunk instead of 300M rows.
 - ``summary``: a min/max pyramid over the same rows.  Level ``k`` bucket
   ``b`` aggregates rows ``[b*8^k, (b+1)*8^k)`` in write order: count, first
   and last step, per-global min and max, per-layer max/min norm, max |g|
@@ -19,7 +19,7 @@
 - ``events``: one row per ``Event`` (lists and dicts as JSON).
 
 A store whose ``schema_version`` is newer than ``SCHEMA_VERSION`` is refused
-with a clear error rather than misread.  v1 (no ``pnorms``) is read as is and
+with a clear error rather than misread.  v1 (no ``pidx``/``pnorms``) is read as is and
 upgraded in place (one ``ALTER TABLE``) when a run is resumed into it.
 """
 from __future__ import annotations
@@ -29,9 +29,11 @@ import re
 import numpy as np
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "LOCK_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
-           "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS", "pnorm_blob"]
+           "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS", "pack_pnorms",
+           "unpack_pnorms"]
 
 SCHEMA_VERSION = 2
+_NAN_BITS = np.float32(np.nan).view(np.int32)  # what an unmeasured parameter norm holds
 DB_NAME = "gradguard.sqlite"
 LOCK_NAME = "writer.lock"      # held (flock) by the run's one live writer
 FACTOR_BITS = 3           # pyramid factor 8 between levels
@@ -45,7 +47,7 @@ CREATE TABLE IF NOT EXISTS layers (idx INTEGER PRIMARY KEY, name TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS chunks (seq0 INTEGER PRIMARY KEY, n INTEGER NOT NULL,
     step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
     steps BLOB NOT NULL, glob BLOB NOT NULL, norms BLOB NOT NULL, maxabs BLOB NOT NULL,
-    pnorms BLOB);
+    pidx BLOB, pnorms BLOB);
 CREATE INDEX IF NOT EXISTS chunks_step ON chunks (step_hi, step_lo);
 CREATE TABLE IF NOT EXISTS summary (level INTEGER NOT NULL, bucket INTEGER NOT NULL,
     n INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
@@ -97,11 +99,21 @@ def reduce_groups(agg: dict, starts: np.ndarray) -> dict:
     return out
 
 
-def pnorm_blob(blob, n: int, L: int) -> np.ndarray:
-    """A chunk's ``pnorms`` as float32[n, L]; NaN for a v1 chunk (NULL: never measured)."""
-    if blob is None:
-        return np.full((n, L), np.nan, np.float32)
-    return np.frombuffer(blob, np.float32).reshape(n, L)
+def pack_pnorms(block: np.ndarray) -> tuple[bytes, bytes]:
+    """``(pidx, pnorms)`` BLOBs of a chunk's parameter-norm block (float32[n, L]): the rows
+    holding anything but the unmeasured NaN, bit for bit (a NaN weight's norm is kept)."""
+    keep = np.flatnonzero((block.view(np.int32) != _NAN_BITS).any(axis=1)).astype(np.int32)
+    return keep.tobytes(), block[keep].tobytes()
+
+
+def unpack_pnorms(pidx, pnorms, n: int, L: int) -> np.ndarray:
+    """The chunk's parameter-norm block, float32[n, L] (NaN where not measured, and everywhere
+    in a chunk written by schema v1)."""
+    out = np.full((n, L), np.nan, np.float32)
+    if pidx is not None:
+        idx = np.frombuffer(pidx, np.int32)
+        out[idx] = np.frombuffer(pnorms, np.float32).reshape(len(idx), L)
+    return out
 
 
 def raw_aggregates(steps: np.ndarray, glob: np.ndarray, norms: np.ndarray, maxabs: np.ndarray) -> dict:

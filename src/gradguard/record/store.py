@@ -20,7 +20,7 @@ import numpy as np
 from .._json import json_safe
 from .._validate import check_int
 from ..events import Event
-from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, pnorm_blob, raw_aggregates,
+from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates,
                      reduce_groups)
 
 try:
@@ -272,14 +272,16 @@ class RunStore:
         try:
             L = con.execute("SELECT count(*) FROM layers").fetchone()[0]
             has = any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)"))
-            rows = con.execute("SELECT n, steps, pnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
-                               "ORDER BY seq0", (lo, hi)).fetchall() if has else []
+            rows = con.execute("SELECT steps, pidx, pnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
+                               "AND pidx IS NOT NULL ORDER BY seq0", (lo, hi)).fetchall() if has else []
         finally:
             con.close()
-        steps = np.frombuffer(b"".join(r[1] for r in rows), np.int64)
-        norms = (np.concatenate([pnorm_blob(r[2], r[0], L) for r in rows]) if rows
-                 else np.empty((0, L), _F32))
-        keep = (steps >= lo) & (steps <= hi) & ~np.isnan(norms).all(axis=1)
+        idx = [np.frombuffer(r[1], np.int32) for r in rows]
+        steps = np.concatenate([np.frombuffer(r[0], np.int64)[i] for r, i in zip(rows, idx)] or
+                               [np.empty(0, np.int64)])
+        norms = np.frombuffer(b"".join(r[2] for r in rows), _F32).reshape(-1, L) if L else \
+            np.empty((len(steps), 0), _F32)
+        keep = (steps >= lo) & (steps <= hi)
         return {"step": steps[keep], "norm": norms[keep]}
 
     @_readable

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ._files import TMP_NAME, _dumps, _text, _Vanished
-from .schema import (DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, level_aggregates, pnorm_blob,
-                     raw_aggregates, reduce_groups)
+from .schema import (DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, level_aggregates, pack_pnorms,
+                     raw_aggregates, reduce_groups, unpack_pnorms)
 
 __all__ = ["CHUNK_ROWS", "HEARTBEAT_SECONDS"]
 
@@ -130,6 +130,7 @@ class _StoreWriter:
         self._pragmas(con)
         if version == 1:  # v1 had no parameter norms: its chunks keep NULL there (read as NaN)
             con.execute("BEGIN")
+            con.execute("ALTER TABLE chunks ADD COLUMN pidx BLOB")
             con.execute("ALTER TABLE chunks ADD COLUMN pnorms BLOB")
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -146,15 +147,15 @@ class _StoreWriter:
             con.execute("DELETE FROM summary")
             con.execute("DELETE FROM events WHERE step >= ?", (int(resume_at),))
             for seq0 in seqs:  # in order: rewritten rows never overtake unread chunks
-                n, steps, glob, norms, maxabs, pnorms = con.execute(
-                    "SELECT n, steps, glob, norms, maxabs, pnorms FROM chunks WHERE seq0 = ?",
+                n, steps, glob, norms, maxabs, pidx, pnorms = con.execute(
+                    "SELECT n, steps, glob, norms, maxabs, pidx, pnorms FROM chunks WHERE seq0 = ?",
                     (seq0,)).fetchone()
                 con.execute("DELETE FROM chunks WHERE seq0 = ?", (seq0,))
                 steps = np.frombuffer(steps, np.int64)
                 rows = np.concatenate([np.frombuffer(glob, np.float32).reshape(n, G),
                                        np.frombuffer(norms, np.float32).reshape(n, L),
                                        np.frombuffer(maxabs, np.float32).reshape(n, L),
-                                       pnorm_blob(pnorms, n, L)], axis=1)
+                                       unpack_pnorms(pidx, pnorms, n, L)], axis=1)
                 keep = steps < resume_at
                 if keep.any():
                     self._write_rows(con, steps[keep], rows[keep], cols)
@@ -245,10 +246,10 @@ class _StoreWriter:
         for a in range(0, n, CHUNK_ROWS):
             b = min(n, a + CHUNK_ROWS)
             s = steps[a:b]
-            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (self.seq + a, b - a, int(s.min()), int(s.max()), s.tobytes(),
                          glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes(),
-                         pnorms[a:b].tobytes()))
+                         *pack_pnorms(pnorms[a:b])))
         # Pyramid: each level groups the batch-only segments of the level below
         # (sums must not count earlier rows twice), then merges with the
         # in-memory partial bucket and upserts every bucket it touched.
