@@ -235,6 +235,8 @@ def test_accelerator_lane_dispatches_a_constant_number_of_ops(opt_kind, clip, de
     assert [len(ops) for ops, _ in small] == [len(ops) for ops, _ in large], (small[0][0], large[0][0])
     for ops, made in small + large:
         assert not made, made
+        # unmeasured parameter norms are NaN from one fill per flush interval, not one per step
+        assert "aten.fill_" not in ops, ops
     if opt_kind == "fused":
         assert small[0][0].count("aten._fused_adamw_") == 1
 

@@ -20,7 +20,10 @@ __all__ = ["StepBuffer", "RowWriter"]
 
 
 class StepBuffer:
-    def __init__(self, width: int, capacity: int, device: torch.device):
+    """``nan_from``: columns from there on start every flush interval as NaN (values measured on
+    some steps only: one fill per interval instead of one per step)."""
+
+    def __init__(self, width: int, capacity: int, device: torch.device, nan_from: int | None = None):
         self.width = check_int("width", width, 0)
         self.capacity = check_int("capacity", capacity, 1)
         self.device = torch.device(device)
@@ -28,6 +31,12 @@ class StepBuffer:
         self._steps: list[int] = []
         # CPU: the same memory as a numpy array, for rows written on the host (the host backend writes rows in place)
         self.host_view = self._buf.numpy() if self.device.type == "cpu" else None
+        self._nan_from = None if nan_from is None else check_int("nan_from", nan_from, 0)
+        self._reset()
+
+    def _reset(self) -> None:
+        if self._nan_from is not None and self._nan_from < self.width:
+            self._buf[:, self._nan_from:].fill_(float("nan"))
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -69,17 +78,19 @@ class StepBuffer:
         ``rows``: what ``pending()`` returned since the last push (no second read).
         """
         n = len(self._steps)
-        steps, self._steps = self._steps, []
         if n == 0:
-            return steps, np.empty((0, self.width), np.float32)
+            return [], np.empty((0, self.width), np.float32)
+        if rows is not None and len(rows) != n:
+            raise ValueError(f"rows holds {len(rows)} rows, {n} are pending")
+        steps, self._steps = self._steps, []
         if rows is not None:
-            if len(rows) != n:
-                raise ValueError(f"rows holds {len(rows)} rows, {n} are pending")
-            return steps, np.array(rows, np.float32)  # a copy: the buffer is reused
-        if self.host_view is not None:
-            return steps, self.host_view[:n].copy()  # host memory: a copy, not a read back
-        rows = self._buf[:n].cpu().numpy().copy()  # host sync: once per flush interval
-        return steps, rows
+            out = np.array(rows, np.float32)  # a copy: the buffer is reused
+        elif self.host_view is not None:
+            out = self.host_view[:n].copy()  # host memory: a copy, not a read back
+        else:
+            out = self._buf[:n].cpu().numpy().copy()  # host sync: once per flush interval
+        self._reset()
+        return steps, out
 
 
 class RowWriter:
@@ -124,7 +135,7 @@ class RowWriter:
                     row[G + idx] = norms
                     row[G + n + idx] = max_abs
                 if params is None:
-                    row[G + 2 * n:] = np.nan
+                    pass  # the buffer starts each interval with NaN there (StepBuffer nan_from)
                 elif (p_sumsq := params.host("sumsq")) is not None:
                     np.sqrt(p_sumsq, out=row[G + 2 * n:], casting="unsafe")
                 else:
@@ -148,9 +159,7 @@ class RowWriter:
                 idx = _index_tensor(tuple(self._index[name] for name in stats.names), dev)
                 row[G:G + n].index_copy_(0, idx, stats.norms.to(f32))
                 row[G + n:G + 2 * n].index_copy_(0, idx, stats.max_abs.to(f32))
-            if params is None:
-                row[G + 2 * n:].fill_(float("nan"))
-            else:
+            if params is not None:  # otherwise NaN from the buffer's fill at the last drain
                 self._norms_into(row[G + 2 * n:], params)
         buf.commit(step)
 

@@ -169,7 +169,8 @@ class Guard:
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
         self._statistics = Statistics(self.params, self._xp)  # how, chosen once
-        self._buffer = StepBuffer(RowLayout(len(self.names)).width, self.flush_every, self.device)
+        lay = RowLayout(len(self.names))
+        self._buffer = StepBuffer(lay.width, self.flush_every, self.device, nan_from=lay.param_norms_slice.start)
         self._writer = RowWriter(self._buffer, self.names, self._xp)
         self._step = 0
         self._skipped = 0
