@@ -72,3 +72,28 @@ def snapshot(model=None, opt=None, *extra) -> dict:
         out[f"extra{i}"] = copy.deepcopy(obj.state_dict())
     return out
 
+
+
+_ACTS = {"tanh": lambda w: torch.nn.Tanh(), "relu": lambda w: torch.nn.ReLU(),
+         "layernorm": lambda w: torch.nn.LayerNorm(w)}
+
+
+def mlp(*widths: int, act="tanh", seed: int | None = 0, dtype=None) -> torch.nn.Sequential:
+    """The tests' one model factory: ``Linear`` layers through ``widths`` (``mlp(6, 16, 2)`` is
+    Linear(6, 16), Tanh, Linear(16, 2)), built after ``torch.manual_seed(seed)`` (None: not
+    seeded).  ``act``: ``"tanh"``, ``"relu"``, ``"layernorm"``, or one name per hidden layer."""
+    if len(widths) < 2:
+        raise ValueError(f"widths needs an input and an output width, got {widths}")
+    hidden = len(widths) - 2
+    acts = [act] * hidden if isinstance(act, str) else list(act)
+    if len(acts) != hidden:
+        raise ValueError(f"act names {len(acts)} activations for {hidden} hidden layers")
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < hidden:
+            layers.append(_ACTS[acts[i]](b))
+    model = torch.nn.Sequential(*layers)
+    return model if dtype is None else model.to(dtype)

@@ -117,11 +117,32 @@ def server(log_dir):
     srv.stop()
 
 
+_PAGES: list = []  # pages opened by the running test
+
+
+@pytest.fixture(autouse=True)
+def _close_pages():
+    """Close every page a test opened through ``new_page``: a live dashboard page polls its
+    server and redraws every 2 s, so pages left open slow every later test of the module."""
+    yield
+    while _PAGES:
+        page = _PAGES.pop()
+        if not page.is_closed():
+            page.close()
+
+
+def new_page(browser, **options):
+    """``browser.new_page(**options)``, closed when the test ends."""
+    page = browser.new_page(**options)
+    _PAGES.append(page)
+    return page
+
+
 def open_page(browser, url):
     """A page of ``url`` once the dashboard says it is ready: (page, dialogs, page errors).
 
     bypass_csp: escaping must hold on its own (and wait_for_function needs eval)."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1200}, bypass_csp=True)
+    page = new_page(browser, viewport={"width": 1400, "height": 1200}, bypass_csp=True)
     dialogs, errors = [], []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.on("pageerror", lambda e: errors.append(str(e)))

@@ -5,6 +5,7 @@ its state exists is left with an uninitialised momentum buffer)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 import gradguard as gg
 
-from _helpers import assert_bitwise, snapshot
+from _helpers import assert_bitwise, snapshot, mlp
 
 OPTS = {
     "sgd_momentum": lambda ps, fused: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=fused),
@@ -28,9 +29,7 @@ CLIPS = {
 POISONED = {"first": {0, 3}, "later": {2}}
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+_model = partial(mlp, 5, 7, 2)
 
 
 def _backward(model, i, poison, scaler=None):

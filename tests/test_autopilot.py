@@ -1,12 +1,13 @@
 """remedies="auto" (gradguard.remedies.autopilot): healthy runs untouched, faults rolled back
 bitwise to a clean snapshot, learning rate backed off and restored, the budget raises, state
 round-trips; and the rescue benchmark (benchmarks/rescue_faults) in its smoke mode."""
+from functools import partial
 import importlib.util
 import math
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from torch import nn
 import gradguard as gg
 from gradguard.events import KINDS
 from gradguard.remedies import Autopilot, GuardAlarm
+
+from _helpers import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 # loaded under its own name: other benchmark folders have a run.py too
@@ -31,9 +34,7 @@ def _data(seed, n=256):
     return x, y
 
 
-def _mlp(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+_mlp = partial(mlp, 8, 32, 1)
 
 
 def _train(model, opt, guard, steps, seed=0, fault=None, states=None):
@@ -56,7 +57,7 @@ def _train(model, opt, guard, steps, seed=0, fault=None, states=None):
 # ------------------------------------------------------------------ construction
 def test_auto_builds_the_preset_and_the_object_form_alike():
     for spec in ("auto", Autopilot(every=10)):
-        m = _mlp(0)
+        m = _mlp(seed=0)
         guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.1), remedies=spec)
         (ap,) = guard.remedies.actions
         assert isinstance(ap, Autopilot) and gg.Autopilot is Autopilot
@@ -66,7 +67,7 @@ def test_auto_builds_the_preset_and_the_object_form_alike():
 
 @pytest.mark.parametrize("spec", ["autopilot", "", "AUTO", 3])
 def test_bad_remedies_spec_is_refused_by_name(spec):
-    m = _mlp(0)
+    m = _mlp(seed=0)
     with pytest.raises(TypeError, match="remedies"):
         gg.Guard(m, torch.optim.SGD(m.parameters(), 0.1), remedies=spec)
 
@@ -83,7 +84,7 @@ def test_bad_arguments_name_the_argument(kw, name):
 # ------------------------------------------------------------------ healthy runs
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_intervention_on_healthy_runs(seed):
-    m = _mlp(seed)
+    m = _mlp(seed=seed)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9)
     guard = gg.Guard(m, opt, remedies="auto")
     _train(m, opt, guard, 300, seed)
@@ -112,7 +113,7 @@ def _blow_weight(at):
 
 
 def test_weight_fault_is_rolled_back_bitwise_and_keeps_the_lr():
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9)
     guard = gg.Guard(m, opt, remedies=Autopilot(every=20), param_norm_every=1)
     states = {}
@@ -142,7 +143,7 @@ def test_weight_fault_is_rolled_back_bitwise_and_keeps_the_lr():
 
 def test_an_lr_burst_without_any_detector_event_is_rolled_back():
     """No detectors at all: the autopilot's own loss-rise suspect, confirmed by the next losses."""
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.Adam(m.parameters(), 0.01)  # Adam: bounded steps, the weights do not blow up
     # no detectors, no parameter norms: only the loss can tell
     guard = gg.Guard(m, opt, remedies=Autopilot(every=16), detectors=[], param_norm_every=0)
@@ -160,7 +161,7 @@ def test_an_lr_burst_without_any_detector_event_is_rolled_back():
 
 def test_a_burst_the_run_shrugs_off_is_left_alone():
     """LR x20 on Adam for 5 steps: the loss jumps 4x for two steps and comes back: no rollback."""
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.Adam(m.parameters(), 0.01)
     guard = gg.Guard(m, opt, remedies="auto", param_norm_every=0)
 
@@ -174,7 +175,7 @@ def test_a_burst_the_run_shrugs_off_is_left_alone():
 
 
 def test_nonfinite_steps_are_skipped_not_rolled_back():
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.SGD(m.parameters(), 0.05)
     guard = gg.Guard(m, opt, remedies="auto")
 
@@ -198,7 +199,7 @@ def test_nonfinite_steps_are_skipped_not_rolled_back():
 
 
 def test_repeated_rollbacks_back_off_the_lr_then_restore_it():
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9)
     ap = Autopilot(every=16, recover_every=64, max_rollbacks=10)
     guard = gg.Guard(m, opt, remedies=ap, param_norm_every=1)
@@ -216,7 +217,7 @@ def test_repeated_rollbacks_back_off_the_lr_then_restore_it():
 
 
 def test_budget_exhausted_raises_with_a_clear_message():
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.SGD(m.parameters(), 0.05)
     guard = gg.Guard(m, opt, remedies=Autopilot(every=16, max_rollbacks=2), param_norm_every=1)
 
@@ -231,14 +232,14 @@ def test_budget_exhausted_raises_with_a_clear_message():
 
 # ------------------------------------------------------------------ state
 def test_state_dict_round_trip():
-    m = _mlp(0)
+    m = _mlp(seed=0)
     opt = torch.optim.SGD(m.parameters(), 0.05, momentum=0.9)
     guard = gg.Guard(m, opt, remedies=Autopilot(every=16, recover_every=1000), param_norm_every=1)
     _train(m, opt, guard, 200, fault=lambda s, mod, o: (_blow_weight(100)(s, mod, o), _blow_weight(130)(s, mod, o)))
     ap = guard.remedies.actions[0]
     assert ap.rollbacks == 2 and ap.lr.scale == 0.5
     sd = guard.state_dict()
-    m2 = _mlp(1)
+    m2 = _mlp(seed=1)
     opt2 = torch.optim.SGD(m2.parameters(), 0.05, momentum=0.9)
     g2 = gg.Guard(m2, opt2, remedies=Autopilot(every=16, recover_every=1000), param_norm_every=1)
     g2.load_state_dict(sd)
@@ -301,7 +302,7 @@ def test_bench_command_knows_rescue():
     (None, None, 16), ({"critical": "rollback"}, None, 16), ("auto", 8, 8), ("auto", 1, 1)])
 def test_the_autopilot_shortens_the_cpu_flush_interval_unless_it_is_given(remedies, flush_every, expected):
     """A rollback discards the updates since the snapshot, taken at a flush: flush often on CPU."""
-    m = _mlp(0)
+    m = _mlp(seed=0)
     guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.1), remedies=remedies, flush_every=flush_every)
     assert guard.flush_every == expected
     assert Autopilot.CPU_FLUSH_EVERY < 16
@@ -311,7 +312,7 @@ class _Ctx:
     """What Autopilot.__call__ uses of a RemedyContext, recording restores and holds."""
 
     def __init__(self):
-        self.optimizer = torch.optim.SGD(_mlp(0).parameters(), 0.1)
+        self.optimizer = torch.optim.SGD(_mlp(seed=0).parameters(), 0.1)
         self.steps, self.restored, self.holds = 0, [], []
 
     def restore(self, snap):
@@ -346,7 +347,7 @@ def test_a_repeated_rollback_goes_further_back_and_holds_batches(gap, repeat):
 def test_a_refuted_suspect_does_not_hide_a_rise_later_in_the_same_flush():
     """A noisy step, refuted by the losses after it, then a lasting rise in the flush that refutes
     it: the rise is the suspect at its own step, not at the next flush's."""
-    m = _mlp(0)
+    m = _mlp(seed=0)
     guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(confirm=5),
                      detectors=[], param_norm_every=0, flush_every=4)
     losses = [1.0 + 0.01 * (i % 3) for i in range(44)] + [5.0] + [1.0] * 5 + [2.0] + [1.6] * 13
@@ -362,7 +363,7 @@ def test_a_refuted_suspect_does_not_hide_a_rise_later_in_the_same_flush():
 
 def _scripted(losses, flush_every=4, **kw):
     """A guard fed scripted losses (lr 0, zero gradients): what the autopilot decides from them."""
-    m = _mlp(0)
+    m = _mlp(seed=0)
     guard = gg.Guard(m, torch.optim.SGD(m.parameters(), 0.0), remedies=Autopilot(**{"every": 4, **kw}),
                      detectors=[], param_norm_every=0, flush_every=flush_every)
     x = torch.zeros(4, 8)

@@ -14,7 +14,7 @@ from gradguard.dashboard.server import start_server
 from gradguard.guard import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
 
-from conftest import open_page as _open
+from conftest import new_page, open_page as _open
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -192,7 +192,7 @@ def test_hostile_layer_name_renders_as_text(server, browser):
 def test_live_update_shows_new_run(tmp_path, browser):
     srv = start_server(tmp_path, "127.0.0.1", 0)
     try:
-        page = browser.new_page(bypass_csp=True)
+        page = new_page(browser, bypass_csp=True)
         page.goto(srv.url + "/")
         page.wait_for_selector("#run")
         rec = open_recorder(tmp_path, run_name="late", layers=[{"name": "w", "shape": [1], "order": 0}])
@@ -258,7 +258,7 @@ def test_layers_table_reads_non_finite_norms_in_both_json_forms(tmp_path, browse
     try:
         layers = httpx.get(srv.url + "/api/runs/nf/layers", timeout=10).json()
         assert layers[1]["latest"] == "NaN" and layers[0]["latest"] == 1.0
-        page = browser.new_page(bypass_csp=True)
+        page = new_page(browser, bypass_csp=True)
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         if old_form:

@@ -18,7 +18,7 @@ from gradguard import report
 from gradguard.dashboard.server import start_server
 from gradguard.layout import GLOBAL_COLS
 from gradguard.record import RunStore, open_recorder
-from conftest import open_page
+from conftest import new_page, open_page
 from test_dashboard import train_irnn
 
 BLOCKS, PER_BLOCK = 20, 8          # 160 tensors + 2: GPT-2-like names, past the grouping threshold
@@ -288,7 +288,7 @@ def test_write_report_rejects_bad_run_lists(log_dir, tmp_path, bad):
 
 def test_multi_run_report_overlays_offline(log_dir, tmp_path, browser):
     out = report.write_report(log_dir, ["unguarded", "guarded"], tmp_path / "cmp.html")
-    page = browser.new_page(viewport={"width": 1300, "height": 1100})
+    page = new_page(browser, viewport={"width": 1300, "height": 1100})
     requests, errors = [], []
     page.on("request", lambda r: requests.append(r.url))
     page.on("pageerror", lambda e: errors.append(str(e)))

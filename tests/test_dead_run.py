@@ -1,5 +1,6 @@
 """The dead-run budget (``Guard(nonfinite_budget=N)``) and the NaN's producer in the guard's
 events (``guard.step(loss, rerun=...)``)."""
+from functools import partial
 import math
 import warnings
 
@@ -12,10 +13,10 @@ import gradguard as gg
 from gradguard.detect import DeadRunBudget
 from gradguard.layout import COL, N_GLOBAL
 
+from _helpers import mlp
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+_mlp = partial(mlp, 4, 8, 8, 2, act=("relu", "tanh"))
 
 
 def _drive(guard, model, opt, pattern, start=0, rerun=False):

@@ -1,4 +1,5 @@
 """DDP and FSDP2 with real processes (gloo on CPU, 2 ranks), against single-process references."""
+from functools import partial
 import math
 import os
 
@@ -10,14 +11,14 @@ from torch import nn
 
 import gradguard as gg
 
+from _helpers import mlp
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 WORLD = 2
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3))
+_model = partial(mlp, 6, 10, 7, 3)
 
 
 def _data(step):

@@ -11,32 +11,32 @@ Promises (docs/reliability.md):
 ``GRADGUARD_KILL_REPEATS`` sets how many kills the SIGKILL test does (default
 5); ``scripts/kill_test.py`` runs it 50 times.
 """
+from functools import partial
 import logging
 import math
 import multiprocessing as mp
 import os
+from pathlib import Path
 import random
 import signal
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import gradguard as gg
 from gradguard.record import RunStore
+
+from _helpers import mlp
 
 REPEATS = int(os.environ.get("GRADGUARD_KILL_REPEATS", "5"))
 DB = "gradguard.sqlite"
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+_model = partial(mlp, 8, 32, 4)
 
 
 def _train(model, opt, guard, n, start=0, nan_every=7):

@@ -1,4 +1,5 @@
 import copy
+from functools import partial
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ from torch import nn
 
 import gradguard as gg
 
-from _helpers import assert_bitwise
+from _helpers import assert_bitwise, mlp
 from conftest import no_host_sync
 
 OPTIMIZERS = {
@@ -23,9 +24,7 @@ OPTIMIZERS = {
 }
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+_model = partial(mlp, 6, 16, 16, 2)
 
 
 def _batch(i):
@@ -335,7 +334,7 @@ def test_training_converges_like_plain_clipping():
     Y = torch.tanh(X @ W)
 
     def run(use_guard):
-        model = _model(1)
+        model = _model(seed=1)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         guard = gg.Guard(model, opt, clip=gg.GlobalNorm(1.0)) if use_guard else None
         losses = []

@@ -2,6 +2,7 @@
 guards: one thread at a time, parameters added after the guard, failing detectors/remedies."""
 from __future__ import annotations
 
+from functools import partial
 import math
 import threading
 import warnings
@@ -12,14 +13,12 @@ from torch import nn
 
 import gradguard as gg
 
-from _helpers import bits
+from _helpers import bits, mlp
 
 BAD = (0, 5)  # poisoned steps: the first one too (torch warns when a scheduler steps first)
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+_model = partial(mlp, 6, 16, 2)
 
 
 def _backward(model, i, poison=False, scaler=None):

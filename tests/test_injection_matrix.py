@@ -7,6 +7,7 @@ optimizer, the same policy).  Adaptive thresholds are part of that promise: a
 poisoned step never enters a policy's statistics, so the policy's state matches
 the clean run's too.
 """
+from functools import partial
 import math
 import random
 import zlib
@@ -18,7 +19,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.adaptive import AutoClip, ZClip
 
-from _helpers import assert_bitwise
+from _helpers import assert_bitwise, mlp
 
 STEPS = 12
 
@@ -47,9 +48,7 @@ CLIPS = {
 KINDS = ("nan_grad", "inf_grad", "neg_inf_grad", "nan_loss", "inf_loss", "nan_input", "overflow")
 
 
-def _model(dtype):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+_model = partial(mlp, 4, 8, 3)  # _model(dtype=...)
 
 
 def _batch(i, dtype):
@@ -128,7 +127,7 @@ def test_injection_matrix(opt_name, clip, dtype):
     clean = [i for i in range(STEPS) if i not in plan]
 
     # The reference: the same run that never saw the poisoned batches.
-    ref_model = _model(dtype)
+    ref_model = _model(dtype=dtype)
     ref_opt = OPTIMIZERS[opt_name](ref_model.parameters())
     ref_guard = gg.Guard(ref_model, ref_opt, clip=CLIPS[clip]())
     ref = []
@@ -137,7 +136,7 @@ def test_injection_matrix(opt_name, clip, dtype):
         assert not r.skipped
         ref.append((_snapshot(ref_model, ref_opt), _policy_state(ref_guard)))
 
-    model = _model(dtype)
+    model = _model(dtype=dtype)
     opt = OPTIMIZERS[opt_name](model.parameters())
     guard = gg.Guard(model, opt, clip=CLIPS[clip]())
     k = 0
@@ -177,7 +176,7 @@ ADAPTIVE_POLICIES = {
 def test_nonfinite_loss_never_enters_adaptive_state(clip, kind):
     """A NaN/Inf loss with finite gradients: skipped, and the policy does not learn from it
     (found by this matrix; fixed by GradStats.veto)."""
-    model = _model(torch.float32)
+    model = _model(dtype=torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, opt, clip=ADAPTIVE_POLICIES[clip]())
     for i in range(2):

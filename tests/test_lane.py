@@ -19,6 +19,7 @@ from gradguard.decide import decide, loss_value
 from gradguard.stats import compute_stats
 
 from conftest import no_host_sync
+from _helpers import mlp
 
 SRC = Path(gg.__file__).parent
 
@@ -103,11 +104,7 @@ def test_loss_value_accepts_real_scalars(good):
 
 
 def _model(seed=0, width=8, depth=3):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 2))
+    return mlp(*[width] * (depth + 1), 2, seed=seed)
 
 
 def _backward(model, i):

@@ -1,16 +1,18 @@
 """The learning rate of every param group reaches the store and the sinks (lr_group1, ...)."""
 from __future__ import annotations
 
+from functools import partial
 import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import gradguard as gg
 from gradguard.layout import GLOBAL_COLS
 from gradguard.lr_groups import GroupLRs
+
+from _helpers import mlp
 
 
 class Collect:
@@ -33,9 +35,7 @@ class Collect:
         pass
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+_model = partial(mlp, 4, 8, 1)
 
 
 def _backward(model, i, poison=False):

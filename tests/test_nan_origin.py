@@ -1,4 +1,5 @@
 """NanOrigin: the module that produced a NaN/Inf, found by re-running the poisoned step."""
+from functools import partial
 import math
 
 import pytest
@@ -7,10 +8,10 @@ from torch import nn
 
 from gradguard.nan_origin import NanOrigin
 
+from _helpers import mlp
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+_mlp = partial(mlp, 4, 8, 8, 2, act=("relu", "tanh"))
 
 
 def _closure(model, x):

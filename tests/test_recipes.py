@@ -1,15 +1,16 @@
 """The recipes of docs/recipes.md, run: each one checked against the plain loop it replaces."""
 from __future__ import annotations
 
+from functools import partial
 import torch
 from torch import nn
 
 import gradguard as gg
 
+from _helpers import mlp
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+_model = partial(mlp, 6, 16, 2)
 
 
 def _micro(i):

@@ -1,4 +1,5 @@
 """Regression tests for defects found in review (one test per defect)."""
+from functools import partial
 import gc
 import math
 import threading
@@ -10,10 +11,10 @@ from torch import nn
 
 import gradguard as gg
 
+from _helpers import mlp
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+_model = partial(mlp, 4, 8, 2)
 
 
 def _loss(model, seed=0):

@@ -6,6 +6,7 @@ gradient, sparse gradients, integer/complex parameters, parameters on the meta
 device, an optimizer with parameters the guard does not see, ``guard.step`` twice
 without a backward, and ``load_state_dict`` from another model or policy.
 """
+from functools import partial
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from gradguard.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradguard.detect import (ExplodingDetector, LossSpikeDetector, OverClippingDetector, SpikeDetector,
                               VanishingDetector, WeightGrowthDetector)
 from gradguard.record import RunStore
+
+from _helpers import mlp
 
 NAN, INF = math.nan, math.inf
 
@@ -104,9 +107,7 @@ def test_bad_threshold_leaves_gradients_untouched():
 
 
 # ------------------------------------------------------------------ the guard
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+_model = partial(mlp, 3, 4, 2)
 
 
 def _sgd(model):

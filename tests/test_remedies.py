@@ -1,4 +1,5 @@
 """Training-loop helpers (gradguard.training): penalty() against the formula; tbptt chunking and detachment against full BPTT."""
+from functools import partial
 import math
 
 import pytest
@@ -8,10 +9,10 @@ from torch import nn
 import gradguard as gg
 from gradguard.training import detach_hidden, penalty, tbptt
 
+from _helpers import mlp
 
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+model = partial(mlp, 3, 4, 2, act="layernorm")
 
 
 def test_penalty_matches_formula_and_excludes_biases_and_norms():

@@ -7,6 +7,7 @@ weights, optimizer state, adaptive thresholds (AutoClip / ZClip / AdaGC; AGC is
 stateless), detector baselines, remedy state, counters and events.
 """
 import copy
+from functools import partial
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from gradguard.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradguard.record import RunStore
 
 from conftest import assert_same
+from _helpers import mlp
 
 TOTAL = 32
 POISON = {3: "nan", 9: "inf_loss", 21: "nan"}
@@ -43,9 +45,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 2))
+_model = partial(mlp, 5, 12, 12, 2)
 
 
 def _batch(i):

@@ -6,9 +6,11 @@ real SQLite files, real processes (SIGKILL, uncaught exceptions) and the real HT
 from __future__ import annotations
 
 import copy
+from functools import partial
 import gc
 import logging
 import os
+from pathlib import Path
 import shutil
 import signal
 import sqlite3
@@ -18,7 +20,6 @@ import textwrap
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ from gradguard.layout import GLOBAL_COLS
 from gradguard.record import RunStore, RunUnreadable, open_recorder
 from gradguard.record import writer as W
 from gradguard.record.schema import DB_NAME, LOCK_NAME
+
+from _helpers import mlp
 
 G = len(GLOBAL_COLS)
 SRC = str(Path(gg.__file__).resolve().parents[1])
@@ -51,9 +54,7 @@ def _write(rec, steps, L=2):
     rec.write_steps(np.asarray(steps), _rows(steps, L), GLOBAL_COLS)
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+_model = partial(mlp, 4, 8, 1)
 
 
 def _train(model, opt, guard, a, b):
@@ -588,7 +589,6 @@ def test_ranges_beyond_64_bit_are_clamped_not_500(hostile_log_dir, start, end):
 # ------------------------------------------------------------- 15. report
 @pytest.mark.parametrize("run", BAD)
 def test_report_on_an_unreadable_store_says_so_in_one_line(hostile_log_dir, tmp_path, capsys, run):
-    pytest.importorskip("plotly")
     assert cli.main(["report", str(hostile_log_dir / run), "-o", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and run in err

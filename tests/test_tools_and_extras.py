@@ -150,8 +150,6 @@ def test_version(capsys):
 @pytest.mark.parametrize("argv,blocked,extra", [
     (["dashboard", "runs"], "uvicorn", "dashboard"),
     (["dashboard", "runs"], "starlette", "dashboard"),
-    (["dashboard", "runs"], "plotly", "dashboard"),
-    (["report", "runs/x"], "plotly", "dashboard"),
 ])
 def test_cli_missing_extra_is_one_line_and_exit_2(argv, blocked, extra, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, blocked, None)  # what `import blocked` then fails on

@@ -2,6 +2,7 @@
 guard whose optimizer is stepped directly."""
 from __future__ import annotations
 
+from functools import partial
 import math
 import warnings
 
@@ -11,12 +12,10 @@ from torch import nn
 
 import gradguard as gg
 
-from _helpers import bits
+from _helpers import bits, mlp
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+_model = partial(mlp, 6, 16, 2)
 
 
 def _backward(model, i, poison=False):

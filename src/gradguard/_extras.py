@@ -55,7 +55,7 @@ def require(what: str, extra: str, *modules: str) -> None:
         MissingExtra: naming ``extra`` and the modules not found.
 
     Example:
-        >>> require("gradguard dashboard", "dashboard", "starlette", "uvicorn", "plotly")
+        >>> require("gradguard dashboard", "dashboard", "starlette", "uvicorn")
     """
     missing = [m for m in modules if not _found(m)]
     if missing:

@@ -1,6 +1,6 @@
 """``gradguard report RUN [RUN ...] -o report.html``: one self-contained HTML file.
 
-The file holds Plotly.js (from the installed ``plotly`` package), the
+The file holds Plotly.js (the bundle the dashboard serves), the
 dashboard's own page code and the runs' data as JSON, so it shows the same
 figures as the dashboard (zoomable, events clickable, runs overlaid in every
 panel) with no server and no network: "guarded vs unguarded" in one file to
@@ -15,7 +15,6 @@ import time
 from urllib.parse import quote
 from pathlib import Path
 
-from ._extras import require
 from .dashboard.server import STATIC, _plotly_js, api_payload
 from .record import RunNotFound, RunStore, RunUnreadable
 from ._json import json_safe
@@ -87,7 +86,6 @@ def write_report(log_dir, run, out, max_points: int = 4000) -> Path:
     Example:
         >>> write_report("gradguard-runs", ["unguarded", "guarded"], "report.html")
     """
-    require("gradguard report", "dashboard", "plotly")
     names = [run] if isinstance(run, str) else list(run) if isinstance(run, (list, tuple)) else []
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"run must be a run name or a non-empty list of run names, got {run!r}")

@@ -2,8 +2,8 @@
 ``./gradguard-runs``, where ``gradguard demo`` writes).
 
 The server (``server.py``) is a read-only JSON API over ``RunStore`` plus one
-static page (``static/``) that draws with Plotly.js served from the installed
-``plotly`` package, so it works offline.  The web stack is imported only when
+static page (``static/``) that draws with Plotly.js, vendored in ``static/``,
+so it works offline.  The web stack is imported only when
 the command runs.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .._extras import require
 
 __all__ = ["add_arguments", "run", "WEB_MODULES", "DEFAULT_LOG_DIR"]
 
-WEB_MODULES = ("starlette", "uvicorn", "plotly")  # what the [dashboard] extra installs
+WEB_MODULES = ("starlette", "uvicorn")  # what the [dashboard] extra installs
 # The one default: `gradguard demo` writes here, `gg.watch`'s docs use it, the dashboard serves it.
 DEFAULT_LOG_DIR = "gradguard-runs"
 

@@ -3,7 +3,7 @@
 Routes (all GET):
     /                              the page
     /static/{app.js,app.css}       the page's code
-    /static/plotly.min.js          from the installed ``plotly`` package
+    /static/plotly.min.js          plotly.js's cartesian bundle, vendored (static/PLOTLY_LICENSE)
     /api/info                      ``{"log_dir": absolute path}``: the page says what it serves
     /api/runs                      ``RunStore.runs()`` plus ``skipped`` (skipped steps)
     /api/runs/{run}/steps          ``?start=&end=&max_points=`` global series
@@ -49,9 +49,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 
 def _plotly_js() -> Path:
-    import plotly
-
-    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    """Plotly.js: its "cartesian" partial bundle (scatter, heatmap, shapes: all the page draws),
+    1.5 MB against the full bundle's 4.8 MB, so the page and a report load ~3x less script."""
+    return STATIC / "plotly.min.js"
 
 
 def _series(a: np.ndarray) -> list:
@@ -128,7 +128,7 @@ def create_app(log_dir, allowed_hosts: list[str] | None = None):
     Returns:
         a Starlette application.
     """
-    require("the gradguard dashboard", "dashboard", "starlette", "plotly")
+    require("the gradguard dashboard", "dashboard", "starlette")
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -219,7 +219,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _server(log_dir, host, port, allowed_hosts=()):
-    require("the gradguard dashboard", "dashboard", "starlette", "uvicorn", "plotly")
+    require("the gradguard dashboard", "dashboard", "starlette", "uvicorn")
     import uvicorn
 
     sock = _bind(host, port)
