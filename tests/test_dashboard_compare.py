@@ -147,7 +147,13 @@ def test_layer_table_sorts_and_filters(server, browser, log_dir):
                                                               l["order"]))]
 
     assert column(1) == [l["name"] for l in ref]                     # depth order at first
-    for key in ("max", "latest", "min"):
+    # each tensor's parameter norm, latest and over the first measured (the store's numbers)
+    for i, key in ((7, "weight"), (8, "weight_growth")):
+        np.testing.assert_allclose([float(t) for t in column(i)], [l[key] for l in ref], rtol=1e-3)
+    assert len({l["weight"] for l in ref}) == len(ref) and any(l["weight_growth"] != 1 for l in ref)
+    flagged = [("weights ×10" in t) for t in column(9)]
+    assert flagged == [l["weight_growth"] >= 10 for l in ref]
+    for key in ("max", "latest", "min", "weight", "weight_growth"):
         page.click(f"#layers th[data-key='{key}']")
         assert column(1) == ref_order(key, -1), key
         assert page.get_attribute(f"#layers th[data-key='{key}']", "data-sort") == "desc"

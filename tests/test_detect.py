@@ -1071,3 +1071,17 @@ def test_zero_and_tiny_initialised_weights_growing_are_not_a_jump():
     model = _LoRA()
     assert _train(model, 300, 1) == []
     assert model.b.weight.norm() > 0.1 and model.head.weight.norm() > 100 * 1e-4 * 32 ** 0.5 * 2
+
+
+def test_a_zero_size_weight_does_not_blind_the_jump_rule():
+    """A weight tensor with no elements (norm 0 on every measurement) is never judged, and the
+    others still are: b.weight x20 is named."""
+    run = _run(names=("a.weight", "empty.weight", "b.weight"), shapes=((4, 4), (0, 4), (4, 4)), every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    pn = np.tile([2.0, 0.0, 2.0], (12, 1))
+    pn[10:, 2] = 40.0
+    rows = _rows(12, np.ones((12, 3)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 6:] = pn
+    ev = det.update(list(range(12)), rows, run)
+    assert [(e.step, e.layers[:1]) for e in ev] == [(10, ["b.weight"])]

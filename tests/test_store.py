@@ -76,6 +76,10 @@ def test_guard_round_trip(tmp_path):
     assert pn["step"].tolist() == [0, 10, 20, 30] and pn["norm"].dtype == np.float32
     np.testing.assert_allclose(pn["norm"], np.array(ref_params)[::10], rtol=1e-6)
     assert store.param_norms("rt", start=5, end=20)["step"].tolist() == [10, 20]
+    summary = store.layer_summary("rt")  # the latest measured parameter norm, and over the first
+    np.testing.assert_allclose([l["weight"] for l in summary], ref_params[30], rtol=1e-6)
+    np.testing.assert_allclose([l["weight_growth"] for l in summary],
+                               np.array(ref_params[30]) / np.array(ref_params[0]), rtol=1e-6)
     # event data comes back under the shared JSON convention (NaN/Inf as "NaN"/"Inf"/"-Inf")
     assert [e.to_dict() for e in store.events("rt")] == json_safe([e.to_dict() for e in guard.events])
     assert store.events("rt")[0].step == 17
@@ -312,6 +316,7 @@ def test_a_v1_store_is_read_and_upgraded_when_a_run_resumes_into_it(tmp_path):
     store = RunStore(tmp_path)
     before = store.steps("old"), store.layer_norms("old")
     assert store.param_norms("old")["step"].size == 0 and store.param_norms("old")["norm"].shape == (0, 2)
+    assert all(math.isnan(l["weight"]) and math.isnan(l["weight_growth"]) for l in store.layer_summary("old"))
 
     rec = open_recorder(tmp_path, run_name="old", layers=_layers(2))
     assert rec.resume("old", 200)  # rows from 200 on were written after the checkpoint

@@ -286,16 +286,29 @@ class RunStore:
 
     @_readable
     def layer_summary(self, run: str) -> list[dict]:
-        """Per-layer table: ``layers()`` entries plus latest / max / min norm and
-        the number of steps with a non-finite gradient (over the whole run)."""
+        """Per-layer table: ``layers()`` entries plus the gradient norm's latest / max / min, the
+        number of steps with a non-finite gradient (over the whole run), ``weight`` (the latest
+        measured parameter norm) and ``weight_growth`` (that over the first measured one; NaN
+        where none was measured, or the first was 0)."""
         layers = self.layers(run)
         L = len(layers)
         con = self._connect(run)
         try:
             last = con.execute("SELECT n, norms FROM chunks ORDER BY seq0 DESC LIMIT 1").fetchone()
             top = con.execute("SELECT nmax, nmin, nfc FROM summary WHERE level = ?", (LEVELS,)).fetchall()
+            measured = []
+            if any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)")):
+                q = "SELECT pnorms FROM chunks WHERE length(pidx) > 0 ORDER BY seq0 {} LIMIT 1"
+                measured = [con.execute(q.format(o)).fetchone() for o in ("ASC", "DESC")]
         finally:
             con.close()
+        if measured and measured[0] and L:
+            w0 = np.frombuffer(measured[0][0], _F32).reshape(-1, L)[0].astype(np.float64)
+            w1 = np.frombuffer(measured[1][0], _F32).reshape(-1, L)[-1].astype(np.float64)
+            with np.errstate(all="ignore"):
+                growth = np.where(w0 > 0, w1 / w0, np.nan)
+        else:
+            w1 = growth = np.full(L, np.nan)
         latest = (np.frombuffer(last[1], _F32).reshape(last[0], L)[-1] if last else np.full(L, np.nan, _F32))
         if top:
             nmax = np.fmax.reduce(_blobs([t[0] for t in top], L), axis=0)
@@ -305,7 +318,8 @@ class RunStore:
             nmax = nmin = np.full(L, np.nan, _F32)
             nfc = np.zeros(L, _F32)
         for i, d in enumerate(layers):
-            d.update(latest=float(latest[i]), max=float(nmax[i]), min=float(nmin[i]), nonfinite=int(nfc[i]))
+            d.update(latest=float(latest[i]), max=float(nmax[i]), min=float(nmin[i]), nonfinite=int(nfc[i]),
+                     weight=float(w1[i]), weight_growth=float(growth[i]))
         return layers
 
     @_readable

@@ -376,7 +376,8 @@
   function layerColumns() {
     const cols = [{key: "index", label: "#", num: true}, {key: "name", label: "layer"}, {key: "shape", label: "shape"},
       {key: "latest", label: "latest norm", num: true}, {key: "max", label: "max norm", num: true},
-      {key: "min", label: "min norm", num: true}, {key: "nonfinite", label: "non-finite steps", num: true}];
+      {key: "min", label: "min norm", num: true}, {key: "nonfinite", label: "non-finite steps", num: true},
+      {key: "weight", label: "weight norm", num: true}, {key: "weight_growth", label: "weight × start", num: true}];
     state.selected.slice(1).forEach((run) => cols.push({key: "max@" + run, label: "max norm · " + run, num: true, run: run}));
     cols.push({key: "flags", label: "flags", nosort: true});
     return cols;
@@ -386,7 +387,8 @@
     state.selected.forEach((run) => { byRun[run] = new Map((state.layers[run] || []).map((l) => [l.name, l])); });
     state.selected.forEach((run) => (state.layers[run] || []).forEach((l) => {
       if (seen.has(l.name)) return;
-      const base = run === primary() ? l : {name: l.name, shape: l.shape, latest: null, max: null, min: null, nonfinite: null, other: true};
+      const base = run === primary() ? l : {name: l.name, shape: l.shape, latest: null, max: null, min: null, nonfinite: null,
+        weight: null, weight_growth: null, other: true};
       const r = Object.assign({index: seen.size}, base);
       state.selected.slice(1).forEach((o) => { const x = byRun[o].get(l.name); r["max@" + o] = x ? x.max : null; });
       seen.set(l.name, r); rows.push(r);
@@ -432,13 +434,15 @@
     $("layers").tBodies[0].replaceChildren(...rows.map((l) => {
       const tr = el("tr", hl.has(l.name) ? "hl" : "");
       tr.append(el("td", "num", l.index), el("td", "name", l.name), el("td", null, "[" + l.shape.join(", ") + "]"),
-        el("td", "num", fmt(l.latest)), el("td", "num", fmt(l.max)), el("td", "num", fmt(l.min)), el("td", "num", l.nonfinite ?? "–"));
+        el("td", "num", fmt(l.latest)), el("td", "num", fmt(l.max)), el("td", "num", fmt(l.min)), el("td", "num", l.nonfinite ?? "–"),
+        el("td", "num", fmt(l.weight)), el("td", "num", fmt(l.weight_growth)));
       state.selected.slice(1).forEach((o) => tr.append(el("td", "num", fmt(l["max@" + o]))));
       const flags = el("td");
       if (l.nonfinite > 0) flags.append(el("span", "flag bad", "non-finite"));
       if (!l.other && Number.isNaN(num(l.latest))) flags.append(el("span", "flag", "no grad (latest)"));
       if (finite(l.max) && l.max === top && mine.length > 1) flags.append(el("span", "flag warn", "largest"));
       if (finite(l.max) && l.max < 1e-7) flags.append(el("span", "flag warn", "vanishing"));
+      if (finite(l.weight_growth) && l.weight_growth >= 10) flags.append(el("span", "flag warn", "weights ×10"));
       tr.append(flags);
       return tr;
     }));
