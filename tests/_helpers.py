@@ -97,3 +97,88 @@ def mlp(*widths: int, act="tanh", seed: int | None = 0, dtype=None) -> torch.nn.
             layers.append(_ACTS[acts[i]](b))
     model = torch.nn.Sequential(*layers)
     return model if dtype is None else model.to(dtype)
+
+
+# A "python -c CODE" that does not pay torch's import each time: one process imports torch and
+# numpy once, then forks a child per snippet (fork copies the imported modules; nothing else of
+# the parent's state exists yet: the zygote runs no torch op and starts no thread).
+_ZYGOTE = r"""
+import json, os, sys, traceback
+import numpy, torch  # the expensive part, paid once
+base = [p for p in sys.path if p and p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(req["cwd"])
+            os.environ.clear(); os.environ.update(req["env"])
+            sys.path[:] = [""] + [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p] + base
+            sys.argv = ["-c"]
+            for fd, path in ((1, req["out"]), (2, req["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            try:
+                exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+                code = 0
+            except SystemExit as e:
+                if e.code is None:
+                    code = 0
+                elif isinstance(e.code, int):
+                    code = e.code
+                else:
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+        finally:
+            try:  # what an interpreter does at exit: join non-daemon threads, run atexit
+                import atexit, threading
+                threading._shutdown()
+                atexit._run_exitfuncs()
+                sys.stdout.flush(); sys.stderr.flush()
+            finally:
+                os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class Zygote:
+    """Runs ``python -c CODE`` snippets, each in a fresh child forked from an interpreter that
+    has imported only torch and numpy (as a fresh ``python -c`` would have to).  ``run`` returns
+    a ``subprocess.CompletedProcess`` like ``subprocess.run(..., capture_output=True, text=True)``."""
+
+    def __init__(self, tmp_dir):
+        import subprocess
+        import sys
+
+        self.tmp = tmp_dir
+        self.n = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def run(self, code: str, env: dict | None = None, cwd=None, timeout: float = 120):
+        import json
+        import os
+        import select
+        import signal
+        import subprocess
+
+        self.n += 1
+        out, err = self.tmp / f"out{self.n}", self.tmp / f"err{self.n}"
+        req = {"code": code, "env": dict(os.environ if env is None else env), "cwd": str(cwd or os.getcwd()),
+               "out": str(out), "err": str(err)}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            self.proc.stdout.readline()
+            raise subprocess.TimeoutExpired(["python", "-c", code], timeout)
+        rc = int(self.proc.stdout.readline())
+        return subprocess.CompletedProcess(["python", "-c", code], rc, out.read_text(), err.read_text())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import settings
 
 import gradguard._kernel as _kernel
-from _helpers import assert_bitwise
+from _helpers import Zygote, assert_bitwise
 
 
 # Hypothesis runs derandomized: the same examples on every run, so the suite cannot pass on
@@ -149,3 +149,12 @@ def open_page(browser, url):
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']", timeout=20000)
     return page, dialogs, errors
+
+
+@pytest.fixture(scope="session")
+def fresh_python(tmp_path_factory):
+    """``fresh_python.run(code, env=None, cwd=None)``: ``python -c code`` in a fresh interpreter
+    (a child forked from one that imported only torch and numpy: ~0.5 s instead of ~2.5 s)."""
+    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield z
+    z.close()

@@ -1,4 +1,5 @@
 """GuardedOptimizer in real Keras 3 model.fit (KERAS_BACKEND=torch), checked against Keras' own clipping."""
+import importlib.util
 import math
 import os
 
@@ -6,12 +7,23 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":  # keras was imported earlier with another backend
-    pytest.skip("needs KERAS_BACKEND=torch", allow_module_level=True)
+if importlib.util.find_spec("keras") is None:
+    pytest.skip("needs keras", allow_module_level=True)
 
 import gradguard as gg  # noqa: E402
-from gradguard.integrations.keras import GradGuardLogger, GuardedOptimizer  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keras():
+    """Keras and the callbacks built on it (tests/_keras_kit.py), imported when this module's
+    first test runs rather than at collection: every xdist worker collects every file, and
+    Keras' torch backend takes ~4 s of CPU to import."""
+    global keras, GradGuardLogger, GuardedOptimizer, Snapshot, BatchLoss
+    import _keras_kit as kit
+    if kit.keras.backend.backend() != "torch":  # keras was imported earlier with another backend
+        pytest.skip("needs KERAS_BACKEND=torch")
+    keras, GradGuardLogger, GuardedOptimizer = kit.keras, kit.GradGuardLogger, kit.GuardedOptimizer
+    Snapshot, BatchLoss = kit.Snapshot, kit.BatchLoss
 
 BATCH = 8
 
@@ -54,24 +66,6 @@ def test_clipping_matches_keras(keras_kw, policy):
     for a, b, c in zip(got.get_weights(), ref.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     assert any(not np.allclose(a, c, rtol=1e-3) for a, c in zip(got.get_weights(), plain.get_weights()))
-
-
-class Snapshot(keras.callbacks.Callback):
-    def __init__(self, batch, opt):
-        super().__init__()
-        self.batch, self.opt, self.before, self.after = batch, opt, None, None
-
-    def _take(self):
-        return ([w.copy() for w in self.model.get_weights()],
-                [np.array(keras.ops.convert_to_numpy(v)) for v in self.opt.inner_optimizer.variables])
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.batch:
-            self.before = self._take()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.batch:
-            self.after = self._take()
 
 
 @pytest.mark.parametrize("clip", [None, gg.GlobalNorm(1.0)])
@@ -120,16 +114,6 @@ def test_raise_mode():
     opt = GuardedOptimizer(keras.optimizers.SGD(0.01), on_nonfinite="raise")
     with pytest.raises(gg.NonFiniteGradientError):
         fit(opt, data(nan_batch=0))
-
-
-class BatchLoss(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.logged, self.lr = [], []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.logged.append(logs["loss"])  # Keras logs the running mean over the epoch
-        self.lr.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
 
 def test_store_loss_is_the_loss_keras_logs(tmp_path):

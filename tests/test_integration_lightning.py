@@ -1,4 +1,5 @@
 """GradGuardCallback inside a real lightning.pytorch Trainer (CPU, tiny model)."""
+import importlib.util
 import math
 import warnings
 
@@ -6,33 +7,24 @@ import numpy as np
 
 import pytest
 import torch
-from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")
+if importlib.util.find_spec("lightning") is None:
+    pytest.skip("needs lightning", allow_module_level=True)
 
 import gradguard as gg  # noqa: E402
-from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _lightning():
+    """Lightning and the classes built on it (tests/_lightning_kit.py), imported when this
+    module's first test runs rather than at collection: every xdist worker collects every
+    file, and importing Lightning takes ~4 s of CPU."""
+    global pl, GradGuardCallback, Tiny, Snapshot, Scheduled
+    import _lightning_kit as kit
+    pl, GradGuardCallback, Tiny, Snapshot, Scheduled = kit.pl, kit.GradGuardCallback, kit.Tiny, kit.Snapshot, kit.Scheduled
+
 
 BAD_STEP = 7
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self, bad_steps=(), poison="loss", opt="adam", lr=0.05):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        self.bad_steps, self.poison, self.opt, self.lr = set(bad_steps), poison, opt, lr
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = ((self.net(x) - y) ** 2).mean()
-        if self.global_step in self.bad_steps:
-            loss = loss * (math.nan if self.poison == "loss" else math.inf)
-        return loss
-
-    def configure_optimizers(self):
-        if self.opt == "adam":
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def loader(n=20, seed=0):
@@ -48,28 +40,6 @@ def trainer(tmp_path, callbacks, steps=20, **kw):
     return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
                       log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, callbacks=callbacks, **kw)
-
-
-class Snapshot(pl.Callback):
-    """Weights and optimizer state around the poisoned step."""
-
-    def __init__(self, step):
-        self.step, self.before, self.after = step, None, None
-
-    @staticmethod
-    def _take(trainer, module):
-        opt = trainer.optimizers[0]
-        return ([p.detach().clone() for p in module.parameters()],
-                [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-                 for p in module.parameters()])
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            self.before = self._take(trainer, module)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step + 1:
-            self.after = self._take(trainer, module)
 
 
 @pytest.mark.parametrize("poison", ["loss", "inf"])
@@ -190,19 +160,6 @@ def test_importing_gradguard_imports_no_framework():
             "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'keras') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-class Scheduled(Tiny):
-    """A per-step schedule that depends on the scheduler's step count only."""
-
-    def __init__(self, interval="step", **kw):
-        super().__init__(**kw)
-        self.interval = interval
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8 ** s)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
 
 
 @pytest.mark.parametrize("bad", [0, 4])

@@ -12,7 +12,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import gradguard as gg  # noqa: E402
-from gradguard.integrations.transformers import GradGuardCallback  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _trainer():
+    """The Trainer, gradguard's integration and the callback built on them
+    (tests/_transformers_kit.py), imported when this module's first test runs rather than at
+    collection: every xdist worker collects every file, and these take ~4 s of CPU to import."""
+    global GradGuardCallback, GuardedTrainer, Snapshot
+    import _transformers_kit as kit
+    GradGuardCallback, GuardedTrainer, Snapshot = kit.GradGuardCallback, kit.GuardedTrainer, kit.Snapshot
 
 BAD_STEP = 4  # optimizer step (0-based) whose forward returns NaN logits
 
@@ -44,25 +53,6 @@ def poison_at(model, step):
         return out * math.nan if calls["n"] == step + 1 else out
 
     model.lm_head.register_forward_hook(hook)
-
-
-class Snapshot(transformers.TrainerCallback):
-    def __init__(self, step):
-        self.step, self.before, self.after = step, None, None
-
-    @staticmethod
-    def _take(model, optimizer):
-        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        return ([p.detach().clone() for p in model.parameters()],
-                [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
-
-    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
-        if state.global_step == self.step:
-            self.before = self._take(model, optimizer)
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
-        if state.global_step == self.step + 1:
-            self.after = self._take(model, optimizer)
 
 
 def make_trainer(tmp_path, model, callbacks, steps=10, max_grad_norm=0.0):
@@ -157,7 +147,6 @@ def test_default_detectors_are_kept(tmp_path):
 
 
 # ------------------------------------------------------------ the loss, the scheduler
-from gradguard.integrations.transformers import GuardedTrainer  # noqa: E402
 
 
 def guarded_trainer(tmp_path, model, callbacks, steps, accumulate=1, scheduler=False):

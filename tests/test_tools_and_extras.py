@@ -26,13 +26,15 @@ HEAVY = ["gradguard.tools", "gradguard.demo", "gradguard.diagnose", "gradguard.r
          "starlette", "uvicorn", "plotly", "sklearn", "rich", "scipy", "matplotlib"]
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def _python(fresh_python):
+    """``python -c code`` in a fresh interpreter (conftest.fresh_python) with the source on the path."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return lambda code, cwd=None: fresh_python.run(code, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
-def loaded_after_import() -> frozenset[str]:
+def loaded_after_import(_python) -> frozenset[str]:
     """The modules a fresh interpreter holds after `import gradguard`: one probe, read (never
     changed) by the three tests below, instead of one identical interpreter each."""
     r = _python("import json, sys, gradguard; print(json.dumps(sorted(sys.modules)))")
@@ -53,7 +55,7 @@ def test_import_gradguard_skips_sqlite(module, loaded_after_import):
     assert module not in loaded_after_import
 
 
-def test_lazy_public_names():
+def test_lazy_public_names(_python):
     lazy = [("RunStore", "gradguard.record.store"), ("Finding", "gradguard.tools.diagnose"),
             ("diagnose", "gradguard.tools.diagnose"), ("Diagnosis", "gradguard.tools.diagnose")]
     code = "import sys, gradguard as gg\n"
@@ -84,7 +86,7 @@ OLD_PATHS = [("gradguard.demo", "gradguard.tools.demo"), ("gradguard.replay", "g
              ("gradguard.tasks.pascanu", "gradguard.tools.tasks.pascanu")]
 
 
-def test_old_paths_are_the_new_modules():
+def test_old_paths_are_the_new_modules(_python):
     # In a fresh interpreter, old paths first (a submodule before its package): a second
     # copy of a module (two SequenceClassifier classes) would only show that way.
     r = _python(f"import importlib, warnings\n"
@@ -100,7 +102,7 @@ def test_old_paths_are_the_new_modules():
     assert warned.split() == ["gradguard.bench", "gradguard.demo", "gradguard.replay", "gradguard.tasks"]
 
 
-def test_old_from_imports_work():
+def test_old_from_imports_work(_python):
     r = _python("import warnings; warnings.simplefilter('ignore')\n"
                 "from gradguard.tasks.digits import SequenceClassifier, load_digits\n"
                 "from gradguard.tasks import get_task\n"
@@ -114,7 +116,7 @@ def test_old_from_imports_work():
     assert r.returncode == 0, r.stderr
 
 
-def test_gg_diagnose_stays_callable_after_the_old_module_is_imported():
+def test_gg_diagnose_stays_callable_after_the_old_module_is_imported(_python):
     # `import gradguard.diagnose` rebinds the attribute gradguard.diagnose to the module.
     r = _python("import warnings; warnings.simplefilter('ignore')\n"
                 "import gradguard as gg, gradguard.diagnose\n"
@@ -162,13 +164,11 @@ def test_cli_missing_extra_is_one_line_and_exit_2(argv, blocked, extra, monkeypa
     assert lines[0].endswith(f"missing: {blocked}")
 
 
-def test_cli_script_missing_extra(tmp_path):
+def test_cli_script_missing_extra(tmp_path, _python):
     # A fresh interpreter, argv from the command line: no traceback, one line, exit 2.
-    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['uvicorn'] = None; "
-                        "sys.argv = ['gradguard', 'dashboard', '--port', '0']; "
-                        "from gradguard.cli import main; raise SystemExit(main())"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": SRC})
+    r = _python("import sys; sys.modules['uvicorn'] = None; "
+                "sys.argv = ['gradguard', 'dashboard', '--port', '0']; "
+                "from gradguard.cli import main; raise SystemExit(main())", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "[dashboard]" in r.stderr, r.stderr
     assert r.stdout == ""
 
@@ -195,7 +195,7 @@ def test_sink_missing_extra(factory, blocked, extra, monkeypatch):
     ("gradguard.integrations.transformers", ["transformers"], "hf"),
     ("gradguard.integrations.keras", ["keras"], "keras"),
 ])
-def test_integration_missing_extra(module, blocked, extra):
+def test_integration_missing_extra(module, blocked, extra, _python):
     r = _python("import sys\n" + "".join(f"sys.modules[{b!r}] = None\n" for b in blocked) +
                 "from gradguard._extras import MissingExtra\n"
                 f"try:\n    import {module}\nexcept MissingExtra as e:\n    print(e.extra)\n")
@@ -264,7 +264,7 @@ def test_shipped_digits_match_sklearn():
     assert torch.equal(xte, x[perm[:359]]) and torch.equal(yte, y[perm[:359]])
 
 
-def test_demo_needs_no_sklearn_nor_rich(tmp_path):
+def test_demo_needs_no_sklearn_nor_rich(tmp_path, _python):
     r = _python("import sys; sys.modules['sklearn'] = None; sys.modules['rich'] = None\n"
                 "from gradguard.cli import main\n"
                 f"sys.exit(main(['demo', '--steps', '3', '--log-dir', {str(tmp_path)!r}, '--no-progress']))")
