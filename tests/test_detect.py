@@ -1085,3 +1085,39 @@ def test_a_zero_size_weight_does_not_blind_the_jump_rule():
     rows[:, len(GLOBAL_COLS) + 6:] = pn
     ev = det.update(list(range(12)), rows, run)
     assert [(e.step, e.layers[:1]) for e in ev] == [(10, ["b.weight"])]
+
+
+def _jump_rows(pn, every=1):
+    """Rows whose per-tensor parameter norms are ``pn`` (steps x tensors), measured every step."""
+    rows = _rows(len(pn), np.ones(pn.shape), np.linalg.norm(pn, axis=1), every=every)
+    rows[:, len(GLOBAL_COLS) + 2 * pn.shape[1]:] = pn
+    return rows
+
+
+@pytest.mark.parametrize("case", ["large_total", "total_grew"])
+def test_the_jump_floor_is_relative_to_the_total_rms_now(case):
+    """A small tensor (RMS 0.5) jumping 20x is below the floor (0.01 x the total RMS) when the
+    total RMS is ~100: because the model is large, or because it grew there since the window began."""
+    run = _run(names=("big.weight", "small.weight"), shapes=((100, 100), (4, 4)), every=1)
+    det = D.WeightGrowthDetector(growth=1e9)  # only the jump rule
+    det.bind(run)
+    big = np.full(30, 100.0 * 100)
+    if case == "total_grew":  # RMS 1 -> 100 over steps 0-20 (the window still holds step 0)
+        big[:21] = np.geomspace(100, 100 * 100, 21)
+    pn = np.stack([big, np.full(30, 0.5 * 4)], 1)  # norms: RMS x sqrt(numel)
+    pn[25:, 1] *= 20
+    assert det.update(list(range(30)), _jump_rows(pn), run) == []
+    det2 = D.WeightGrowthDetector(growth=1e9, layer_floor=1e-4)  # a lower floor judges it
+    det2.bind(run)
+    assert [(e.step, e.layers[0]) for e in det2.update(list(range(30)), _jump_rows(pn), run)] == [(25, "small.weight")]
+
+
+def test_a_zero_tensor_is_never_judged_even_without_a_floor():
+    """layer_floor=0 judges every tensor with a previous norm above 0; one that starts at 0
+    (LoRA's B) has no ratio: the jump named is the other one's."""
+    run = _run(names=("b.weight", "head.weight"), shapes=((4, 4), (4, 4)), every=1)
+    det = D.WeightGrowthDetector(layer_floor=0.0)
+    det.bind(run)
+    pn = np.array([[0.0, 1.0]] * 4 + [[5.0, 30.0]] * 4)
+    ev = det.update(list(range(8)), _jump_rows(pn), run)
+    assert [(e.step, e.layers) for e in ev] == [(4, ["head.weight"])]
