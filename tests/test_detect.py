@@ -1121,3 +1121,24 @@ def test_a_zero_tensor_is_never_judged_even_without_a_floor():
     pn = np.array([[0.0, 1.0]] * 4 + [[5.0, 30.0]] * 4)
     ev = det.update(list(range(8)), _jump_rows(pn), run)
     assert [(e.step, e.layers) for e in ev] == [(4, ["head.weight"])]
+
+
+@pytest.mark.parametrize("factor, fires", [(10.0, True), (9.99, False)])
+def test_a_jump_of_exactly_layer_jump_fires(factor, fires):
+    """>= layer_jump fires; culprits are the judged tensors within 10x of the top ratio (a.weight's
+    1.0 is, at exactly 10x), never one that was not judged (c.weight: zero before)."""
+    run = _run(names=("a.weight", "b.weight", "c.weight"), shapes=((4, 4),) * 3, every=1)
+    det = D.WeightGrowthDetector(growth=1e9)
+    det.bind(run)
+    pn = np.array([[4.0, 4.0, 0.0]] * 3 + [[4.0, 4.0 * factor, 0.0]] * 2)
+    ev = det.update(list(range(5)), _jump_rows(pn), run)
+    assert [e.layers for e in ev] == ([["b.weight", "a.weight"]] if fires else [])
+
+
+def test_no_weight_tensors_no_jump_whatever_the_threshold():
+    """Biases only (no tensor of 2+ dimensions): the jump rule has nothing to judge."""
+    run = _run(names=("a.bias", "b.bias"), shapes=((4,), (4,)), every=1)
+    det = D.WeightGrowthDetector(growth=1e9, layer_jump=0.5)
+    det.bind(run)
+    pn = np.array([[1.0, 1.0]] * 3 + [[1.0, 30.0]] * 2)
+    assert det.update(list(range(5)), _jump_rows(pn), run) == []
