@@ -1142,3 +1142,19 @@ def test_no_weight_tensors_no_jump_whatever_the_threshold():
     det.bind(run)
     pn = np.array([[1.0, 1.0]] * 3 + [[1.0, 30.0]] * 2)
     assert det.update(list(range(5)), _jump_rows(pn), run) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_a_measurement_without_per_tensor_norms_keeps_the_previous_one(chunk):
+    """A measuring row whose per-tensor block is NaN (recorded before it existed) is skipped by
+    the jump rule: the next row is compared with the last complete one, in any chunking."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), every=1)
+    det = D.WeightGrowthDetector(growth=1e9)
+    det.bind(run)
+    pn = np.array([[4.0, 4.0]] * 4 + [[4.0, 80.0]] * 2)
+    rows = _jump_rows(pn)
+    rows[3, len(GLOBAL_COLS) + 4:] = np.nan
+    ev = []
+    for a in range(0, 6, chunk):
+        ev += det.update(list(range(a, min(6, a + chunk))), rows[a:a + chunk], run)
+    assert [(e.step, e.layers[0]) for e in ev] == [(4, "b.weight")]
