@@ -690,6 +690,16 @@ def test_weight_growth_nonfinite_weights_on_a_measuring_step(pn):
     ev = det.update(list(range(12)), rows, run)
     assert [(e.step, e.severity, e.layers) for e in ev] == [(10, "critical", ["b.weight"])]
     assert ev[0].data["param_norm"] == ("NaN" if math.isnan(pn) else "Inf")
+    assert "1 tensors have non-finite gradients (b.weight)" in ev[0].message  # no per-tensor norms
+    # with per-tensor parameter norms the culprit is the tensor whose weights are non-finite
+    det3 = D.WeightGrowthDetector()
+    det3.bind(run)
+    rows3 = rows.copy()
+    rows3[::10, len(GLOBAL_COLS) + 6:] = [4.0, 4.0, 2.0]
+    rows3[10, len(GLOBAL_COLS) + 6] = pn
+    ev = det3.update(list(range(12)), rows3, run)
+    assert [(e.step, e.severity, e.layers) for e in ev] == [(10, "critical", ["a.weight"])]
+    assert "1 tensors hold NaN/Inf (a.weight)" in ev[0].message
     rows[10, COL["param_norm"]] = math.nan
     det2 = D.WeightGrowthDetector()
     det2.bind(_run(every=0))  # nothing is measured: a NaN param_norm is never a verdict
