@@ -1168,3 +1168,20 @@ def test_a_measurement_without_per_tensor_norms_keeps_the_previous_one(chunk):
     for a in range(0, 6, chunk):
         ev += det.update(list(range(a, min(6, a + chunk))), rows[a:a + chunk], run)
     assert [(e.step, e.layers[0]) for e in ev] == [(4, "b.weight")]
+
+
+def test_total_growth_of_exactly_growth_and_a_jump_after_zero_weights():
+    """The total rule fires at exactly ``growth``x (and says so); a jump after an all-zero start
+    (a zero-initialised linear model: the window's minimum RMS is 0) is reported as a jump."""
+    run = _run(names=("w.weight",), shapes=((4, 4),), every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    ev = det.update(list(range(4)), _jump_rows(np.array([[4.0], [4.0], [40.0], [40.0]])), run)
+    assert [(e.step, e.message.split(" in the last")[0]) for e in ev] == [(2, "RMS weight grew 10.0x")]
+    run2 = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), every=1)
+    det2 = D.WeightGrowthDetector(growth=1e9)
+    det2.bind(run2)
+    pn = np.array([[0.0, 0.0], [4.0, 4.0], [4.0, 4.0], [80.0, 4.0]])
+    ev = det2.update(list(range(4)), _jump_rows(pn), run2)
+    assert [(e.step, e.layers[0], e.data["growth"]) for e in ev] == [(3, "a.weight", "Inf")]
+    assert ev[0].message.startswith("the weights of a.weight grew 20x")
