@@ -1185,3 +1185,19 @@ def test_total_growth_of_exactly_growth_and_a_jump_after_zero_weights():
     ev = det2.update(list(range(4)), _jump_rows(pn), run2)
     assert [(e.step, e.layers[0], e.data["growth"]) for e in ev] == [(3, "a.weight", "Inf")]
     assert ev[0].message.startswith("the weights of a.weight grew 20x")
+
+
+def test_total_growth_culprits_are_the_tensors_that_grew_most_since_the_start():
+    """With per-tensor parameter norms, a total-growth event names the weight tensors by their
+    own growth since the guard was built (a 20x, b 6x), not by their gradients (b's is largest)."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (8, 8)), init=np.array([4.0, 8.0]), every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    t = np.linspace(0, 1, 9)[:, None]
+    pn = np.array([4.0, 8.0]) * np.array([20.0, 6.0]) ** t       # RMS 1 -> 20 and 1 -> 6
+    rows = _rows(9, np.tile([0.1, 5.0], (9, 1)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 4:] = pn
+    ev = det.update(list(range(9)), rows, run)
+    assert [(e.step, e.layers) for e in ev] == [(8, ["a.weight", "b.weight"])]
+    np.testing.assert_allclose(ev[0].data["culprit_scores"], [20.0, 6.0], rtol=1e-9)
+    assert "grew most since the guard was built: a.weight (20x its initial norm)" in ev[0].message
