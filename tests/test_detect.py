@@ -1190,17 +1190,30 @@ def test_total_growth_of_exactly_growth_and_a_jump_after_zero_weights():
 def test_total_growth_culprits_are_the_tensors_that_grew_most_since_the_start():
     """With per-tensor parameter norms, a total-growth event names the weight tensors by their
     own growth since the guard was built (a 20x, c 10x, b 6x), not by their gradients (b's is
-    largest); c starts small (RMS 0.05) but above the floor (0.01 x the total RMS then, 0.0091),
-    d below it (RMS 0.007): d's 15x is not ranked."""
-    run = _run(names=("a.weight", "b.weight", "c.weight", "d.weight"), shapes=((4, 4), (8, 8), (4, 4), (4, 4)),
-               init=np.array([4.0, 8.0, 0.2, 0.028]), every=1)
+    largest); c (RMS 0.05) and e (0.01) start small but above the floor (0.01 x the total RMS
+    then, 0.0091), d below it (RMS 0.007): d's 15x is not ranked."""
+    run = _run(names=("a.weight", "b.weight", "c.weight", "d.weight", "e.weight"), shapes=((4, 4), (8, 8)) + ((4, 4),) * 3,
+               init=np.array([4.0, 8.0, 0.2, 0.028, 0.04]), every=1)
     det = D.WeightGrowthDetector()
     det.bind(run)
     t = np.linspace(0, 1, 9)[:, None]
-    pn = np.array([4.0, 8.0, 0.2, 0.028]) * np.array([20.0, 6.0, 10.0, 15.0]) ** t  # RMS 1 -> 20, 1 -> 6, ...
-    rows = _rows(9, np.tile([0.1, 5.0, 0.1, 0.1], (9, 1)), np.linalg.norm(pn, axis=1), every=1)
-    rows[:, len(GLOBAL_COLS) + 8:] = pn
+    pn = np.array([4.0, 8.0, 0.2, 0.028, 0.04]) * np.array([20.0, 6.0, 10.0, 15.0, 12.0]) ** t  # RMS 1 -> 20, ...
+    rows = _rows(9, np.tile([0.1, 5.0, 0.1, 0.1, 0.1], (9, 1)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 10:] = pn
     ev = det.update(list(range(9)), rows, run)
-    assert [(e.step, e.layers) for e in ev] == [(8, ["a.weight", "c.weight", "b.weight"])]
-    np.testing.assert_allclose(ev[0].data["culprit_scores"], [20.0, 10.0, 6.0], rtol=1e-9)
+    assert [(e.step, e.layers) for e in ev] == [(8, ["a.weight", "e.weight", "c.weight", "b.weight"])]
+    np.testing.assert_allclose(ev[0].data["culprit_scores"], [20.0, 12.0, 10.0, 6.0], rtol=1e-6)  # float32 rows
     assert "grew most since the guard was built: a.weight (20x its initial norm)" in ev[0].message
+
+
+def test_from_zero_weights_the_culprits_come_from_the_gradients():
+    """A model initialised at zero (every tensor's initial norm 0) has no growth since the start
+    to rank: a critical RMS names the tensor with the largest gradient."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), init=np.zeros(2), every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    pn = np.array([[0.0, 0.0], [500.0, 500.0]])  # RMS 0 -> 125: above the max_rms limit (100)
+    rows = _rows(2, np.tile([0.1, 5.0], (2, 1)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 4:] = pn
+    ev = det.update([0, 1], rows, run)
+    assert [(e.step, e.severity, e.layers) for e in ev] == [(1, "critical", ["b.weight"])]
