@@ -1136,11 +1136,12 @@ def test_a_zero_tensor_is_never_judged_even_without_a_floor():
 @pytest.mark.parametrize("factor, fires", [(10.0, True), (9.99, False)])
 def test_a_jump_of_exactly_layer_jump_fires(factor, fires):
     """>= layer_jump fires; culprits are the judged tensors within 10x of the top ratio (a.weight's
-    1.0 is, at exactly 10x), never one that was not judged (c.weight: zero before)."""
-    run = _run(names=("a.weight", "b.weight", "c.weight"), shapes=((4, 4),) * 3, every=1)
+    1.0 is, at exactly 10x; d.weight's 0.5 is not), never one that was not judged (c.weight: zero
+    before)."""
+    run = _run(names=("a.weight", "b.weight", "c.weight", "d.weight"), shapes=((4, 4),) * 4, every=1)
     det = D.WeightGrowthDetector(growth=1e9)
     det.bind(run)
-    pn = np.array([[4.0, 4.0, 0.0]] * 3 + [[4.0, 4.0 * factor, 0.0]] * 2)
+    pn = np.array([[4.0, 4.0, 0.0, 4.0]] * 3 + [[4.0, 4.0 * factor, 0.0, 2.0]] * 2)
     ev = det.update(list(range(5)), _jump_rows(pn), run)
     assert [e.layers for e in ev] == ([["b.weight", "a.weight"]] if fires else [])
 
@@ -1152,6 +1153,11 @@ def test_no_weight_tensors_no_jump_whatever_the_threshold():
     det.bind(run)
     pn = np.array([[1.0, 1.0]] * 3 + [[1.0, 30.0]] * 2)
     assert det.update(list(range(5)), _jump_rows(pn), run) == []
+    det2 = D.WeightGrowthDetector(layer_jump=0.5)  # the total rule fires: culprits from the gradients
+    det2.bind(run)
+    ev = det2.update(list(range(5)), _jump_rows(pn), run)
+    assert [(e.step, e.message.split(" in the last")[0]) for e in ev] == [(3, "RMS weight grew 21.2x")]
+    assert "since the last measurement" not in ev[0].message
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 8])
@@ -1178,6 +1184,7 @@ def test_total_growth_of_exactly_growth_and_a_jump_after_zero_weights():
     det.bind(run)
     ev = det.update(list(range(4)), _jump_rows(np.array([[4.0], [4.0], [40.0], [40.0]])), run)
     assert [(e.step, e.message.split(" in the last")[0]) for e in ev] == [(2, "RMS weight grew 10.0x")]
+    assert "; w.weight grew 10x since the last measurement" in ev[0].message  # a jump too, at exactly 10x
     run2 = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), every=1)
     det2 = D.WeightGrowthDetector(growth=1e9)
     det2.bind(run2)
