@@ -1224,3 +1224,13 @@ def test_from_zero_weights_the_culprits_come_from_the_gradients():
     rows[:, len(GLOBAL_COLS) + 4:] = pn
     ev = det.update([0, 1], rows, run)
     assert [(e.step, e.severity, e.layers) for e in ev] == [(1, "critical", ["b.weight"])]
+
+
+def test_a_tensor_exactly_at_the_floor_is_judged():
+    """The floor is inclusive: four tensors of RMS 1 make a total RMS of exactly 1, and with
+    layer_floor=1 each is at the floor, judged: b.weight's 20x jump is named."""
+    run = _run(names=("a.weight", "b.weight", "c.weight", "d.weight"), shapes=((4, 4),) * 4, every=1)
+    det = D.WeightGrowthDetector(growth=1e9, layer_floor=1.0)
+    det.bind(run)
+    pn = np.array([[4.0] * 4] * 3 + [[4.0, 80.0, 4.0, 4.0]] * 2)
+    assert [(e.step, e.layers[0]) for e in det.update(list(range(5)), _jump_rows(pn), run)] == [(3, "b.weight")]
