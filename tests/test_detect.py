@@ -1234,3 +1234,20 @@ def test_a_tensor_exactly_at_the_floor_is_judged():
     det.bind(run)
     pn = np.array([[4.0] * 4] * 3 + [[4.0, 80.0, 4.0, 4.0]] * 2)
     assert [(e.step, e.layers[0]) for e in det.update(list(range(5)), _jump_rows(pn), run)] == [(3, "b.weight")]
+
+
+def test_without_initial_norms_total_growth_culprits_come_from_the_gradients():
+    """A RunInfo without init_layer_norms (rows replayed from elsewhere): the reference is the
+    gradient norms of the first measured row, even where per-tensor parameter norms exist."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), init=None, every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    t = np.linspace(0, 1, 9)[:, None]
+    pn = np.array([4.0, 4.0]) * np.array([20.0, 2.0]) ** t
+    norms = np.tile([1.0, 1.0], (9, 1))
+    norms[8] = [1.0, 3.0]  # b's gradient tripled since the first row, a's did not
+    rows = _rows(9, norms, np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 4:] = pn
+    ev = det.update(list(range(9)), rows, run)
+    assert [(e.step, e.layers[0]) for e in ev] == [(8, "b.weight")]
+    assert "largest gradient relative to the first measured step: b.weight (3x)" in ev[0].message
