@@ -1251,3 +1251,18 @@ def test_without_initial_norms_total_growth_culprits_come_from_the_gradients():
     ev = det.update(list(range(9)), rows, run)
     assert [(e.step, e.layers[0]) for e in ev] == [(8, "b.weight")]
     assert "largest gradient relative to the first measured step: b.weight (3x)" in ev[0].message
+
+
+def test_a_tensor_exactly_at_the_init_floor_is_ranked():
+    """Four tensors of initial RMS 1 (total exactly 1) with layer_floor=1: each is at the floor,
+    so each is ranked by its growth since the start (a 20x first), not by its gradient (d's)."""
+    run = _run(names=("a.weight", "b.weight", "c.weight", "d.weight"), shapes=((4, 4),) * 4,
+               init=np.full(4, 4.0), every=1)
+    det = D.WeightGrowthDetector(layer_floor=1.0)
+    det.bind(run)
+    t = np.linspace(0, 1, 9)[:, None]
+    pn = np.full(4, 4.0) * np.array([20.0, 12.0, 10.0, 8.0]) ** t
+    rows = _rows(9, np.tile([0.1, 0.1, 0.1, 5.0], (9, 1)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 8:] = pn
+    ev = det.update(list(range(9)), rows, run)
+    assert [(e.step, e.layers[0]) for e in ev] == [(8, "a.weight")]
