@@ -1266,3 +1266,19 @@ def test_a_tensor_exactly_at_the_init_floor_is_ranked():
     rows[:, len(GLOBAL_COLS) + 8:] = pn
     ev = det.update(list(range(9)), rows, run)
     assert [(e.step, e.layers[0]) for e in ev] == [(8, "a.weight")]
+
+
+def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
+    """Weights that shrank 20x and grew back 12x (the total rule fires) are still ranked by their
+    own size against the start (a 0.9x, b 0.6x), even though no tensor is above its start."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), init=np.full(2, 4.0), every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    down = np.geomspace(1, 1 / 20, 6)[:, None] * np.array([[1.5, 1.0]])
+    up = down[-1] * np.geomspace(1, 12, 6)[1:, None]
+    pn = 4.0 * np.concatenate([down, up])
+    rows = _rows(len(pn), np.tile([0.1, 5.0], (len(pn), 1)), np.linalg.norm(pn, axis=1), every=1)
+    rows[:, len(GLOBAL_COLS) + 4:] = pn
+    ev = det.update(list(range(len(pn))), rows, run)
+    assert [(e.step, e.layers) for e in ev] == [(10, ["a.weight", "b.weight"])]
+    np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
