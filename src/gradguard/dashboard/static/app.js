@@ -435,7 +435,7 @@
       const tr = el("tr", hl.has(l.name) ? "hl" : "");
       tr.append(el("td", "num", l.index), el("td", "name", l.name), el("td", null, "[" + l.shape.join(", ") + "]"),
         el("td", "num", fmt(l.latest)), el("td", "num", fmt(l.max)), el("td", "num", fmt(l.min)), el("td", "num", l.nonfinite ?? "–"),
-        el("td", "num", fmt(l.weight)), el("td", "num", fmt(l.weight_growth)));
+        el("td", "num", fmt(l.weight)), el("td", "num", finite(l.weight_growth) ? fmt(l.weight_growth) : "–"));  // NaN: started at 0
       state.selected.slice(1).forEach((o) => tr.append(el("td", "num", fmt(l["max@" + o]))));
       const flags = el("td");
       if (l.nonfinite > 0) flags.append(el("span", "flag bad", "non-finite"));
