@@ -134,12 +134,11 @@ class RowWriter:
                     row[G + n:G + 2 * n] = 0
                     row[G + idx] = norms
                     row[G + n + idx] = max_abs
-                if params is None:
-                    pass  # the buffer starts each interval with NaN there (StepBuffer nan_from)
-                elif (p_sumsq := params.host("sumsq")) is not None:
-                    np.sqrt(p_sumsq, out=row[G + 2 * n:], casting="unsafe")
-                else:
-                    row[G + 2 * n:] = params.host("norms")
+                if params is not None:  # otherwise NaN from the buffer's fill at the last drain
+                    if (p_sumsq := params.host("sumsq")) is not None:
+                        np.sqrt(p_sumsq, out=row[G + 2 * n:], casting="unsafe")
+                    else:
+                        row[G + 2 * n:] = params.host("norms")
         else:
             row = buf.next_row()
             f32 = torch.float32

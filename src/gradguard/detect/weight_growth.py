@@ -107,8 +107,7 @@ class WeightGrowthDetector(Detector):
             cur = lrms[j]
             ratio = None
             if prev is not None and np.isfinite(cur).all():
-                with np.errstate(all="ignore"):
-                    ratio = np.where((prev > 0) & (prev >= self.layer_floor * total_prev), cur / prev, 0.0)
+                ratio = self._judged_ratio(cur, prev, total_prev)
             jump.append(ratio)
             if np.isfinite(cur).all():
                 prev = cur
@@ -178,31 +177,26 @@ class WeightGrowthDetector(Detector):
                 msg += f"; largest gradient relative to {what}: {layers[0]} ({scores[0]:.3g}x)"
         return self._emit(step, sev, layers, msg + ".", {**data, "culprit_scores": scores})
 
+    def _judged_ratio(self, cur: np.ndarray, ref: np.ndarray, total: float) -> np.ndarray:
+        """``cur / ref`` per weight tensor; 0 (not judged) where ``ref`` is 0 or below
+        ``layer_floor`` x the total RMS ``total`` (tensors that start at or near zero)."""
+        with np.errstate(all="ignore"):
+            return np.where((ref > 0) & (ref >= self.layer_floor * total), cur / ref, 0.0)
+
     def _growth_since_init(self, lrms: np.ndarray) -> np.ndarray:
         """Each weight tensor's RMS over its RMS when the guard was built (0: not judged)."""
-        init = self._init[self._w] / self._sqrt_w
         total0 = math.sqrt(float(np.sum(self._init ** 2)) / self._numel)
-        with np.errstate(all="ignore"):
-            return np.where((init > 0) & (init >= self.layer_floor * total0), lrms / init, 0.0)
+        return self._judged_ratio(lrms, self._init[self._w] / self._sqrt_w, total0)
 
-    def _ranked(self, score: np.ndarray, k: int = 5) -> tuple[list[str], list[float]]:
-        """Weight tensors by ``score``, largest first, within 10x of the largest."""
-        order = np.argsort(-score, kind="stable")[:k]
-        if not len(order) or not score[order[0]] > 0:
-            return [], []
-        picked = [int(i) for i in order if score[i] >= 0.1 * score[order[0]]]
-        return [self.names[self._w[i]] for i in picked], [float(score[i]) for i in picked]
+    def _ranked(self, score: np.ndarray) -> tuple[list[str], list[float]]:
+        """Weight tensors by ``score`` (one per ``self._w``)."""
+        return _top(score, [self.names[i] for i in self._w])
 
-    def _culprits(self, norms: np.ndarray, k: int = 5) -> tuple[list[str], list[float]]:
-        """Tensors with the largest gradient norm / reference norm (within 10x of the largest)."""
+    def _culprits(self, norms: np.ndarray) -> tuple[list[str], list[float]]:
+        """Tensors by gradient norm / reference norm (no gradient: not a culprit)."""
         with np.errstate(all="ignore"):
             score = norms.astype(np.float64) / np.maximum(self._init, 1e-12)
-        score = np.where(np.isnan(score), -np.inf, score)  # no gradient: not a culprit
-        order = np.argsort(-score, kind="stable")[:k]
-        if not len(order) or not score[order[0]] > 0:
-            return [], []
-        picked = [int(i) for i in order if score[i] >= 0.1 * score[order[0]]]
-        return [self.names[i] for i in picked], [float(score[i]) for i in picked]
+        return _top(np.where(np.isnan(score), -np.inf, score), self.names)
 
     def state_dict(self):
         return {**self._base_state(), "hist": [list(h) for h in self._hist],
@@ -216,3 +210,12 @@ class WeightGrowthDetector(Detector):
             self._init = list_to_array(sd["init"])
             self._ref = sd.get("ref", "weights")  # states saved before "ref" held parameter norms
         self._prev = None if sd.get("prev") is None else list_to_array(sd["prev"])  # absent before 0.3
+
+
+def _top(score: np.ndarray, names: list[str], k: int = 5) -> tuple[list[str], list[float]]:
+    """The ``k`` largest positive scores within 10x of the largest, largest first (ties in order)."""
+    order = np.argsort(-score, kind="stable")[:k]
+    if not len(order) or not score[order[0]] > 0:
+        return [], []
+    picked = [int(i) for i in order if score[i] >= 0.1 * score[order[0]]]
+    return [names[i] for i in picked], [float(score[i]) for i in picked]

@@ -271,7 +271,7 @@ class RunStore:
         con = self._connect(run)
         try:
             L = con.execute("SELECT count(*) FROM layers").fetchone()[0]
-            has = any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)"))
+            has = _has_pnorms(con)
             rows = con.execute("SELECT steps, pidx, pnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
                                "AND pidx IS NOT NULL ORDER BY seq0", (lo, hi)).fetchall() if has else []
         finally:
@@ -297,7 +297,7 @@ class RunStore:
             last = con.execute("SELECT n, norms FROM chunks ORDER BY seq0 DESC LIMIT 1").fetchone()
             top = con.execute("SELECT nmax, nmin, nfc FROM summary WHERE level = ?", (LEVELS,)).fetchall()
             measured = []
-            if any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)")):
+            if _has_pnorms(con):
                 q = "SELECT pnorms FROM chunks WHERE length(pidx) > 0 ORDER BY seq0 {} LIMIT 1"
                 measured = [con.execute(q.format(o)).fetchone() for o in ("ASC", "DESC")]
         finally:
@@ -393,6 +393,11 @@ class RunStore:
         if not keep.all():
             steps, glob, norms, maxabs = steps[keep], glob[keep], norms[keep], maxabs[keep]
         return raw_aggregates(steps, glob, norms, maxabs)
+
+
+def _has_pnorms(con) -> bool:
+    """Whether the store has parameter-norm columns (schema v2; a v1 store has none)."""
+    return any(c[1] == "pnorms" for c in con.execute("PRAGMA table_info(chunks)"))
 
 
 def _points(max_points) -> int:
