@@ -45,7 +45,7 @@ $(CHROMIUM):
 TEST_JOBS ?= 2
 
 test: $(VENV)/.installed-test | $(CHROMIUM)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pip install -q -e ".[test,bench]"

@@ -8,6 +8,7 @@ nor is comparing ``str()`` of a state (4 significant digits).
 from __future__ import annotations
 
 import copy
+import pathlib
 import struct
 
 import numpy as np
@@ -103,7 +104,7 @@ def mlp(*widths: int, act="tanh", seed: int | None = 0, dtype=None) -> torch.nn.
 # numpy once, then forks a child per snippet (fork copies the imported modules; nothing else of
 # the parent's state exists yet: the zygote runs no torch op and starts no thread).
 _ZYGOTE = r"""
-import json, os, sys, traceback
+import json, os, sys
 import numpy, torch  # the expensive part, paid once
 base = [p for p in sys.path if p and p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
 for line in sys.stdin:
@@ -115,7 +116,7 @@ for line in sys.stdin:
             os.chdir(req["cwd"])
             os.environ.clear(); os.environ.update(req["env"])
             sys.path[:] = [""] + [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p] + base
-            sys.argv = ["-c"]
+            sys.argv = ["-c", *req["argv"]]
             for fd, path in ((1, req["out"]), (2, req["err"])):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             try:
@@ -128,8 +129,8 @@ for line in sys.stdin:
                     code = e.code
                 else:
                     print(e.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
+            except BaseException:  # what python does with an uncaught exception
+                sys.excepthook(*sys.exc_info())
         finally:
             try:  # what an interpreter does at exit: join non-daemon threads, run atexit
                 import atexit, threading
@@ -158,7 +159,7 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def run(self, code: str, env: dict | None = None, cwd=None, timeout: float = 120):
+    def run(self, code: str, env: dict | None = None, cwd=None, timeout: float = 120, argv=()):
         import json
         import os
         import select
@@ -168,16 +169,29 @@ class Zygote:
         self.n += 1
         out, err = self.tmp / f"out{self.n}", self.tmp / f"err{self.n}"
         req = {"code": code, "env": dict(os.environ if env is None else env), "cwd": str(cwd or os.getcwd()),
-               "out": str(out), "err": str(err)}
+               "out": str(out), "err": str(err), "argv": [str(a) for a in argv]}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         pid = int(self.proc.stdout.readline())
         if not select.select([self.proc.stdout], [], [], timeout)[0]:
             os.kill(pid, signal.SIGKILL)
             self.proc.stdout.readline()
-            raise subprocess.TimeoutExpired(["python", "-c", code], timeout)
+            raise subprocess.TimeoutExpired(["python", "-c", code, *argv], timeout)
         rc = int(self.proc.stdout.readline())
-        return subprocess.CompletedProcess(["python", "-c", code], rc, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["python", "-c", code, *argv], rc, out.read_text(), err.read_text())
+
+    def run_script(self, path, *args, **kwargs):
+        """``python PATH ARGS...`` (``run_path`` as ``__main__``, ``sys.path[0]`` its folder)."""
+        code = (f"import runpy, sys; sys.argv = [{str(path)!r}] + sys.argv[1:]; "
+                f"sys.path[0] = {str(pathlib.Path(path).parent)!r}; "
+                f"runpy.run_path({str(path)!r}, run_name='__main__')")
+        return self.run(code, argv=args, **kwargs)
+
+    def run_module(self, module: str, *args, **kwargs):
+        """``python -m MODULE ARGS...``."""
+        code = (f"import runpy, sys; sys.argv = [{module!r}] + sys.argv[1:]; "
+                f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+        return self.run(code, argv=args, **kwargs)
 
     def close(self):
         self.proc.stdin.close()

@@ -6,8 +6,6 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -265,11 +263,10 @@ def test_score_counts_recovered_runs_against_the_same_seed():
     assert (s["clean_interventions"], s["clean_skipped"]) == (1, 3)
 
 
-def test_smoke_mode_runs_the_grid(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescue_faults" / "run.py"), "--smoke",
-                          "--archs", "cnn", "--faults", "nan", "weight", "--methods", "clip", "auto",
-                          "--jobs", "1"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+def test_smoke_mode_runs_the_grid(tmp_path, fresh_python):
+    out = fresh_python.run_script(ROOT / "benchmarks" / "rescue_faults" / "run.py", "--smoke",
+                                  "--archs", "cnn", "--faults", "nan", "weight", "--methods", "clip", "auto",
+                                  "--jobs", "1", timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stderr
     assert "## Rescue on faults" in out.stdout and 'remedies="auto"' in out.stdout
 

@@ -3,8 +3,6 @@ outputs after every section, survives a failing section and honours its time bud
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,10 +21,9 @@ def bench():
     return mod
 
 
-def test_smoke_subprocess(tmp_path):
+def test_smoke_subprocess(tmp_path, fresh_python):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = fresh_python.run_script(SCRIPT, "--smoke", "--out", tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["smoke"] is True and list(res["sections"]) == SECTIONS

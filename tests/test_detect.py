@@ -14,7 +14,6 @@ import gradguard as gg
 from gradguard import detect as D
 from gradguard.layout import COL, GLOBAL_COLS, RunInfo
 
-from conftest import assert_same
 
 WARN = ("warning", "critical")
 

@@ -1,7 +1,6 @@
 """The detection benchmark (benchmarks/detection): labels, metrics, the command, and the targets
 the default detectors meet on the stored corpus (a regression test for the detectors)."""
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,8 +79,7 @@ def test_default_detectors_meet_the_targets_on_the_corpus(replayed, part):
     assert m["producer_ok"] >= 0.9
 
 
-def test_bench_detection_command_without_a_checkout(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gradguard.cli", "bench", "detection", "--dir", str(tmp_path)],
-                         capture_output=True, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
+    out = fresh_python.run_module("gradguard.cli", "bench", "detection", "--dir", tmp_path, cwd=tmp_path,
+                                  env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert out.returncode == 2 and "detection/run.py not found" in out.stderr

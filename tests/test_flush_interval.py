@@ -4,7 +4,6 @@ flushes a poisoned step at once (reading the decision there is free), the device
 its interval (an early flush would be a host sync).  A probe detector records each batch."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

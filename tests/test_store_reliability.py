@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -65,10 +64,10 @@ def _train(model, opt, guard, a, b):
         guard.step(loss=loss)
 
 
-def _py(code: str, *args, check=True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=SRC)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
-                       capture_output=True, text=True, timeout=120)
+def _py(fresh_python, code: str, *args, check=True) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in a fresh interpreter: a writer killed or exiting there is a
+    process of its own (forked from one that imported torch only; tests/test_zygote.py)."""
+    r = fresh_python.run(textwrap.dedent(code), env=dict(os.environ, PYTHONPATH=SRC), argv=args)
     if check:
         assert r.returncode in (0, 1, -9), r.stderr
     return r
@@ -166,8 +165,8 @@ if sys.argv[2] == "raise":
 
 
 @pytest.mark.parametrize("how, status", [("raise", "failed"), ("exit", "finished")])
-def test_exit_without_close_hands_over_pending_rows_and_tells_how_it_ended(tmp_path, how, status):
-    r = _py(_CRASH, tmp_path, how)
+def test_exit_without_close_hands_over_pending_rows_and_tells_how_it_ended(tmp_path, how, status, fresh_python):
+    r = _py(fresh_python, _CRASH, tmp_path, how)
     assert ("boom" in r.stderr) == (how == "raise")
     info = RunStore(tmp_path).info("c")
     assert info["status"] == status and info["rows"] == 100
@@ -176,7 +175,7 @@ def test_exit_without_close_hands_over_pending_rows_and_tells_how_it_ended(tmp_p
         assert "RuntimeError: boom at step 100" in info["error"]
 
 
-def test_guard_crash_at_step_58_keeps_every_row_and_reads_failed(tmp_path):
+def test_guard_crash_at_step_58_keeps_every_row_and_reads_failed(tmp_path, fresh_python):
     # The guard-side wiring the lead adds in Guard.__init__ (see docs/reliability.md).
     code = """
     import sys, torch
@@ -196,7 +195,7 @@ def test_guard_crash_at_step_58_keeps_every_row_and_reads_failed(tmp_path):
         if i == 57:
             raise ValueError("data loader died")
     """
-    _py(code, tmp_path)
+    _py(fresh_python, code, tmp_path)
     info = RunStore(tmp_path).info("g")
     assert info["status"] == "failed" and "data loader died" in info["error"]
     assert RunStore(tmp_path).steps("g")["step"].tolist() == list(range(58))
@@ -351,14 +350,14 @@ def test_idle_writer_keeps_its_heartbeat(tmp_path, monkeypatch):
     rec.close()
 
 
-def test_kill_before_the_first_flush_leaves_no_run_and_no_name_taken(tmp_path):
+def test_kill_before_the_first_flush_leaves_no_run_and_no_name_taken(tmp_path, fresh_python):
     code = """
     import os, signal, sys
     from gradguard.record import open_recorder
     rec = open_recorder(sys.argv[1], run_name="k", layers=[{"name": "a"}])
     os.kill(os.getpid(), signal.SIGKILL)
     """
-    r = _py(code, tmp_path)
+    r = _py(fresh_python, code, tmp_path)
     assert r.returncode == -signal.SIGKILL
     assert RunStore(tmp_path).runs() == []
     rec = open_recorder(tmp_path, run_name="k", layers=_layers())
@@ -596,7 +595,7 @@ def test_report_on_an_unreadable_store_says_so_in_one_line(hostile_log_dir, tmp_
         RunStore(hostile_log_dir).info(run)
 
 
-def test_killed_resume_leaves_no_empty_run(tmp_path):
+def test_killed_resume_leaves_no_empty_run(tmp_path, fresh_python):
     rec = open_recorder(tmp_path, run_name="r", layers=_layers())
     _write(rec, range(10))
     rec.close()
@@ -607,7 +606,7 @@ def test_killed_resume_leaves_no_empty_run(tmp_path):
     assert rec.run_name == "r-2"
     os.kill(os.getpid(), signal.SIGKILL)  # killed between Guard() and load_state_dict()
     """
-    assert _py(code, tmp_path).returncode == -signal.SIGKILL
+    assert _py(fresh_python, code, tmp_path).returncode == -signal.SIGKILL
     assert [r["name"] for r in RunStore(tmp_path).runs()] == ["r"]
 
 

@@ -3,9 +3,7 @@ one-line errors for missing extras, `--version`, the shipped digits data."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -7,8 +7,6 @@ executes the same kernel source with numpy. Tensors over 2**31 bytes are out of 
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +35,7 @@ def device(request):
     return torch.device("cpu")
 
 
-def test_interpreter_cases():
+def test_interpreter_cases(fresh_python):
     """Every "interpret" case of this file, in a child process under Triton's interpreter."""
     if INTERPRETED or not HAS_TRITON:
         pytest.skip("this is the child process, or no Triton")
@@ -46,9 +44,8 @@ def test_interpreter_cases():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=str(root / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           str(Path(__file__)), "-k", "interpret and not test_interpreter_cases"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    proc = fresh_python.run_module("pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__),
+                                   "-k", "interpret and not test_interpreter_cases", env=env, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
