@@ -225,6 +225,26 @@ def test_host_reciprocal_never_warns(x):
     assert arr.tobytes() == np.array([want, np.inf, 0.5], np.float32).tobytes()
 
 
+@pytest.mark.parametrize("max_norm", [math.inf, 1.0, 3e38])
+@pytest.mark.parametrize("total", [math.inf, -math.inf, math.nan, 0.0, 1e-38, 3e38])
+def test_norm_coefficient_never_warns(total, max_norm):
+    """``GlobalNorm(inf)`` ("measure, never clip") on a poisoned step multiplies the reciprocal
+    of an infinite total (0) by an infinite threshold: NaN, then masked by the ``where``; a
+    tiny total times a huge threshold overflows.  Neither may warn (a warnings-as-errors run
+    would fail on every poisoned step); the coefficient is torch's on both backends."""
+    for xp in BACKENDS.values():
+        t = _arr(xp, total)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = np.asarray(xp.to_host(norm_coefficient(max_norm, t, xp)))
+        want = 1.0 if not math.isfinite(total) else _torch_coef(max_norm, total)
+        assert bits(torch.as_tensor(got)) == bits(torch.as_tensor(np.float32(want)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HOST.mul(np.float32(0.0), math.inf) != HOST.mul(np.float32(0.0), math.inf)  # NaN, silently
+        assert HOST.mul(np.float32(3e38), 10.0) == np.inf
+
+
 def test_host_where_broadcasts_an_array_condition():
     """An array condition with scalar branches is elementwise (torch.where's rule), not a
     Python branch on the array's truth."""

@@ -50,6 +50,10 @@ class Backend:
     def reciprocal(self, x):
         raise NotImplementedError
 
+    def mul(self, x, k):
+        """``x * k`` (``k`` a float or an array), without numpy's overflow/NaN warnings."""
+        raise NotImplementedError
+
     def where(self, cond, x, other):
         raise NotImplementedError
 
@@ -89,6 +93,13 @@ class _Host(Backend):
             return np.reciprocal(x)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             return np.reciprocal(x)
+
+    def mul(self, x, k):
+        # 0 * inf (an infinite total's reciprocal times an infinite max_norm: "measure, never
+        # clip") is NaN, and a finite product can overflow; the decision's `where` masks both,
+        # so numpy's warning would only be noise on every poisoned step
+        with np.errstate(over="ignore", invalid="ignore"):
+            return x * k
 
     def where(self, cond, x, other):
         # a Python number takes the array argument's dtype (torch's rule for scalars)
@@ -131,6 +142,9 @@ class _Device(Backend):
     def reciprocal(self, x):
         return x.reciprocal()
 
+    def mul(self, x, k):
+        return x * k
+
     def where(self, cond, x, other):
         return torch.where(cond, x, other)
 
@@ -152,7 +166,7 @@ def norm_coefficient(max_norm, total, xp: Backend, bad=None):
     very same IEEE operations.  ``max_norm`` may be a float or an array (AutoClip's
     threshold).  ``bad``: ``total``'s non-finite flag when the caller has it already.
     """
-    coef = xp.minimum(xp.reciprocal(total + EPS) * max_norm, 1.0)
+    coef = xp.minimum(xp.mul(xp.reciprocal(total + EPS), max_norm), 1.0)
     return xp.where(xp.nonfinite(total) if bad is None else bad, 1.0, coef)
 
 
