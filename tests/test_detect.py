@@ -923,17 +923,41 @@ def test_nonfinite_event_names_the_producer_first():
 @pytest.mark.parametrize("case,severity", [("doubled", "warning"), ("x30", "critical"), ("shock", "critical")])
 def test_divergence_severity_follows_the_rise(case, severity):
     """2.5x the start for good: a warning; 30x for good: critical; one step at 30x with the
-    gradient norm 20x its start (the shock rule, the last 3 losses not yet all high): critical."""
+    gradient norm 20x its start, and the next loss still above 1.2x (the shock rule, the last
+    3 losses not yet all high): critical, on the confirming step."""
     start = [2.0] * 10
     if case == "doubled":
         losses, g = start + [5.0] * 10, [1.0] * 20
     elif case == "x30":
         losses, g = start + [60.0] * 10, [1.0] * 20
     else:
-        losses, g = start + [60.0] + [2.0] * 9, [1.0] * 10 + [20.0] + [1.0] * 9
+        losses, g = start + [60.0, 2.5] + [2.0] * 8, [1.0] * 10 + [20.0] + [1.0] * 9
     det = D.DivergenceDetector()
     events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
-    assert [(e.kind, e.step, e.severity) for e in events][:1] == [("diverging", 10 if case == "shock" else 12, severity)]
+    assert [(e.kind, e.step, e.severity) for e in events][:1] == [("diverging", 11 if case == "shock" else 12, severity)]
+
+
+@pytest.mark.parametrize("after", [2.0, 2.39, 2.41, math.nan])
+@pytest.mark.parametrize("chunk", [1, 11, 64])
+def test_divergence_shock_needs_the_next_loss_to_stay_high(after, chunk):
+    """One batch 30x the start with the gradient 20x (a heavy-tailed batch, or a wrecking
+    update): the next finite loss decides.  Back below ``respond`` x the start (1.2 x 2.0):
+    nothing; still above: critical on that step, naming both losses.  A NaN loss in between is
+    not a step the rule reads (the next finite one decides); any chunking gives the same."""
+    nxt = [after, 2.0] if math.isnan(after) else [after]
+    losses = [2.0] * 10 + [60.0] + nxt + [2.0] * (9 - len(nxt))
+    g = [1.0] * 10 + [20.0] + [1.0] * 9
+    det = D.DivergenceDetector()
+    guard, rows = bound(det), np.stack(_loss_rows(losses, gnorms=g))
+    events = [e for a in range(0, len(rows), chunk)
+              for e in det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)]
+    if after > 2.4:
+        (ev,) = events
+        assert (ev.step, ev.severity) == (11, "critical")
+        assert ev.message.startswith("loss 60 on the step before was 30.0x its value at the start (2)")
+        assert f"and {after:.4g} now" in ev.message
+    else:
+        assert events == []
 
 
 @pytest.mark.parametrize("patience", [1, 3])

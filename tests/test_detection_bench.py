@@ -83,3 +83,23 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     out = fresh_python.run_module("gradguard.cli", "bench", "detection", "--dir", tmp_path, cwd=tmp_path,
                                   env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert out.returncode == 2 and "detection/run.py not found" in out.stderr
+
+
+def test_blind_check_as_documented():
+    """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
+    no healthy run flagged but the two docs/detection.md names (AdamW at lr 1 on the BatchNorm
+    CNN: weights 24x in 10 steps, harmless behind BatchNorm).  A heavy-tailed batch (loss 31x
+    the start for one step) used to get a critical "diverging": the shock rule now waits for
+    the next loss."""
+    import blind
+    from gradguard.detect import default_detectors
+
+    runs = metrics.load_runs(blind.OUT)
+    if len(runs) < 40:
+        pytest.skip("the stored blind runs are not in this checkout")
+    res = metrics.evaluate(runs, default_detectors, "blind", write=False)
+    div = [s for s in res["scores"] if s["label"] == "diverging" and not s["fault"]]
+    assert len(div) >= 10 and all(s["caught"] for s in div)
+    flagged = {s["id"] for s in res["scores"] if s["label"] == "healthy" and not s["fault"] and s["n_flags"]}
+    assert flagged == {"x_cnn.adamw_lr1.s2", "x_cnn.adamw_lr1.s3"}
+    assert next(s for s in res["scores"] if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0

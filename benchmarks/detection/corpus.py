@@ -350,7 +350,8 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         "id": f"{cfg.family}.{cfg.name}.s{seed}", "family": cfg.family, "config": cfg.name, "seed": seed,
         "held_out": seed % 2 == 1, "steps": cfg.steps, "seconds": round(secs, 2), **label,
         "fault": fault["kind"] if fault else None, "culprit": culprit,
-        "onset": fstep if fault else None, "producer": producer,
+        # an lr spike scales step fstep's update: the row of fstep+1 is the first to show it
+        "onset": (fstep + (fault["kind"] == "lr_spike")) if fault else None, "producer": producer,
         "run": {"names": list(run.names), "shapes": [list(s) for s in run.shapes],
                 "trainable": list(run.trainable), "owner": dict(run.owner),
                 "module_types": sorted(run.module_types), "param_norm_every": run.param_norm_every,

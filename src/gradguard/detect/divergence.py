@@ -31,11 +31,13 @@ class DivergenceDetector(Detector):
     - gradient growth with a consequence: the gradient norm is ``>= grad_ratio`` x ``G0``
       while ``m >= respond * L0`` (gradients growing alone is normal: a norm 40x its start
       is seen in healthy LSTMs; growing while the loss gives back its progress is not);
-    - shock: this step's own loss is ``>= critical`` x ``L0`` and its gradient norm
-      ``>= grad_ratio`` x ``G0`` (a wrecking update, a corrupted batch: no need to wait
-      for the median).
+    - shock: one step's own loss is ``>= critical`` x ``L0`` with its gradient norm
+      ``>= grad_ratio`` x ``G0``, and the next step's loss is still ``>= respond`` x ``L0``
+      (a wrecking update, a corrupted batch: no need to wait for the median).  The next step
+      is the consequence: a batch from a heavy-tailed distribution gives one such loss and
+      gradient, and the run's next loss is back in its range.
 
-    Severity: critical when ``m >= critical * L0``, else warning.  Culprits: the layers
+    Severity: critical when ``m >= critical * L0`` or on a shock, else warning.  Culprits: the layers
     holding most of the rise of the squared gradient norm over their start.  Needs
     positive losses (the rule is off when ``L0 <= 0``).  One event per ``cooldown`` steps
     unless it is more severe.
@@ -74,6 +76,7 @@ class DivergenceDetector(Detector):
         self._ref_layers = None       # log per-layer norms of the first valid step
         self._recent: deque = deque(maxlen=max(self.persist - 1, 1))  # last finite losses
         self._cusum = 0.0
+        self._shock = False           # the last valid step was a shock, not yet confirmed or not
 
     def _scan(self, steps, rows):
         loss = rows[:, COL["loss"]].astype(np.float64)
@@ -110,14 +113,17 @@ class DivergenceDetector(Detector):
                                 np.float64, len(rel) + 1)[1:]
             big_g = lg[j0:] - g0 >= math.log(self.grad_ratio)
             grows = big_g & (rel >= math.log(self.respond))
-            shock = big_g & on & (W.log(x[j0:]) - W.log(l0) >= math.log(self.critical))
+            lx = W.log(x[j0:]) - W.log(l0)
+            struck = big_g & on & (lx >= math.log(self.critical))  # this step: a shock, if it lasts
+            after = np.concatenate([[self._shock], struck[:-1]])  # the step before was one
+            shock = after & on & (lx >= math.log(self.respond))
             hit = (rel >= math.log(self.ratio)) | (cusum >= self.h) | grows | shock
             sev = np.where((rel >= math.log(self.critical)) | shock, SEV["critical"], SEV["warning"])
             # the cooldown, judged here so that a run that stays diverged is scanned once per flush
             st = steps[idx[j0:]]
             hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
             fired = idx[j0:][hit].tolist()  # numpy, no host sync
-            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev)
+            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck, shock=shock)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
 
     def _absorb(self, s, a, b):
@@ -135,6 +141,7 @@ class DivergenceDetector(Detector):
         self._recent.extend(s.x[max(ja, jb - self._recent.maxlen):jb].tolist())  # numpy, no host sync
         if jb > s.j0 and hasattr(s, "cusum"):
             self._cusum = float(s.cusum[jb - 1 - s.j0])
+            self._shock = bool(s.struck[jb - 1 - s.j0])
 
     def _fire(self, s, k):
         j = s.at(k)
@@ -142,6 +149,7 @@ class DivergenceDetector(Detector):
         med, rel, sev = float(s.med[t]), float(s.rel[t]), int(s.sev[t])
         l0 = float(s.l0[t])
         gratio = math.exp(float(s.lg[j]) - float(s.g0[t]))
+        before = self._recent[-1] if self._recent else math.nan  # the shock's own loss (absorbed)
         self._absorb(s, k, k + 1)
         self._cusum = 0.0
         norms = self.layout.norms(s.rows[k])
@@ -149,10 +157,12 @@ class DivergenceDetector(Detector):
         top = f"; {shares[0]:.0%} of the gradient growth from {layers[0]}" if layers else ""
         if rel >= math.log(self.respond):
             what = f"loss {med:.4g} (lowest of the last {self.persist}) is {math.exp(rel):.1f}x"
-        else:  # the shock rule: this step's own loss
-            what = f"loss {float(s.x[j]):.4g} is {float(s.x[j]) / l0:.1f}x"
-        msg = (f"{what} its value at the start ({l0:.4g}) and the gradient norm is {gratio:.3g}x its "
-               f"start: the run is diverging{top}.")
+            msg = (f"{what} its value at the start ({l0:.4g}) and the gradient norm is {gratio:.3g}x its "
+                   f"start: the run is diverging{top}.")
+        else:  # the shock rule: the step before, and this step still high
+            msg = (f"loss {before:.4g} on the step before was {before / l0:.1f}x its value at the start "
+                   f"({l0:.4g}), and {float(s.x[j]):.4g} now ({float(s.x[j]) / l0:.1f}x) is still high, with the "
+                   f"gradient norm {gratio:.3g}x its start: the update wrecked the run{top}.")
         return self._emit(s.steps[k], "critical" if sev == SEV["critical"] else "warning", layers, msg, {
             "loss": med, "start_loss": l0, "loss_ratio": math.exp(rel), "grad_ratio": gratio,
             "cusum": float(s.cusum[t]), "shares": shares})
@@ -160,7 +170,7 @@ class DivergenceDetector(Detector):
     def state_dict(self):
         return {**self._base_state(), "ref": [list(r) for r in self._ref],
                 "ref_layers": None if self._ref_layers is None else array_to_list(self._ref_layers),
-                "recent": list(self._recent), "cusum": self._cusum}
+                "recent": list(self._recent), "cusum": self._cusum, "shock": self._shock}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -168,3 +178,4 @@ class DivergenceDetector(Detector):
         self._ref_layers = None if sd["ref_layers"] is None else list_to_array(sd["ref_layers"])
         self._recent = deque((float(v) for v in sd["recent"]), maxlen=max(self.persist - 1, 1))
         self._cusum = float(sd["cusum"])
+        self._shock = bool(sd.get("shock", False))  # states saved before the confirmation: no shock pending
