@@ -938,19 +938,26 @@ def test_divergence_severity_follows_the_rise(case, severity):
 
 
 @pytest.mark.parametrize("after", [2.0, 2.39, 2.41, math.nan])
-@pytest.mark.parametrize("chunk", [1, 11, 64])
-def test_divergence_shock_needs_the_next_loss_to_stay_high(after, chunk):
+@pytest.mark.parametrize("chunk,resume", [(1, False), (11, False), (11, True), (64, False)])
+def test_divergence_shock_needs_the_next_loss_to_stay_high(after, chunk, resume):
     """One batch 30x the start with the gradient 20x (a heavy-tailed batch, or a wrecking
     update): the next finite loss decides.  Back below ``respond`` x the start (1.2 x 2.0):
     nothing; still above: critical on that step, naming both losses.  A NaN loss in between is
-    not a step the rule reads (the next finite one decides); any chunking gives the same."""
+    not a step the rule reads (the next finite one decides); any chunking gives the same, and so
+    does a detector rebuilt from ``state_dict()`` between the shock (the 11th row) and the next."""
     nxt = [after, 2.0] if math.isnan(after) else [after]
     losses = [2.0] * 10 + [60.0] + nxt + [2.0] * (9 - len(nxt))
     g = [1.0] * 10 + [20.0] + [1.0] * 9
     det = D.DivergenceDetector()
     guard, rows = bound(det), np.stack(_loss_rows(losses, gnorms=g))
-    events = [e for a in range(0, len(rows), chunk)
-              for e in det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)]
+    events = []
+    for a in range(0, len(rows), chunk):
+        events += det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)
+        if resume:
+            state = json.loads(json.dumps(det.state_dict()))
+            det = D.DivergenceDetector()
+            det.bind(guard.run)
+            det.load_state_dict(state)
     if after > 2.4:
         (ev,) = events
         assert (ev.step, ev.severity) == (11, "critical")

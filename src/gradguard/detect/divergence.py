@@ -123,7 +123,7 @@ class DivergenceDetector(Detector):
             st = steps[idx[j0:]]
             hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
             fired = idx[j0:][hit].tolist()  # numpy, no host sync
-            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck, shock=shock)
+            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
 
     def _absorb(self, s, a, b):
