@@ -834,6 +834,31 @@ def test_exploding_trend_near_zero_loss_is_info():
         assert [(e.data["rule"], e.severity) for e in events][:1] == [("trend", sev)], events
 
 
+@pytest.mark.parametrize("chunk,resume", [(1, False), (4, True), (70, False), (70, True)])
+@pytest.mark.parametrize("high", [1, 2, 3, 4])
+def test_exploding_trend_severity_reads_the_losses_of_its_window(high, chunk, resume):
+    """Near zero loss, a batch of 4 with one misclassified example has a loss near the start's
+    and a gradient norm 1000x the last ones (a healthy run, measured: batch-4 SGD on digits).
+    The trend's severity reads the median loss over its 6-step window: 1 or 2 such losses in
+    it are info; 3 of 6 are a warning (the median of 0.002, 0.002, 0.002, 2.3, 2.3, 2.3 is
+    1.15, above 0.25 x 2.3).  The same in any chunking and across a state_dict round trip
+    between flushes."""
+    losses = [2.3] * 5 + [2.3e-3] * 59 + [2.3e-3] * (6 - high) + [2.3] * high  # steps 0-69
+    g = [1.0] * 5 + [1e-3] * 60 + list(4.0 ** np.arange(5) * 1e-3)  # 256x in 5 steps: fires at 69
+    det = D.ExplodingDetector()
+    guard, rows = bound(det), np.stack(_loss_rows(losses, gnorms=g))
+    events = []
+    for a in range(0, len(rows), chunk):
+        events += det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)
+        if resume:
+            state = json.loads(json.dumps(det.state_dict()))
+            det = D.ExplodingDetector()
+            det.bind(guard.run)
+            det.load_state_dict(state)
+    trend = [(e.step, e.severity) for e in events if e.data["rule"] == "trend"]
+    assert trend[:1] == [(69, "warning" if high >= 3 else "info")], events
+
+
 @pytest.mark.parametrize("patience", [1, 5, 20])
 def test_a_dead_run_gives_one_critical_event_per_streak(patience):
     det = D.PoisonedRunDetector(patience=patience)

@@ -1,17 +1,18 @@
 """A blind check of the detectors: runs written after the defaults were chosen, never used to tune.
 
     python benchmarks/detection/blind.py            # replay the stored runs (seconds)
-    python benchmarks/detection/blind.py --rebuild  # train them again first (~45 s on 2 cores)
+    python benchmarks/detection/blind.py --rebuild  # train them again first (~2 min on 2 cores)
 
 The corpus (``corpus.py``) holds a seed-1 half that no threshold was tuned on, but its
-configurations are the ones the detectors were designed against.  These 24 configurations are
-new: other optimizers (RMSprop, AdamW at lr 1), widths, a 4-layer tanh MLP, a wider LM, seeds 2
-and 3, and faults *between* the guard's parameter-norm measurements (steps 180-241).  Labels
-come from ``corpus.label_run`` (the corpus's rules, unchanged); runs are stored under
-``benchmarks/results/detection/blind/`` and scored by ``metrics.py``.  docs/detection.md
-reports what they showed.
+configurations are the ones the detectors were designed against.  These 28 configurations are
+new: other optimizers (RMSprop, AdamW at lr 1), widths, a 4-layer tanh MLP, a wider LM, batches
+of 4 and 8, dropout, a warm-up + cosine schedule, seeds 2 and 3, and faults *between* the
+guard's parameter-norm measurements (steps 180-241).  Labels come from ``corpus.label_run`` (the
+corpus's rules, unchanged); runs are stored under ``benchmarks/results/detection/blind/`` and
+scored by ``metrics.py``.  docs/detection.md reports what they showed.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,17 @@ SEEDS = (2, 3)
 
 def rmsprop(lr):
     return lambda p: torch.optim.RMSprop(p, lr=lr)
+
+
+def dropout_mlp():
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Dropout(0.3), nn.Linear(128, 10))
+
+
+def warmup_cosine(steps, warm):
+    """lr multipliers by step: linear warm-up, then a cosine decay to 0."""
+    return {i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / (steps - warm)))
+            for i in range(steps)}
 
 
 def configs() -> list[Config]:
@@ -58,6 +70,14 @@ def configs() -> list[Config]:
         Config("x_reg", "sgd_ramp_1.02", lambda: mlp([16, 64, 64, 1]), reg, sgd(0.01), 600, F.mse_loss, ramp=(200, 1.02)),
         Config("x_bf16", "cnn_adam", CNN, dimg, adam(2e-3), 800, bf16=True),
         Config("x_ft", "restart_x30", tanh4, dflat, sgd(0.02, 0.9), 800, lr_at={400: 30.0}),
+        # long, noisy healthy runs: batches of 4 and 8, dropout, a warm-up + cosine schedule
+        Config("x_noisy", "batch4_sgdm_long", lambda: mlp([64, 64, 64, 10]), lambda: Digits("flat", batch=4),
+               sgd(0.02, 0.9), 3000),
+        Config("x_noisy", "dropout_adam_long", dropout_mlp, dflat, adam(1e-3), 2500),
+        Config("x_lstm", "batch8_adam_long", lambda: seq_model("lstm"), lambda: Digits("seq", batch=8),
+               adam(2e-3), 3000),
+        Config("x_lm", "pre_warmup_cosine_long", lambda: TinyLM(True), lm, adamw(3e-3), 2000, lm_loss,
+               lr_at=warmup_cosine(2000, 100)),
     ]
     faults = [
         ("x_tanh", tanh4, dflat, adam(2e-3), F.cross_entropy, "4", "corrupt_weight", 237),
@@ -81,9 +101,10 @@ def work(args):
     return {k: meta[k] for k in ("id", "label", "diverge_step", "fault", "seconds")}
 
 
-def build(jobs: int = 2) -> None:
+def build(jobs: int = 2, only: str | None = None) -> None:
     import multiprocessing as mp
-    todo = [(i, s) for i in range(len(configs())) for s in SEEDS]
+    todo = [(i, s) for i, c in enumerate(configs()) for s in SEEDS
+            if only is None or only in f"{c.family}.{c.name}"]
     with mp.get_context("spawn").Pool(jobs) as pool:
         for r in pool.imap_unordered(work, todo):
             print(r, flush=True)
@@ -93,10 +114,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="train the runs again")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default=None, help="with --rebuild: only the runs whose id contains this")
     args = ap.parse_args(argv)
     if args.rebuild or not any(OUT.glob("*.npz")):
         t = time.perf_counter()
-        build(args.jobs)
+        build(args.jobs, args.only)
         print(f"trained in {time.perf_counter() - t:.0f} s")
     from gradguard.detect import default_detectors
     res = metrics.evaluate(metrics.load_runs(OUT), default_detectors, "blind", write=False)

@@ -34,10 +34,12 @@ class ExplodingDetector(Detector):
     Culprits: the layers holding most of the rise (trend, level) or of the
     norm (absurd, depth), most responsible first.
 
-    Severity of trend and level: a warning while the loss still matters -- it is at
-    least ``respond`` x its value at the start (the median of the first ``ref_steps``
-    finite losses), or no loss is recorded -- and ``info`` below it: near zero loss one
-    misclassified example moves a tiny gradient norm 30x, and nothing is at stake.
+    Severity of trend and level: a warning while the loss still matters -- the median of
+    the finite losses over the trend window (this step and the ``trend_window - 1`` before
+    it) is at least ``respond`` x its value at the start (the median of the first
+    ``ref_steps`` finite losses), or no loss is recorded -- and ``info`` below it: near zero
+    loss one misclassified example moves a tiny gradient norm 30x (and, in a small batch,
+    that one batch's loss with it), and nothing is at stake.
 
     Example:
         >>> gg.Guard(model, opt, detectors=[gg.ExplodingDetector(absurd=1e5)])
@@ -68,6 +70,7 @@ class ExplodingDetector(Detector):
         self.depth_min_layers = check_int("depth_min_layers", depth_min_layers, 2)
         self.depth_every = check_int("depth_every", depth_every, 1)
         self._recent: deque = deque(maxlen=self.trend_window - 1)  # (log norm, log per-layer norms)
+        self._losses: deque = deque(maxlen=self.trend_window - 1)  # their finite losses
         self._hist: deque = deque(maxlen=self.history)
         self._above = 0
         self._seen = 0
@@ -137,10 +140,11 @@ class ExplodingDetector(Detector):
         """Does the loss at batch position ``j`` still matter (see the class doc)?"""
         ref = self._ref_loss  # the rows before j are absorbed when _fire runs
         loss = float(s.loss[j])
-        if len(ref) < self.ref_steps or not math.isfinite(loss):
+        window = list(self._losses) + ([loss] if math.isfinite(loss) else [])
+        if len(ref) < self.ref_steps or not window:
             return True
         l0 = float(np.median(ref))
-        return not (l0 > 0 and loss < self.respond * l0)
+        return not (l0 > 0 and float(np.median(window)) < self.respond * l0)
 
     def _above_at(self, s, j: int) -> int:
         return self._above if j < s.j0 else int(s.above[j - s.j0])
@@ -151,6 +155,7 @@ class ExplodingDetector(Detector):
             if jb > ja:
                 lnorms = W.log(self.layout.norms(s.rows[s.idx[ja:jb]]))
                 self._recent.extend(zip(s.lgs[ja:jb], lnorms))
+                self._losses.extend(v for v in s.loss[ja:jb].tolist() if math.isfinite(v))  # numpy, no host sync
                 self._hist.extend(s.lgs[ja:jb])
                 self._above = self._above_at(s, jb - 1)
                 self._seen += jb - ja
@@ -206,7 +211,7 @@ class ExplodingDetector(Detector):
     def state_dict(self):
         return {**self._base_state(), "recent": [[a, array_to_list(b)] for a, b in self._recent],
                 "hist": list(self._hist), "above": self._above, "seen": self._seen,
-                "ref_loss": list(self._ref_loss)}
+                "ref_loss": list(self._ref_loss), "losses": list(self._losses)}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -217,3 +222,5 @@ class ExplodingDetector(Detector):
         self._seen = int(sd["seen"])
         # states saved before the start reference: the next losses become the reference
         self._ref_loss = [float(v) for v in sd.get("ref_loss", [])]
+        # states saved before the loss window: it refills from the next rows
+        self._losses = deque((float(v) for v in sd.get("losses", [])), maxlen=self.trend_window - 1)
