@@ -859,6 +859,59 @@ def test_exploding_trend_severity_reads_the_losses_of_its_window(high, chunk, re
     assert trend[:1] == [(69, "warning" if high >= 3 else "info")], events
 
 
+def test_divergence_state_without_a_pending_shock_loads_as_none():
+    """A state saved before the shock rule waited for the next loss has no "shock" key: it
+    loads with no shock pending, so a next loss of 1.5x the start (above ``respond``, below
+    ``ratio``) is nothing."""
+    det = D.DivergenceDetector()
+    guard = bound(det)
+    feed(det, guard, _loss_rows([1.0] * 10))
+    state = json.loads(json.dumps(det.state_dict()))
+    del state["shock"]
+    det = D.DivergenceDetector()
+    det.bind(guard.run)
+    det.load_state_dict(state)
+    assert feed(det, guard, _loss_rows([1.5]), start=10) == []
+
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize("start,window,severity", [
+    ([4.0] * 5, [1.0] * 6, "warning"),            # the window's median exactly respond x L0: not below
+    ([0.5] * 5, [1e-3] * 6, "info"),               # a start loss below 1 is a start loss like any
+    ([2.0] * 5, [0.3] * 6, "info"),                # 0.3 < 0.25 x 2 (and above 0.25 / 2)
+    ([0.0] * 5, [-1.0] * 6, "warning"),            # L0 <= 0: the rule needs positive losses, so it warns
+    ([2.3, 1e-3] + [NAN] * 3, [NAN] * 5 + [1e-3], "warning"),  # two finite losses: no reference yet
+])
+def test_exploding_trend_severity_boundaries(start, window, severity):
+    """The respond rule at its edges: ``median(window) < respond * L0`` with ``L0 > 0`` and a
+    complete reference (the first 3 finite losses) makes a trend info; anything else warns."""
+    losses = start + [window[0]] * 59 + window  # steps 0-69; the trend fires at 69
+    g = [1.0] * 5 + [1e-3] * 60 + list(4.0 ** np.arange(5) * 1e-3)
+    if math.isnan(window[0]):  # no finite loss between the start and the firing step
+        losses = start + [NAN] * 59 + window
+    det = D.ExplodingDetector()
+    events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
+    trend = [(e.step, e.severity) for e in events if e.data["rule"] == "trend"]
+    assert trend[:1] == [(69, severity)], events
+
+
+@pytest.mark.parametrize("x,after,fires", [
+    (10.0, 1.25, True),                         # both exactly at their thresholds: a shock
+    (float(np.nextafter(np.float32(10), np.float32(0))), 1.25, False),
+    (10.0, float(np.nextafter(np.float32(1.25), np.float32(0))), False),
+])
+def test_divergence_shock_thresholds_are_inclusive(x, after, fires):
+    """A shock is a loss at least ``critical`` x the start (10 x 1.0) with the gradient 20x,
+    then a loss at least ``respond`` x the start (1.25): both bounds inclusive, to the float."""
+    det = D.DivergenceDetector(respond=1.25)
+    losses = [1.0] * 10 + [x, after] + [1.0] * 8
+    g = [1.0] * 10 + [20.0] + [1.0] * 9
+    events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
+    assert [(e.step, e.severity) for e in events] == ([(11, "critical")] if fires else [])
+
+
 @pytest.mark.parametrize("patience", [1, 5, 20])
 def test_a_dead_run_gives_one_critical_event_per_streak(patience):
     det = D.PoisonedRunDetector(patience=patience)
