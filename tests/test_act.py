@@ -480,3 +480,26 @@ def test_flight_dump_is_exact_only_right_after_a_withheld_step(tmp_path, step, l
     rec.bind(ctx)
     rec(Event(step, "nonfinite", "critical", [], "x", data={"skipped": True}), ctx)
     assert torch.load(rec.dumps[0], weights_only=False)["exact"] is (later == 0)
+
+
+@pytest.mark.parametrize("shape,dtype,fits", [
+    ((2, 3), torch.float32, True),
+    ((2, 2), torch.float32, False),   # smaller, and "smaller" as a tuple too: never broadcast into
+    ((1, 3), torch.float32, False),   # broadcastable from below: still not the same tensor
+    ((2, 4), torch.float32, False),
+    ((6,), torch.float32, False),     # as many elements, another shape
+    ((2, 3), torch.float64, False),
+    ((2, 3), torch.bfloat16, False),
+])
+def test_a_pinned_snapshot_buffer_is_reused_only_for_the_same_shape_and_dtype(monkeypatch, shape, dtype, fits):
+    """An asynchronous snapshot (CUDA) overwrites the previous snapshot's pinned host tensors
+    in place.  Pinned memory needs an accelerator, so the reuse rule is checked here on its
+    own, with ``is_pinned`` answering True (tests/test_cuda.py checks a reused snapshot bit
+    for bit on a GPU)."""
+    from gradguard.remedies.snapshot import _fits
+    t = torch.zeros(2, 3)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "is_pinned", lambda self: True)
+        assert _fits(torch.zeros(shape, dtype=dtype), t) is fits
+        assert not _fits(None, t) and not _fits([torch.zeros(2, 3)], t)
+    assert not _fits(torch.zeros(2, 3), t)  # unpinned memory is never written into

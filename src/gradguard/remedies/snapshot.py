@@ -31,8 +31,7 @@ def _copy(obj, reuse, events: list | None):
         t = obj.detach()
         if events is None or not t.is_cuda:
             return t.to("cpu", copy=True)
-        dst = reuse if (isinstance(reuse, torch.Tensor) and reuse.is_pinned() and reuse.shape == t.shape
-                        and reuse.dtype == t.dtype) else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        dst = reuse if _fits(reuse, t) else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         dst.copy_(t, non_blocking=True)
         if t.device not in events:
             events.append(t.device)
@@ -47,6 +46,14 @@ def _copy(obj, reuse, events: list | None):
             return items
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
+
+
+def _fits(reuse, t: torch.Tensor) -> bool:
+    """Can the old snapshot's tensor ``reuse`` take ``t``'s values in place?  Pinned host
+    memory of the very same shape and dtype only: anything else would be broadcast into, cast,
+    or copied without overlap with the device."""
+    return (isinstance(reuse, torch.Tensor) and reuse.is_pinned() and reuse.shape == t.shape
+            and reuse.dtype == t.dtype)
 
 
 def capture_state(owner, *, wait: bool = True, reuse: dict | None = None) -> dict:
