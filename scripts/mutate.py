@@ -50,7 +50,8 @@ TARGETS: dict[str, list[str]] = {
     "clip.py": ["tests/test_clip.py", "tests/test_properties.py"],
     "apply.py": ["tests/test_apply_paths.py", "tests/test_honest_skips.py", "tests/test_regressions.py",
                  "tests/test_host_sync.py"],
-    "stats.py": ["tests/test_stats.py"],
+    # the sharded (DTensor) path: only real process groups reach it (test_distributed, last: slow)
+    "stats.py": ["tests/test_stats.py", "tests/test_distributed.py"],
     # detectors: synthetic-row tests first, then the training scenarios of test_detect
     "detect/spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
     "detect/loss_spike.py": ["tests/test_spike_baseline.py", "tests/test_detect.py"],
