@@ -834,6 +834,22 @@ def test_exploding_trend_near_zero_loss_is_info():
         assert [(e.data["rule"], e.severity) for e in events][:1] == [("trend", sev)], events
 
 
+def _fed_in_chunks(make, rows, chunk, resume=False):
+    """The events of a detector ``make()`` fed ``rows`` ``chunk`` at a time; with ``resume``, a
+    new detector loaded from the old one's JSON-round-tripped ``state_dict()`` after each chunk."""
+    det = make()
+    guard, rows = bound(det), np.stack(rows)
+    events = []
+    for a in range(0, len(rows), chunk):
+        events += det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)
+        if resume:
+            state = json.loads(json.dumps(det.state_dict()))
+            det = make()
+            det.bind(guard.run)
+            det.load_state_dict(state)
+    return events
+
+
 @pytest.mark.parametrize("chunk,resume", [(1, False), (4, True), (70, False), (70, True)])
 @pytest.mark.parametrize("high", [1, 2, 3, 4])
 def test_exploding_trend_severity_reads_the_losses_of_its_window(high, chunk, resume):
@@ -845,16 +861,7 @@ def test_exploding_trend_severity_reads_the_losses_of_its_window(high, chunk, re
     between flushes."""
     losses = [2.3] * 5 + [2.3e-3] * 59 + [2.3e-3] * (6 - high) + [2.3] * high  # steps 0-69
     g = [1.0] * 5 + [1e-3] * 60 + list(4.0 ** np.arange(5) * 1e-3)  # 256x in 5 steps: fires at 69
-    det = D.ExplodingDetector()
-    guard, rows = bound(det), np.stack(_loss_rows(losses, gnorms=g))
-    events = []
-    for a in range(0, len(rows), chunk):
-        events += det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)
-        if resume:
-            state = json.loads(json.dumps(det.state_dict()))
-            det = D.ExplodingDetector()
-            det.bind(guard.run)
-            det.load_state_dict(state)
+    events = _fed_in_chunks(D.ExplodingDetector, _loss_rows(losses, gnorms=g), chunk, resume)
     trend = [(e.step, e.severity) for e in events if e.data["rule"] == "trend"]
     assert trend[:1] == [(69, "warning" if high >= 3 else "info")], events
 
@@ -887,10 +894,8 @@ NAN = math.nan
 def test_exploding_trend_severity_boundaries(start, window, severity):
     """The respond rule at its edges: ``median(window) < respond * L0`` with ``L0 > 0`` and a
     complete reference (the first 3 finite losses) makes a trend info; anything else warns."""
-    losses = start + [window[0]] * 59 + window  # steps 0-69; the trend fires at 69
-    g = [1.0] * 5 + [1e-3] * 60 + list(4.0 ** np.arange(5) * 1e-3)
-    if math.isnan(window[0]):  # no finite loss between the start and the firing step
-        losses = start + [NAN] * 59 + window
+    losses = start + [window[0]] * 59 + window  # steps 0-69 (NaN: no finite loss in between)
+    g = [1.0] * 5 + [1e-3] * 60 + list(4.0 ** np.arange(5) * 1e-3)  # the trend fires at 69
     det = D.ExplodingDetector()
     events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
     trend = [(e.step, e.severity) for e in events if e.data["rule"] == "trend"]
@@ -1026,16 +1031,7 @@ def test_divergence_shock_needs_the_next_loss_to_stay_high(after, chunk, resume)
     nxt = [after, 2.0] if math.isnan(after) else [after]
     losses = [2.0] * 10 + [60.0] + nxt + [2.0] * (9 - len(nxt))
     g = [1.0] * 10 + [20.0] + [1.0] * 9
-    det = D.DivergenceDetector()
-    guard, rows = bound(det), np.stack(_loss_rows(losses, gnorms=g))
-    events = []
-    for a in range(0, len(rows), chunk):
-        events += det.update(np.arange(a, min(a + chunk, len(rows))), rows[a:a + chunk], guard.run)
-        if resume:
-            state = json.loads(json.dumps(det.state_dict()))
-            det = D.DivergenceDetector()
-            det.bind(guard.run)
-            det.load_state_dict(state)
+    events = _fed_in_chunks(D.DivergenceDetector, _loss_rows(losses, gnorms=g), chunk, resume)
     if after > 2.4:
         (ev,) = events
         assert (ev.step, ev.severity) == (11, "critical")
