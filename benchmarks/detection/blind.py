@@ -94,22 +94,6 @@ def configs() -> list[Config]:
     return c
 
 
-def work(args):
-    i, seed = args
-    torch.set_num_threads(1)
-    meta = C.run_one(configs()[i], seed, OUT)
-    return {k: meta[k] for k in ("id", "label", "diverge_step", "fault", "seconds")}
-
-
-def build(jobs: int = 2, only: str | None = None) -> None:
-    import multiprocessing as mp
-    todo = [(i, s) for i, c in enumerate(configs()) for s in SEEDS
-            if only is None or only in f"{c.family}.{c.name}"]
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        for r in pool.imap_unordered(work, todo):
-            print(r, flush=True)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="train the runs again")
@@ -118,7 +102,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rebuild or not any(OUT.glob("*.npz")):
         t = time.perf_counter()
-        build(args.jobs, args.only)
+        for r in C.build(args.jobs, args.only, make=configs, seeds=SEEDS, out=OUT):
+            print(r)
         print(f"trained in {time.perf_counter() - t:.0f} s")
     from gradguard.detect import default_detectors
     res = metrics.evaluate(metrics.load_runs(OUT), default_detectors, "blind", write=False)

@@ -398,16 +398,18 @@ def label_run(losses: np.ndarray, moved: dict) -> dict:
 
 
 def _work(args):
-    i, seed = args
+    make, i, seed, out = args
     torch.set_num_threads(1)
-    cfg = configs()[i]
-    meta = run_one(cfg, seed)
+    meta = run_one(make()[i], seed, out)
     return {k: meta[k] for k in ("id", "label", "diverge_step", "fault", "seconds")}
 
 
-def build(jobs: int = 2, only: str | None = None) -> list[dict]:
-    """Train every run of the corpus (``jobs`` processes) and write its ``.npz``."""
-    todo = [(i, s) for i, c in enumerate(configs()) for s in SEEDS
+def build(jobs: int = 2, only: str | None = None, make=None, seeds=SEEDS, out: Path = OUT) -> list[dict]:
+    """Train every run of ``make()`` (default: this corpus's ``configs``; a module-level
+    function, so that worker processes can import it) for each seed, in ``jobs`` processes,
+    and write its ``.npz`` under ``out``; ``only``: the runs whose id contains it."""
+    make = make or configs
+    todo = [(make, i, s, out) for i, c in enumerate(make()) for s in seeds
             if only is None or only in f"{c.family}.{c.name}"]
     if jobs > 1:
         import multiprocessing as mp
