@@ -1168,13 +1168,14 @@ def _train(model, steps, every, corrupt=None, lr=1e-2):
 @pytest.mark.parametrize("every", [1, 5])
 def test_a_corrupted_weight_is_named_at_the_next_measurement(every):
     """x30 on one weight matrix behind a LayerNorm: the loss barely moves and the total parameter
-    norm grows a few percent; the per-tensor parameter norms name it, at the first measuring step
-    that sees it."""
+    norm grows a few percent; the per-tensor parameter norms name it at the first measuring step
+    that sees it (35 when measured every 5), and the event is dated 33: behind the LayerNorm the
+    tensor's gradient norm fell about 30x on that step."""
     torch.manual_seed(0)
     model = _LoRA()
     ev = _train(model, 60, every, corrupt=(model.base.weight, 33))
-    first = 33 if every == 1 else 35
-    assert [(e.step, e.severity, e.layers[0]) for e in ev] == [(first, "warning", "base.weight")]
+    assert [(e.step, e.severity, e.layers[0], e.data["seen_at"]) for e in ev] == [
+        (33, "warning", "base.weight", 33 if every == 1 else 35)]
     assert "base.weight grew" in ev[0].message and ev[0].data["culprit_scores"][0] > 25
 
 
@@ -1386,3 +1387,44 @@ def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
     ev = det.update(list(range(len(pn))), rows, run)
     assert [(e.step, e.layers) for e in ev] == [(10, ["a.weight", "b.weight"])]
     np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
+
+
+def _jump_between_measurements(at, factor, bad_at=None):
+    """40 steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
+    x30 (seen at the next measuring step) and its gradient norm is /``factor``; the other
+    gradients wander by up to 2x a step; row ``bad_at`` is poisoned (NaN gradients)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(40):
+        g = 0.5 * np.exp(rng.uniform(-0.35, 0.35, 3))
+        if t >= at:
+            g[1] /= factor
+        pn = [3.0, 90.0 if t >= at else 3.0, 3.0, 3 ** 0.5]
+        measured = t % 10 == 0
+        rows.append(row(gnorm=float(np.linalg.norm(g)), layers=(*g, 0.1),
+                        param_norm=float(np.linalg.norm(pn)) if measured else math.nan,
+                        param_norms=pn if measured else None))
+        if t == bad_at:
+            rows[-1] = row(gnorm=math.nan, layers=(math.nan,) * 4, bad=1.0)
+    return rows
+
+
+@pytest.mark.parametrize("chunk,resume", [(1, False), (7, True), (40, False)])
+@pytest.mark.parametrize("at,factor,dated", [(23, 30.0, 23), (23, 4.0, 30), (21, 30.0, 21), (30, 30.0, 30),
+                                             (26, 30.0, 26)])
+def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated, chunk, resume):
+    """A weight x30 between two measurements is seen at the next one (step 30); its gradient norm
+    falling 30x at once dates it (a 4x change, under onset_break, does not), also on the first
+    step after a measurement, on the measuring step itself, and across a poisoned row (25: the
+    change at 26 is measured against 24).  Any chunking, with or without a resume, agrees."""
+    make = lambda: D.WeightGrowthDetector(growth=1e9)  # noqa: E731  only the jump rule
+    events = _fed_in_chunks(make, _jump_between_measurements(at, factor, bad_at=25 if at == 26 else None),
+                            chunk, resume)
+    assert [(e.step, e.layers[0], e.data["seen_at"]) for e in events] == [(dated, NAMES[1], 30)]
+    assert ("when the jump most likely happened" in events[0].message) == (factor >= 5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, "5"])
+def test_onset_break_is_checked(bad):
+    with pytest.raises(ValueError, match="onset_break"):
+        D.WeightGrowthDetector(onset_break=bad)

@@ -32,6 +32,13 @@ class WeightGrowthDetector(Detector):
       that starts at or near zero (LoRA's B, zero-initialised projections) grows by
       large factors in a healthy run.
 
+    When a jump happened: the weights are measured every ``param_norm_every`` steps, the
+    gradients every step.  A weight multiplied by 30 changes its own gradient norm at once
+    (behind a normalisation or a saturating activation it falls by about the same factor),
+    so a jump's event is dated at the step in the interval where that tensor's gradient norm
+    changed most from the step before, if it changed at least ``onset_break``x; otherwise at
+    the measuring step that saw it.  ``data["seen_at"]`` is the measuring step.
+
     The detector never reads the parameters.  Culprits: with per-tensor parameter
     norms, the weight tensors that grew most (since the previous measurement for a
     jump, since the guard was built otherwise: ``RunInfo.init_layer_norms``); without
@@ -46,6 +53,8 @@ class WeightGrowthDetector(Detector):
         cooldown: steps between two events (default 200).
         layer_jump: growth of one weight tensor between two measurements (default 10).
         layer_floor: smallest previous RMS judged, relative to the total RMS (default 0.01).
+        onset_break: one-step change of a jumped tensor's gradient norm that dates the jump
+            (default 5).
     """
 
     kind = "weight_growth"
@@ -54,17 +63,24 @@ class WeightGrowthDetector(Detector):
     # those rows is cheaper than array set-up for a handful of values.
 
     def __init__(self, growth: float = 10.0, window: int = 200, max_rms: float = 100.0,
-                 cooldown: int = 200, layer_jump: float = 10.0, layer_floor: float = 0.01):
+                 cooldown: int = 200, layer_jump: float = 10.0, layer_floor: float = 0.01,
+                 onset_break: float = 5.0):
         super().__init__(cooldown)
         self.growth = check_pos("growth", growth)
         self.window = check_int("window", window, 1)
         self.max_rms = check_pos("max_rms", max_rms)
         self.layer_jump = check_pos("layer_jump", layer_jump)
         self.layer_floor = check_pos("layer_floor", layer_floor, allow_zero=True)
+        self.onset_break = check_pos("onset_break", onset_break)
         self._hist: deque = deque()  # (step, rms)
         self._prev: np.ndarray | None = None  # each weight tensor's RMS at the last measurement
         self._init: np.ndarray | None = None  # per-tensor reference norms (see the class doc)
         self._ref = "weights"  # what _init holds: "weights" (parameter norms) or "gradients"
+        # per weight tensor, since the last measuring row: the log gradient norm of the last row
+        # that had one, the largest one-step change of it, and the step of that change
+        self._glast: np.ndarray | None = None
+        self._gbest: np.ndarray | None = None
+        self._gat: np.ndarray | None = None
 
     def bind(self, run):
         super().bind(run)
@@ -72,6 +88,10 @@ class WeightGrowthDetector(Detector):
         self._every = int(run.param_norm_every or 0)
         self._w = run.weight_idx  # the tensors judged for a jump: weight matrices and kernels
         self._sqrt_w = np.sqrt([max(math.prod(run.shapes[i]), 1) for i in self._w]).astype(np.float64)
+        if self._glast is None or len(self._glast) != len(self._w):
+            self._glast = np.full(len(self._w), np.nan)
+            self._gbest = np.zeros(len(self._w))
+            self._gat = np.full(len(self._w), -1, np.int64)
         if self._init is None and run.init_layer_norms is not None:
             self._init, self._ref = np.asarray(run.init_layer_norms, np.float64), "weights"
 
@@ -83,7 +103,7 @@ class WeightGrowthDetector(Detector):
             read |= steps % self._every == 0
         idx = np.flatnonzero(read)
         if not len(idx):
-            return Scan([], len(rows), idx)
+            return Scan([], len(rows), idx, steps=steps, rows=rows)
         p = pn[idx].astype(np.float64).tolist()  # numpy, no host sync
         st = steps[idx].tolist()  # numpy, no host sync
         rms = [v / math.sqrt(self._numel) for v in p]
@@ -118,6 +138,7 @@ class WeightGrowthDetector(Detector):
                     jump=jump)
 
     def _absorb(self, s, a, b):
+        self._fold(s, a, b)
         ja, jb = s.span(a, b) if b > a else (0, 0)
         for j in range(jb - 1, ja - 1, -1):  # the last complete per-tensor measurement
             if math.isfinite(s.pn[j]) and np.isfinite(s.lrms[j]).all():
@@ -148,6 +169,8 @@ class WeightGrowthDetector(Detector):
                               f"parameter norm is {W.fmt(pn)}: the weights hold NaN/Inf{grads}.",
                               {"param_norm": pn})
         rms, lo, ratio = s.rms[j], s.lo[j], s.jump[j]
+        self._fold(s, k, k + 1, reset=False)  # this row's gradients, to date a jump
+        gbest, gat = self._gbest.copy(), self._gat.copy()
         self._absorb(s, k, k + 1)
         data = {"rms": rms, "param_norm": pn, "growth": rms / lo if lo > 0 else math.inf}
         if rms >= self.max_rms:
@@ -164,6 +187,12 @@ class WeightGrowthDetector(Detector):
         layers: list[str] = []
         if ratio is not None and ratio.max(initial=0.0) >= self.layer_jump:
             layers, scores = self._ranked(ratio)
+            i = int(np.argmax(ratio))
+            data["seen_at"] = step
+            if gat[i] >= 0 and gbest[i] >= math.log(self.onset_break):
+                msg += (f"; its gradient norm changed {math.exp(gbest[i]):.3g}x at step {int(gat[i])}, "
+                        f"when the jump most likely happened")
+                step = int(gat[i])
             msg += "" if msg.startswith("the weights of") else \
                 f"; {layers[0]} grew {scores[0]:.3g}x since the last measurement"
         elif np.isfinite(s.lrms[j]).all() and self._init is not None and self._ref == "weights":
@@ -176,6 +205,39 @@ class WeightGrowthDetector(Detector):
                 what = "its initial weight norm" if self._ref == "weights" else "the first measured step"
                 msg += f"; largest gradient relative to {what}: {layers[0]} ({scores[0]:.3g}x)"
         return self._emit(step, sev, layers, msg + ".", {**data, "culprit_scores": scores})
+
+    def _fold(self, s, a: int, b: int, reset: bool = True) -> None:
+        """Take rows ``a:b``'s gradient norms into the per-tensor largest one-step change since
+        the last measuring row (reset after each measuring row, unless ``reset`` is False)."""
+        if b <= a:
+            return
+        rows = s.rows[a:b]
+        with np.errstate(all="ignore"):
+            lg = np.log(self.layout.norms(rows)[:, self._w].astype(np.float64))
+        lg[~np.isfinite(lg) | (rows[:, COL["bad"]] > 0)[:, None]] = np.nan  # no gradient to compare
+        steps, m = s.steps[a:b], b - a
+        # each row's change from the last earlier row with a gradient for that tensor (NaN: none)
+        prev = np.vstack([self._glast[None], lg])
+        at = np.where(np.isnan(prev), 0, np.arange(m + 1)[:, None])
+        np.maximum.accumulate(at, axis=0, out=at)
+        filled = np.take_along_axis(prev, at, 0)
+        d = np.abs(lg - filled[:-1])
+        d[np.isnan(d)] = -1.0
+        self._glast = filled[-1].copy()
+        # the largest change per interval; an interval ends with a measuring row
+        ends = (s.idx[(s.idx >= a) & (s.idx < b)] - a + 1).tolist() if reset else []  # numpy, no host sync
+        start = 0
+        for end in ends + [m]:
+            if end > start:
+                r = d[start:end].argmax(0)
+                best = d[start:end][r, np.arange(d.shape[1])]
+                better = best > self._gbest
+                self._gbest[better] = best[better]
+                self._gat[better] = steps[start + r[better]]
+            if end in ends:
+                self._gbest[:] = 0.0
+                self._gat[:] = -1
+            start = end
 
     def _judged_ratio(self, cur: np.ndarray, ref: np.ndarray, total: float) -> np.ndarray:
         """``cur / ref`` per weight tensor; 0 (not judged) where ``ref`` is 0 or below
@@ -201,7 +263,10 @@ class WeightGrowthDetector(Detector):
     def state_dict(self):
         return {**self._base_state(), "hist": [list(h) for h in self._hist],
                 "init": None if self._init is None else array_to_list(self._init), "ref": self._ref,
-                "prev": None if self._prev is None else array_to_list(self._prev)}
+                "prev": None if self._prev is None else array_to_list(self._prev),
+                "glast": None if self._glast is None else array_to_list(self._glast),
+                "gbest": None if self._gbest is None else array_to_list(self._gbest),
+                "gat": None if self._gat is None else self._gat.tolist()}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -210,6 +275,9 @@ class WeightGrowthDetector(Detector):
             self._init = list_to_array(sd["init"])
             self._ref = sd.get("ref", "weights")  # states saved before "ref" held parameter norms
         self._prev = None if sd.get("prev") is None else list_to_array(sd["prev"])  # absent before 0.3
+        if sd.get("glast") is not None:  # absent from older states: the next interval starts fresh
+            self._glast, self._gbest = list_to_array(sd["glast"]), list_to_array(sd["gbest"])
+            self._gat = np.asarray(sd["gat"], np.int64)
 
 
 def _top(score: np.ndarray, names: list[str], k: int = 5) -> tuple[list[str], list[float]]:
