@@ -85,23 +85,35 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     assert out.returncode == 2 and "detection/run.py not found" in out.stderr
 
 
-def test_blind_check_as_documented():
+@pytest.mark.parametrize("which, flagged_ids", [
+    ("1", {"x_cnn.adamw_lr1.s2", "x_cnn.adamw_lr1.s3"}),
+    ("2", {"y_res.nesterov_lr5.s5"}),
+])
+def test_blind_checks_as_documented(which, flagged_ids):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
-    no healthy run flagged but the two docs/detection.md names (AdamW at lr 1 on the BatchNorm
-    CNN: weights 24x in 10 steps, harmless behind BatchNorm).  A heavy-tailed batch (loss 31x
-    the start for one step) used to get a critical "diverging": the shock rule now waits for
-    the next loss.  Batch-4 SGD near zero loss used to get "exploding" warnings from single
-    hard batches: the trend reads the median loss of its window."""
+    no healthy run flagged but those docs/detection.md names (BatchNorm networks at AdamW lr 1 and
+    Nesterov lr 5, harmless behind BatchNorm).  A heavy-tailed batch (loss 31x the start for one
+    step) used to get a critical "diverging": the shock rule now waits for the next loss.
+    Batch-4 SGD near zero loss used to get "exploding" warnings from single hard batches: the
+    trend reads the median loss of its window.  Weights corrupted between two measurements
+    (steps 237 and 173) used to be dated at the next measurement: now at the fault's step."""
     import blind
     from gradguard.detect import default_detectors
 
-    runs = metrics.load_runs(blind.OUT)
-    if len(runs) < 40:
+    make, seeds, out = blind.SETS[which]
+    runs = metrics.load_runs(out)
+    if len(runs) < 2 * len(make()):
         pytest.skip("the stored blind runs are not in this checkout")
     res = metrics.evaluate(runs, default_detectors, "blind", write=False)
-    div = [s for s in res["scores"] if s["label"] == "diverging" and not s["fault"]]
+    scores = res["scores"]
+    div = [s for s in scores if s["label"] == "diverging" and not s["fault"]]
     assert len(div) >= 10 and all(s["caught"] for s in div)
-    flagged = {s["id"] for s in res["scores"] if s["label"] == "healthy" and not s["fault"] and s["n_flags"]}
-    assert flagged == {"x_cnn.adamw_lr1.s2", "x_cnn.adamw_lr1.s3"}
-    assert next(s for s in res["scores"] if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0
-    assert sum(s["label"] == "healthy" and not s["fault"] and s["id"].startswith("x_noisy") for s in res["scores"]) == 4
+    flagged = {s["id"] for s in scores if s["label"] == "healthy" and not s["fault"] and s["n_flags"]}
+    assert flagged == flagged_ids
+    weights = [s for s in scores if s["fault"] == "corrupt_weight"]
+    assert len(weights) == 4 and all(s["onset_err"] == 0 and s["culprit_ok"] for s in weights)
+    assert res["all"]["producer_ok"] == 1.0 and res["all"]["nan_faults"] == 4 + 2 * (which == "1")
+    if which == "1":
+        assert next(s for s in scores if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0
+        assert sum(s["label"] == "healthy" and not s["fault"] and s["id"].startswith("x_noisy") for s in scores) == 4
+

@@ -1,14 +1,18 @@
-"""A blind check of the detectors: runs written after the defaults were chosen, never used to tune.
+"""Blind checks of the detectors: runs written after the defaults were chosen, never used to tune.
 
-    python benchmarks/detection/blind.py            # replay the stored runs (seconds)
-    python benchmarks/detection/blind.py --rebuild  # train them again first (~2 min on 2 cores)
+    python benchmarks/detection/blind.py            # replay set 1's stored runs (seconds)
+    python benchmarks/detection/blind.py --set 2    # set 2
+    python benchmarks/detection/blind.py --rebuild  # train them again first (~1-2 min on 2 cores)
 
 The corpus (``corpus.py``) holds a seed-1 half that no threshold was tuned on, but its
-configurations are the ones the detectors were designed against.  These 28 configurations are
-new: other optimizers (RMSprop, AdamW at lr 1), widths, a 4-layer tanh MLP, a wider LM, batches
-of 4 and 8, dropout, a warm-up + cosine schedule, seeds 2 and 3, and faults *between* the
-guard's parameter-norm measurements (steps 180-241).  Labels come from ``corpus.label_run`` (the
-corpus's rules, unchanged); runs are stored under ``benchmarks/results/detection/blind/`` and
+configurations are the ones the detectors were designed against.  Set 1 (28 configurations,
+seeds 2 and 3): other optimizers (RMSprop, AdamW at lr 1), widths, a 4-layer tanh MLP, a wider
+LM, batches of 4 and 8, dropout, a warm-up + cosine schedule, and faults *between* the guard's
+parameter-norm measurements (steps 180-241).  Set 2 (25 configurations, seeds 4 and 5): new
+tasks (the adding problem, an autoencoder, two spirals, a noisy sine), residual networks,
+a 1-D CNN, Nesterov, Adagrad, NAdam, RAdam, a one-cycle schedule, label smoothing.  Each set
+was written before any of its runs was replayed.  Labels come from ``corpus.label_run`` (the
+corpus's rules, unchanged); runs are stored under ``benchmarks/results/detection/blind*/`` and
 scored by ``metrics.py``.  docs/detection.md reports what they showed.
 """
 import argparse

@@ -150,7 +150,8 @@ def table(scores: list[dict], title: str) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     def num(x, f="{:.1f}"):
-        return "-" if x is None else f.format(x)
+        t = "-" if x is None else f.format(x)
+        return "0" if t == "-0" else t  # a median of -0.5 rounds to "-0"
     head = ("| runs | recall (div) | lead med (gradual) | healthy flagged | false /10k steps | "
             "faults: culprit top-1 | onset ±1 | vanishing caught |")
     lines = [f"**{title}**", "", "| family " + head, "|---" * 9 + "|"]
