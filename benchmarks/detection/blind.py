@@ -290,7 +290,79 @@ def configs2() -> list[Config]:
     return c
 
 
-SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2)}
+# ----------------------------------------------------------------------------- the third set
+# Written (2026-12-01) before any of its runs was replayed: gradguard's own tasks, the ones a user
+# reaches first -- Pascanu, Mikolov & Bengio's (2013) long-sequence problems (the paper's setup: a
+# 50-unit tanh RNN, SGD lr 0.01, batches of 20), Le et al.'s (2015) IRNN, and the deep tanh and
+# sigmoid MLPs of gradguard.tools.tasks.deep (He/Xavier-style init at gains that explode or vanish).
+class PascanuData:
+    """Batches of one of gradguard's Pascanu tasks at a fixed length."""
+
+    def __init__(self, name, length=50, batch=20):
+        from gradguard.tools.tasks.pascanu import get_task
+        self.task, self.length, self.batch = get_task(name), length, batch
+
+    def __call__(self, g):
+        return self.task.sample(self.batch, self.length, g)
+
+
+class DeepRegression:
+    """The deep MLPs' regression task (y = the sum of x's first 4 features), fresh batches."""
+
+    def __init__(self, batch=64):
+        self.batch = batch
+
+    def __call__(self, g):
+        x = torch.randn(self.batch, 16, generator=g)
+        return x, x[:, :4].sum(1, keepdim=True)
+
+
+def pascanu_rnn(cell, inp, out, hidden=50):
+    from gradguard.tools.tasks.digits import SequenceClassifier
+    return SequenceClassifier(inp, hidden, out, cell)
+
+
+def deep(depth, act, gain):
+    from gradguard.tools.tasks.deep import deep_mlp
+    return deep_mlp(depth, 64, act, gain, generator=torch.Generator().manual_seed(torch.initial_seed()))
+
+
+def configs3() -> list[Config]:
+    add, mul, tord = (lambda: PascanuData("addition")), (lambda: PascanuData("multiplication")), \
+        (lambda: PascanuData("temporal_order"))
+    add100 = lambda: PascanuData("addition", 100)  # noqa: E731
+    reg = lambda: DeepRegression()  # noqa: E731
+    mse = F.mse_loss
+    c = [
+        Config("z_add", "rnn_paper_sgd0.01", lambda: pascanu_rnn("rnn", 2, 1), add, sgd(0.01), 1500, mse),
+        Config("z_add", "rnn_sgd_lr0.5", lambda: pascanu_rnn("rnn", 2, 1), add, sgd(0.5), 400, mse),
+        Config("z_add", "lstm_adam", lambda: pascanu_rnn("lstm", 2, 1), add, adam(3e-3), 1500, mse),
+        Config("z_add", "irnn_len100_adam", lambda: pascanu_rnn("irnn", 2, 1), add100, adam(1e-3), 1200, mse),
+        Config("z_add", "irnn_len100_sgd0.1", lambda: pascanu_rnn("irnn", 2, 1), add100, sgd(0.1), 400, mse),
+        Config("z_mul", "gru_adam_long", lambda: pascanu_rnn("gru", 2, 1), mul, adam(3e-3), 2000, mse),
+        Config("z_order", "lstm_adam_long", lambda: pascanu_rnn("lstm", 6, 4), tord, adam(3e-3), 2000),
+        Config("z_order", "rnn_sgdm_lr0.3", lambda: pascanu_rnn("rnn", 6, 4), tord, sgd(0.3, 0.9), 400),
+        Config("z_deep", "relu_he_adam_long", lambda: deep(4, "relu", math.sqrt(2.0)), reg, adam(1e-3), 2000, mse),
+        Config("z_deep", "relu_he_sgd_lr0.1", lambda: deep(4, "relu", math.sqrt(2.0)), reg, sgd(0.1, 0.9), 300, mse),
+        Config("z_deep", "tanh_gain3_sgd", lambda: deep(24, "tanh", 3.0), reg, sgd(0.01), 400, mse),
+        Config("z_deep", "tanh_gain1_adam_long", lambda: deep(12, "tanh", 1.0), reg, adam(1e-3), 2000, mse),
+        Config("z_deep", "sigmoid_gain0.5_sgd", lambda: deep(24, "sigmoid", 0.5), reg, sgd(0.1), 600, mse),
+        Config("z_deep", "relu_he_sgd_ramp_1.03", lambda: deep(6, "relu", math.sqrt(2.0)), reg, sgd(0.01, 0.9), 500,
+               mse, ramp=(150, 1.03)),
+    ]
+    faults = [
+        ("z_order", lambda: pascanu_rnn("lstm", 6, 4), tord, adam(3e-3), F.cross_entropy, "head", "nan_grad", 177),
+        ("z_deep", lambda: deep(4, "relu", math.sqrt(2.0)), reg, adam(1e-3), mse, "4", "corrupt_weight", 187),
+        ("z_add", lambda: pascanu_rnn("lstm", 2, 1), add, adam(3e-3), mse, "rnn", "inf_forward", 163),
+        ("z_deep", lambda: deep(6, "tanh", 1.0), reg, adam(1e-3), mse, "0", "corrupt_batch", 170),
+    ]
+    for fam, build, data, opt, loss, layer, kind, at in faults:
+        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
+                        fault={"kind": kind, "layer": layer, "step": at}))
+    return c
+
+
+SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3")}
 
 
 def main(argv=None) -> int:
