@@ -1428,3 +1428,62 @@ def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated,
 def test_onset_break_is_checked(bad):
     with pytest.raises(ValueError, match="onset_break"):
         D.WeightGrowthDetector(onset_break=bad)
+
+
+@pytest.mark.parametrize("flush_every", [16, 64])
+def test_a_jump_is_read_before_the_loss_spike_it_caused(flush_every, tmp_path):
+    """A ReLU MLP's third weight x30 at step 47 (between two measurements): the loss jumps on that
+    step and the loss-spike warning names the layer downstream (the largest gradient jump); the
+    weight jump, dated 47 and found at step 50, names the tensor itself.  Within the step the
+    guard lists the weights first (cause before consequence), whatever the detectors' order,
+    and also when the jump is found a flush after the loss spike was reported (flushes of 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=None, detectors=[D.LossSpikeDetector(critical=10.0),
+                                                       D.WeightGrowthDetector(growth=1e9)],
+                     flush_every=flush_every, log_dir=tmp_path, run_name="jump")
+    g = torch.Generator().manual_seed(0)
+    for i in range(64):
+        x = torch.randn(64, 16, generator=g)
+        if i == 47:
+            with torch.no_grad():
+                model[4].weight.mul_(30.0)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x[:, :4].sum(1, keepdim=True))
+        loss.backward()
+        guard.step(loss)
+    guard.flush()
+    at47 = [(e.kind, e.severity, e.layers[0]) for e in guard.events if e.step == 47]
+    assert at47[0] == ("weight_growth", "warning", "4.weight")
+    assert ("loss_spike", "warning") in [k[:2] for k in at47[1:]] and all(k[2] != "4.weight" for k in at47[1:])
+    from gradguard.events import event_order
+    assert guard.events == sorted(guard.events, key=event_order)
+    guard.close()
+    from gradguard._json import json_safe
+    from gradguard.record.store import RunStore
+    assert [e.to_dict() for e in RunStore(tmp_path).events("jump")] == json_safe([e.to_dict() for e in guard.events])
+
+
+def test_event_order_is_step_then_cause_to_consequence():
+    """Ties keep their order; kinds outside the list (a custom detector's) come last in their step."""
+    from gradguard.events import event_order
+    kinds = ["diverging", "mine", "loss_spike", "spike", "exploding", "nonfinite", "weight_growth", "mine2"]
+    evs = [gg.Event(5, k, "info", [], k) for k in kinds] + [gg.Event(4, "diverging", "info", [], "early")]
+    assert [(e.step, e.kind) for e in sorted(evs, key=event_order)] == [
+        (4, "diverging"), (5, "weight_growth"), (5, "nonfinite"), (5, "spike"), (5, "exploding"),
+        (5, "loss_spike"), (5, "diverging"), (5, "mine"), (5, "mine2")]
+
+
+def test_add_events_puts_a_back_dated_event_in_its_place():
+    """A late finding goes before the consequences of its step and after the causes already
+    there; one that ties with an event already listed goes after it; later ones are appended."""
+    from gradguard.events import add_events
+    ev = lambda step, kind, msg="": gg.Event(step, kind, "info", [], msg or kind)  # noqa: E731
+    events = [ev(5, "loss_spike", "a"), ev(6, "spike")]
+    add_events(events, [ev(7, "diverging"), ev(5, "loss_spike", "b"), ev(5, "weight_growth")])
+    assert [(e.step, e.message) for e in events] == [(5, "weight_growth"), (5, "a"), (5, "b"), (6, "spike"),
+                                                      (7, "diverging")]
+    add_events(events, [])
+    assert len(events) == 5

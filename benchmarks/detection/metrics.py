@@ -57,6 +57,7 @@ def run_info(meta: dict):
 def replay(run: dict, make_detectors) -> list[dict]:
     """The events a guard with ``make_detectors()`` would have given on this run (as dicts)."""
     from gradguard.detect import nonfinite_event
+    from gradguard.events import add_events
     from gradguard.layout import COL
 
     info = run_info(run)
@@ -74,8 +75,7 @@ def replay(run: dict, make_detectors) -> list[dict]:
                for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
         for d in dets:
             new += d.update(s, r, info)
-        new.sort(key=lambda e: e.step)
-        events += new
+        add_events(events, new)  # as the guard keeps them: in step order, cause first
     return [{"step": e.step, "kind": e.kind, "severity": e.severity, "layers": list(e.layers[:3]),
              "message": e.message, "count": (e.data or {}).get("count", 1)} for e in events]
 

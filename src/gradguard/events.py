@@ -1,9 +1,10 @@
 """What gradguard tells the user: events, and the error raised on request."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Event", "NonFiniteGradientError", "RunIsDeadError", "SEVERITIES", "KINDS"]
+__all__ = ["Event", "NonFiniteGradientError", "RunIsDeadError", "SEVERITIES", "KINDS", "event_order", "add_events"]
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -22,6 +23,31 @@ KINDS = {
     "unused": "trainable parameters never received a gradient",
     "rescue": "the autopilot (remedies=\"auto\") undid a fault: rollback, learning-rate change, or gave up",
 }
+
+
+# Events of one step, from the model's state to its consequences: weights, non-finite values,
+# gradients, the loss.  A weight tensor found x30 explains the gradient and loss jumps of its
+# step (which name the layers downstream of it); read first, it names the cause.
+_CAUSE_ORDER = {k: i for i, k in enumerate((
+    "weight_growth", "nonfinite", "amp_overflow", "spike", "exploding", "vanishing", "over_clipping",
+    "unused", "loss_spike", "diverging", "rescue"))}
+
+
+def event_order(e: "Event") -> tuple[int, int]:
+    """Sort key of events: by step, then from cause to consequence (``_CAUSE_ORDER``; other
+    kinds after those); ``sorted`` keeps the order of events that tie."""
+    return e.step, _CAUSE_ORDER.get(e.kind, len(_CAUSE_ORDER))
+
+
+def add_events(events: list, new: list) -> None:
+    """Add ``new`` to ``events``, a list kept in ``event_order``.  A finding can be dated before
+    events already reported (a weight jump seen at the next parameter measurement, in a later
+    flush): it goes to its place, so the list does not depend on where the flushes fell."""
+    for e in sorted(new, key=event_order):
+        if events and event_order(e) < event_order(events[-1]):
+            bisect.insort(events, e, key=event_order)  # after the events it ties with
+        else:
+            events.append(e)
 
 
 @dataclass

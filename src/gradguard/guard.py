@@ -32,7 +32,7 @@ from .buffer import RowWriter, StepBuffer
 from .clip import ClipPolicy, refuse_unitwise_on_shards
 from .decide import ON_NONFINITE, StepReport, decide, loss_value
 from .detect import DeadRunBudget, NonfiniteRepeats, _to_list, default_detectors
-from .events import Event, NonFiniteGradientError
+from .events import Event, NonFiniteGradientError, add_events, event_order
 from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
 from .hooks import OptimizerHooks, check_watched, group_sizes
@@ -420,10 +420,10 @@ class Guard:
                     self.recorder.report_failure(f"detector {type(det).__name__}", exc)
                 warnings.warn(f"gradguard: detector {det!r} failed on steps {steps[0]}-{steps[-1]} "
                               f"({exc!r}); training continues", RuntimeWarning, stacklevel=3)
-        new_events.sort(key=lambda e: e.step)
+        new_events.sort(key=event_order)
         alarm = self.remedies.after_flush(self._remedy_ctx, steps, rows, new_events) if self.remedies else None
         dead = self._budget.update(steps, rows, self.run) if self.on_nonfinite != "raise" else None
-        self._events += new_events
+        add_events(self._events, new_events)
         for fn in self._observers:
             try:
                 fn(steps, rows)

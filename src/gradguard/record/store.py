@@ -19,7 +19,7 @@ import numpy as np
 
 from .._json import json_safe
 from .._validate import check_int
-from ..events import Event
+from ..events import Event, event_order
 from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates,
                      reduce_groups)
 
@@ -185,7 +185,8 @@ class RunStore:
 
     @_readable
     def events(self, run: str, start: int | None = None, end: int | None = None) -> list[Event]:
-        """Events in step order (``start <= step <= end`` when given).
+        """Events in step order, within a step from cause to consequence as ``guard.events``
+        lists them (``gradguard.events.event_order``; ``start <= step <= end`` when given).
 
         Non-finite numbers in ``data`` come back as ``"NaN"`` / ``"Inf"`` / ``"-Inf"``
         (``gradguard._json.json_safe``), whichever gradguard version wrote the store.
@@ -197,8 +198,9 @@ class RunStore:
                                "WHERE step >= ? AND step <= ? ORDER BY step, id", (lo, hi)).fetchall()
         finally:
             con.close()
-        return [Event(step=s, kind=k, severity=sev, layers=json.loads(la), message=msg,
-                      advice=json.loads(adv), data=_loads(d)) for s, k, sev, la, msg, adv, d in rows]
+        return sorted((Event(step=s, kind=k, severity=sev, layers=json.loads(la), message=msg,
+                             advice=json.loads(adv), data=_loads(d)) for s, k, sev, la, msg, adv, d in rows),
+                      key=event_order)  # within a step: as the guard lists them (the sort is stable)
 
     # -------------------------------------------------------------- series
     @_readable
