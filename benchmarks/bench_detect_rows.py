@@ -19,13 +19,13 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.detect import default_detectors
-from gradguard.layout import COL, GLOBAL_COLS
+from gradguard.layout import COL, GLOBAL_COLS, RowLayout
 
 
 def make_rows(n_tensors: int, n_steps: int, seed: int = 0, fire: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
     g = len(GLOBAL_COLS)
-    rows = np.zeros((n_steps, g + 2 * n_tensors), np.float32)
+    rows = np.zeros((n_steps, RowLayout(n_tensors).width), np.float32)
     norms = rng.lognormal(0, 0.2, (n_steps, n_tensors))
     loss = 2.0 * rng.lognormal(0, 0.05, n_steps)
     if fire:  # from step 200 on, one spike, one loss spike and vanishing early layers per 16 steps
@@ -33,7 +33,10 @@ def make_rows(n_tensors: int, n_steps: int, seed: int = 0, fire: bool = False) -
         loss[205::16] *= 5
         norms[200:, : n_tensors // 2] *= 1e-5
     rows[:, g:g + n_tensors] = norms
-    rows[:, g + n_tensors:] = norms / 3
+    rows[:, g + n_tensors:g + 2 * n_tensors] = norms / 3
+    # parameter norms: total and per tensor every 10 steps (the guard's default), NaN in between
+    rows[:, g + 2 * n_tensors:] = np.nan
+    rows[::10, g + 2 * n_tensors:] = 30.0 / np.sqrt(n_tensors)
     rows[:, COL["global_norm"]] = np.sqrt((norms.astype(np.float64) ** 2).sum(1))
     rows[:, COL["loss"]] = loss
     rows[:, COL["clip_coef"]] = 1.0

@@ -1389,10 +1389,11 @@ def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
     np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
 
 
-def _jump_between_measurements(at, factor, bad_at=None):
+def _jump_between_measurements(at, factor, bad_at=None, missing_at=None):
     """40 steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
     x30 (seen at the next measuring step) and its gradient norm is /``factor``; the other
-    gradients wander by up to 2x a step; row ``bad_at`` is poisoned (NaN gradients)."""
+    gradients wander by up to 2x a step; row ``bad_at`` is poisoned (NaN gradients); on row
+    ``missing_at`` NAMES[1] has no gradient (a NaN norm, the row itself fine)."""
     rng = np.random.default_rng(0)
     rows = []
     for t in range(40):
@@ -1406,20 +1407,25 @@ def _jump_between_measurements(at, factor, bad_at=None):
                         param_norms=pn if measured else None))
         if t == bad_at:
             rows[-1] = row(gnorm=math.nan, layers=(math.nan,) * 4, bad=1.0)
+        if t == missing_at:
+            rows[-1][len(GLOBAL_COLS) + 1] = math.nan
     return rows
 
 
 @pytest.mark.parametrize("chunk,resume", [(1, False), (7, True), (40, False)])
-@pytest.mark.parametrize("at,factor,dated", [(23, 30.0, 23), (23, 4.0, 30), (21, 30.0, 21), (30, 30.0, 30),
-                                             (26, 30.0, 26)])
-def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated, chunk, resume):
+@pytest.mark.parametrize("at,factor,dated,gap", [(23, 30.0, 23, None), (23, 4.0, 30, None), (21, 30.0, 21, None),
+                                                 (30, 30.0, 30, None), (26, 30.0, 26, "bad"),
+                                                 (26, 30.0, 26, "missing")])
+def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated, gap, chunk, resume):
     """A weight x30 between two measurements is seen at the next one (step 30); its gradient norm
     falling 30x at once dates it (a 4x change, under onset_break, does not), also on the first
-    step after a measurement, on the measuring step itself, and across a poisoned row (25: the
-    change at 26 is measured against 24).  Any chunking, with or without a resume, agrees."""
+    step after a measurement, on the measuring step itself, and across a row without that
+    gradient (25, poisoned or the tensor's gradient missing: the change at 26 is measured
+    against 24).  Any chunking, with or without a resume, agrees."""
     make = lambda: D.WeightGrowthDetector(growth=1e9)  # noqa: E731  only the jump rule
-    events = _fed_in_chunks(make, _jump_between_measurements(at, factor, bad_at=25 if at == 26 else None),
-                            chunk, resume)
+    rows = _jump_between_measurements(at, factor, bad_at=25 if gap == "bad" else None,
+                                      missing_at=25 if gap == "missing" else None)
+    events = _fed_in_chunks(make, rows, chunk, resume)
     assert [(e.step, e.layers[0], e.data["seen_at"]) for e in events] == [(dated, NAMES[1], 30)]
     assert ("when the jump most likely happened" in events[0].message) == (factor >= 5)
 

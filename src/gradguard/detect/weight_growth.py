@@ -213,17 +213,23 @@ class WeightGrowthDetector(Detector):
             return
         rows = s.rows[a:b]
         with np.errstate(all="ignore"):
-            lg = np.log(self.layout.norms(rows)[:, self._w].astype(np.float64))
-        lg[~np.isfinite(lg) | (rows[:, COL["bad"]] > 0)[:, None]] = np.nan  # no gradient to compare
+            lg = np.log(self.layout.norms(rows)[:, self._w], dtype=np.float64)
         steps, m = s.steps[a:b], b - a
-        # each row's change from the last earlier row with a gradient for that tensor (NaN: none)
-        prev = np.vstack([self._glast[None], lg])
-        at = np.where(np.isnan(prev), 0, np.arange(m + 1)[:, None])
-        np.maximum.accumulate(at, axis=0, out=at)
-        filled = np.take_along_axis(prev, at, 0)
-        d = np.abs(lg - filled[:-1])
-        d[np.isnan(d)] = -1.0
-        self._glast = filled[-1].copy()
+        bad = rows[:, COL["bad"]] > 0
+        if not bad.any() and np.isfinite(lg).all():  # the usual rows: a plain difference
+            d = np.abs(np.diff(lg, axis=0, prepend=self._glast[None]))
+            d[0][np.isnan(d[0])] = -1.0  # no earlier gradient for that tensor
+            self._glast = lg[-1].copy()
+        else:
+            lg[~np.isfinite(lg) | bad[:, None]] = np.nan  # no gradient to compare
+            # each row's change from the last earlier row with a gradient for that tensor
+            prev = np.vstack([self._glast[None], lg])
+            at = np.where(np.isnan(prev), 0, np.arange(m + 1)[:, None])
+            np.maximum.accumulate(at, axis=0, out=at)
+            filled = np.take_along_axis(prev, at, 0)
+            d = np.abs(lg - filled[:-1])
+            d[np.isnan(d)] = -1.0
+            self._glast = filled[-1].copy()
         # the largest change per interval; an interval ends with a measuring row
         ends = (s.idx[(s.idx >= a) & (s.idx < b)] - a + 1).tolist() if reset else []  # numpy, no host sync
         start = 0
