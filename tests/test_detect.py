@@ -1389,11 +1389,12 @@ def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
     np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
 
 
-def _jump_between_measurements(at, factor, bad_at=None, missing_at=None):
+def _jump_between_measurements(at, factor, gap=None, gap_at=25):
     """40 steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
     x30 (seen at the next measuring step) and its gradient norm is /``factor``; the other
-    gradients wander by up to 2x a step; row ``bad_at`` is poisoned (NaN gradients); on row
-    ``missing_at`` NAMES[1] has no gradient (a NaN norm, the row itself fine)."""
+    gradients wander by up to 2x a step.  Row ``gap_at`` holds no usable gradient for NAMES[1]:
+    ``gap`` "bad" (poisoned, NaN gradients), "bad-finite" (poisoned by its loss, its gradient
+    norms finite but NAMES[1]'s 100x off), "missing" (a NaN norm, the row fine) or "zero"."""
     rng = np.random.default_rng(0)
     rows = []
     for t in range(40):
@@ -1405,32 +1406,53 @@ def _jump_between_measurements(at, factor, bad_at=None, missing_at=None):
         rows.append(row(gnorm=float(np.linalg.norm(g)), layers=(*g, 0.1),
                         param_norm=float(np.linalg.norm(pn)) if measured else math.nan,
                         param_norms=pn if measured else None))
-        if t == bad_at:
+        if t == gap_at and gap == "bad":
             rows[-1] = row(gnorm=math.nan, layers=(math.nan,) * 4, bad=1.0)
-        if t == missing_at:
-            rows[-1][len(GLOBAL_COLS) + 1] = math.nan
+        if t == gap_at and gap == "bad-finite":
+            rows[-1] = row(gnorm=math.inf, layers=(g[0], 100 * g[1], g[2], 0.1), bad=1.0, loss=math.inf)
+        if t == gap_at and gap in ("missing", "zero"):
+            rows[-1][len(GLOBAL_COLS) + 1] = math.nan if gap == "missing" else 0.0
     return rows
 
 
 @pytest.mark.parametrize("chunk,resume", [(1, False), (7, True), (40, False)])
-@pytest.mark.parametrize("at,factor,dated,gap", [(23, 30.0, 23, None), (23, 4.0, 30, None), (21, 30.0, 21, None),
-                                                 (30, 30.0, 30, None), (26, 30.0, 26, "bad"),
-                                                 (26, 30.0, 26, "missing")])
+@pytest.mark.parametrize("at,factor,dated,gap", [
+    (23, 30.0, 23, None), (23, 4.0, 30, None), (21, 30.0, 21, None), (30, 30.0, 30, None),
+    *[(26, f, d, gap) for gap in ("bad", "bad-finite", "missing", "zero") for f, d in ((30.0, 26), (2.0, 30))]])
 def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated, gap, chunk, resume):
     """A weight x30 between two measurements is seen at the next one (step 30); its gradient norm
-    falling 30x at once dates it (a 4x change, under onset_break, does not), also on the first
+    falling 30x at once dates it (a 4x change, under onset_break, does not; nor 2x across a gap,
+    where two steps of noise add up), also on the first
     step after a measurement, on the measuring step itself, and across a row without that
-    gradient (25, poisoned or the tensor's gradient missing: the change at 26 is measured
-    against 24).  Any chunking, with or without a resume, agrees."""
+    gradient (25: poisoned, or the tensor's gradient missing or zero: the change at 26 is
+    measured against 24, and the gap itself is no change).  Any chunking, with or without a
+    resume, agrees."""
     make = lambda: D.WeightGrowthDetector(growth=1e9)  # noqa: E731  only the jump rule
-    rows = _jump_between_measurements(at, factor, bad_at=25 if gap == "bad" else None,
-                                      missing_at=25 if gap == "missing" else None)
-    events = _fed_in_chunks(make, rows, chunk, resume)
+    events = _fed_in_chunks(make, _jump_between_measurements(at, factor, gap), chunk, resume)
     assert [(e.step, e.layers[0], e.data["seen_at"]) for e in events] == [(dated, NAMES[1], 30)]
     assert ("when the jump most likely happened" in events[0].message) == (factor >= 5)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, "5"])
+@pytest.mark.parametrize("factor, dated", [(30.0, 26), (4.0, 30)])
+def test_a_state_saved_before_jump_dating_resumes_mid_interval(factor, dated):
+    """A state without the dating fields (saved by an older version) loaded at step 23: the
+    interval's first row has no earlier gradient, so it is no change; a 30x change at 26 dates
+    the jump, a 4x one does not."""
+    rows = np.stack(_jump_between_measurements(26, factor))
+    old = D.WeightGrowthDetector(growth=1e9)
+    guard = bound(old)
+    assert old.update(np.arange(23), rows[:23], guard.run) == []
+    state = json.loads(json.dumps(old.state_dict()))
+    for key in ("glast", "gbest", "gat"):
+        del state[key]
+    det = D.WeightGrowthDetector(growth=1e9)
+    det.bind(guard.run)
+    det.load_state_dict(state)
+    ev = det.update(np.arange(23, 40), rows[23:], guard.run)
+    assert [(e.step, e.data["seen_at"]) for e in ev] == [(dated, 30)]
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.5, -1.0, math.nan, math.inf, "5"])
 def test_onset_break_is_checked(bad):
     with pytest.raises(ValueError, match="onset_break"):
         D.WeightGrowthDetector(onset_break=bad)

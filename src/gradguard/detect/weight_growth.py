@@ -72,12 +72,14 @@ class WeightGrowthDetector(Detector):
         self.layer_jump = check_pos("layer_jump", layer_jump)
         self.layer_floor = check_pos("layer_floor", layer_floor, allow_zero=True)
         self.onset_break = check_pos("onset_break", onset_break)
+        if self.onset_break < 1:
+            raise ValueError(f"onset_break must be >= 1 (a factor of change), got {onset_break!r}")
         self._hist: deque = deque()  # (step, rms)
         self._prev: np.ndarray | None = None  # each weight tensor's RMS at the last measurement
         self._init: np.ndarray | None = None  # per-tensor reference norms (see the class doc)
         self._ref = "weights"  # what _init holds: "weights" (parameter norms) or "gradients"
         # per weight tensor, since the last measuring row: the log gradient norm of the last row
-        # that had one, the largest one-step change of it, and the step of that change
+        # that had one, the largest one-step change of it (-1: none measured), and its step
         self._glast: np.ndarray | None = None
         self._gbest: np.ndarray | None = None
         self._gat: np.ndarray | None = None
@@ -88,9 +90,9 @@ class WeightGrowthDetector(Detector):
         self._every = int(run.param_norm_every or 0)
         self._w = run.weight_idx  # the tensors judged for a jump: weight matrices and kernels
         self._sqrt_w = np.sqrt([max(math.prod(run.shapes[i]), 1) for i in self._w]).astype(np.float64)
-        if self._glast is None or len(self._glast) != len(self._w):
+        if self._glast is None:  # not loaded from a state
             self._glast = np.full(len(self._w), np.nan)
-            self._gbest = np.zeros(len(self._w))
+            self._gbest = np.full(len(self._w), -1.0)
             self._gat = np.full(len(self._w), -1, np.int64)
         if self._init is None and run.init_layer_norms is not None:
             self._init, self._ref = np.asarray(run.init_layer_norms, np.float64), "weights"
@@ -189,7 +191,7 @@ class WeightGrowthDetector(Detector):
             layers, scores = self._ranked(ratio)
             i = int(np.argmax(ratio))
             data["seen_at"] = step
-            if gat[i] >= 0 and gbest[i] >= math.log(self.onset_break):
+            if gbest[i] >= math.log(self.onset_break):
                 msg += (f"; its gradient norm changed {math.exp(gbest[i]):.3g}x at step {int(gat[i])}, "
                         f"when the jump most likely happened")
                 step = int(gat[i])
@@ -241,7 +243,7 @@ class WeightGrowthDetector(Detector):
                 self._gbest[better] = best[better]
                 self._gat[better] = steps[start + r[better]]
             if end in ends:
-                self._gbest[:] = 0.0
+                self._gbest[:] = -1.0
                 self._gat[:] = -1
             start = end
 
