@@ -1389,15 +1389,15 @@ def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
     np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
 
 
-def _jump_between_measurements(at, factor, gap=None, gap_at=25):
-    """40 steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
+def _jump_between_measurements(at, factor, gap=None, gap_at=25, n=40):
+    """``n`` steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
     x30 (seen at the next measuring step) and its gradient norm is /``factor``; the other
     gradients wander by up to 2x a step.  Row ``gap_at`` holds no usable gradient for NAMES[1]:
     ``gap`` "bad" (poisoned, NaN gradients), "bad-finite" (poisoned by its loss, its gradient
     norms finite but NAMES[1]'s 100x off), "missing" (a NaN norm, the row fine) or "zero"."""
     rng = np.random.default_rng(0)
     rows = []
-    for t in range(40):
+    for t in range(n):
         g = 0.5 * np.exp(rng.uniform(-0.35, 0.35, 3))
         if t >= at:
             g[1] /= factor
@@ -1452,7 +1452,37 @@ def test_a_state_saved_before_jump_dating_resumes_mid_interval(factor, dated):
     assert [(e.step, e.data["seen_at"]) for e in ev] == [(dated, 30)]
 
 
-@pytest.mark.parametrize("bad", [0.0, 0.5, -1.0, math.nan, math.inf, "5"])
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_a_change_on_a_measuring_step_belongs_to_the_interval_it_ends(chunk):
+    """The weights measured at step 30 were fine, so a jump seen at 40 happened after 30: the
+    tensor's gradient norm rising 100x at step 30 (and staying there) is no candidate, its 30x
+    fall at 33 dates the jump."""
+    rows = _jump_between_measurements(33, 30.0, n=41)
+    for t in range(30, 41):
+        rows[t][len(GLOBAL_COLS) + 1] *= 100.0
+    events = _fed_in_chunks(lambda: D.WeightGrowthDetector(growth=1e9), rows, chunk)
+    assert [(e.step, e.data["seen_at"]) for e in events] == [(33, 40)]
+
+
+def test_onset_break_of_one_dates_at_the_largest_change_inclusive():
+    """onset_break=1 (the smallest allowed) dates a jump at the interval's largest one-step change
+    of the tensor's gradient norm, however small: a 4x fall at 23 among changes of at most 2x;
+    with constant gradients every change is exactly 1x, and the first (step 21, against the
+    measurement at 20) is the one kept."""
+    make = lambda: D.WeightGrowthDetector(growth=1e9, onset_break=1.0)  # noqa: E731
+    ev = _fed_in_chunks(make, _jump_between_measurements(23, 4.0), 40)
+    assert [(e.step, e.data["seen_at"]) for e in ev] == [(23, 30)]
+    flat = []
+    for t in range(40):  # the same weights, gradients that never change
+        pn = [3.0, 90.0 if t >= 23 else 3.0, 3.0, 3 ** 0.5]
+        measured = t % 10 == 0
+        flat.append(row(gnorm=1.0, layers=(0.5, 0.5, 0.5, 0.1), param_norm=float(np.linalg.norm(pn)) if measured
+                        else math.nan, param_norms=pn if measured else None))
+    ev = _fed_in_chunks(make, flat, 40)
+    assert [(e.step, e.data["seen_at"]) for e in ev] == [(21, 30)]
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.5, 0.999, -1.0, math.nan, math.inf, "5"])
 def test_onset_break_is_checked(bad):
     with pytest.raises(ValueError, match="onset_break"):
         D.WeightGrowthDetector(onset_break=bad)
