@@ -60,8 +60,8 @@ TARGETS: dict[str, list[str]] = {
     **{f"detect/{m}.py": ["tests/test_detect.py"] for m in (
         "exploding", "vanishing", "divergence", "over_clipping", "weight_growth", "nonfinite", "_window")},
     "detect/base.py": ["tests/test_detect.py", "tests/test_reliability.py"],
-    # the event order: the detector tests (the guard's list), then the store's reader
-    "events.py": ["tests/test_detect.py", "tests/test_store.py"],
+    # the event order (the detector tests, the store), the errors (dead runs, the guard)
+    "events.py": ["tests/test_detect.py", "tests/test_store.py", "tests/test_dead_run.py", "tests/test_guard.py"],
     # remedies
     "remedies/rollback.py": ["tests/test_rollback_schedule.py", "tests/test_act.py", "tests/test_honest_skips.py",
                              "tests/test_resume.py"],
