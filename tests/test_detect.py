@@ -1545,3 +1545,18 @@ def test_add_events_puts_a_back_dated_event_in_its_place():
                                                       (7, "diverging")]
     add_events(events, [])
     assert len(events) == 5
+
+
+def test_weight_growth_state_keeps_a_gradient_reference():
+    """Bound to a run without initial norms, the reference is the first measured row's gradients
+    ("gradients"); a state saved then loads with that reference, not the constructor's default."""
+    run = _run(names=("a.weight", "b.weight"), shapes=((4, 4), (4, 4)), init=None, every=1)
+    det = D.WeightGrowthDetector()
+    det.bind(run)
+    det.update(list(range(3)), _jump_rows(np.array([[4.0, 4.0]] * 3)), run)
+    sd = json.loads(json.dumps(det.state_dict()))
+    assert sd["ref"] == "gradients"
+    det2 = D.WeightGrowthDetector()
+    det2.bind(run)
+    det2.load_state_dict(sd)
+    assert det2.state_dict() == sd
