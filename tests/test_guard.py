@@ -179,6 +179,7 @@ def test_on_nonfinite_raise_names_layers():
     with pytest.raises(gg.NonFiniteGradientError, match="2.weight") as info:
         guard.step()
     assert info.value.layers == ["2.weight"] and info.value.step == 0
+    assert str(info.value) == f"step 0: {info.value.event.message}"  # the message alone, not the args
     _assert_bitwise(before, _state(model, opt))
 
 
