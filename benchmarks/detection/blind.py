@@ -362,7 +362,52 @@ def configs3() -> list[Config]:
     return c
 
 
-SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3")}
+# ----------------------------------------------------------------------------- the fourth set
+# Written (2026-12-01) before any of its runs was replayed: long healthy runs (5,000 steps) under
+# the schedules people use -- warm restarts (SGDR, Loshchilov & Hutter 2017), step decay with
+# weight decay, linear warm-up and decay, warm-up + cosine -- where the loss rises at every
+# restart or the gradients change scale with the learning rate; and two diverging ones.
+def sgdr(steps, period, low=0.01):
+    """Cosine from 1 to ``low`` over each ``period`` steps, then back to 1 (a warm restart)."""
+    return {i: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (i % period) / period)) for i in range(steps)}
+
+
+def step_decay(at, factor=0.1):
+    return {a: factor ** (k + 1) for k, a in enumerate(at)}
+
+
+def linear_warm_decay(steps, warm):
+    return {i: (i + 1) / warm if i < warm else max(1.0 - (i - warm) / (steps - warm), 0.01) for i in range(steps)}
+
+
+def configs4() -> list[Config]:
+    dseq, dflat, dimg = (lambda: Digits("seq")), (lambda: Digits("flat")), (lambda: Digits("img"))
+    m3 = lambda: mlp([64, 64, 64, 10])  # noqa: E731
+    n = 5000
+    return [
+        Config("w_sgdr", "mlp_sgdm", m3, dflat, sgd(0.1, 0.9), n, lr_at=sgdr(n, 500)),
+        Config("w_sgdr", "cnn_sgdm", CNN, dimg, sgd(0.1, 0.9), n, lr_at=sgdr(n, 1000)),
+        Config("w_step", "cnn_sgdm_wd", CNN, dimg, nesterov(0.1, 5e-4), n, lr_at=step_decay((2000, 4000))),
+        Config("w_step", "resmlp_adamw_smooth", ResMLP, lambda: Digits("flat", batch=8), adamw(1e-3), n,
+               smooth_ce, lr_at=step_decay((2500,))),
+        Config("w_lin", "lstm_adam", lambda: seq_model("lstm"), dseq, adam(3e-3), n, lr_at=linear_warm_decay(n, 200)),
+        Config("w_lin", "gru_sine_adam", lambda: SeqRegressor("gru", 1, 32), lambda: Sine(), adam(3e-3), n, F.mse_loss,
+               lr_at=linear_warm_decay(n, 200)),
+        Config("w_cos", "lm_preln_adamw", lambda: TinyLM(True), lambda: Markov(), adamw(3e-3), n, lm_loss,
+               lr_at=warmup_cosine(n, 200)),
+        Config("w_cos", "reg_adam_wd", lambda: mlp([16, 64, 64, 1]), lambda: HeavyTailed(), adamw(1e-3), n,
+               F.mse_loss, lr_at=warmup_cosine(n, 200)),
+        Config("w_cos", "ae_nesterov", autoencoder, lambda: Reconstruct(), nesterov(0.05, 0.0), n, F.mse_loss,
+               lr_at=warmup_cosine(n, 200)),
+        # a restart too far: the restarts' peak lr grows x2 each time (the run diverges)
+        Config("w_sgdr", "mlp_restart_grows", m3, dflat, sgd(0.1, 0.9), 2500,
+               lr_at={i: 2.0 ** (i // 500) * v for i, v in sgdr(2500, 500).items()}),
+        Config("w_step", "cnn_no_decay_lr_up", CNN, dimg, sgd(0.1, 0.9), 2500, lr_at={1000: 30.0}),
+    ]
+
+
+SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3"),
+        "4": (configs4, (8, 9), metrics.RESULTS / "blind4")}
 
 
 def main(argv=None) -> int:
