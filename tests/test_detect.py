@@ -1560,3 +1560,30 @@ def test_weight_growth_state_keeps_a_gradient_reference():
     det2.bind(run)
     det2.load_state_dict(sd)
     assert det2.state_dict() == sd
+
+
+@pytest.mark.parametrize("first, start, ref", [
+    ([6.67, 11.9, 11.66, 9.67, 8.7], 10.5, 9.67),   # a lucky first batch: the median
+    ([12.0, 9.0, 10.5, 11.0, 8.0], 10.5, 10.5),     # an unlucky one: the median too
+    ([2.3, 2.4, 2.5, 2.6, 2.7], None, 2.3),          # growing step by step: the first
+    ([2.0, 2.0, 2.2, 2.4, 2.6], None, 2.0),          # non-decreasing (a tie counts): the first
+    ([0.29, 0.045, 1.6, 0.039, 0.13], None, 0.29),  # one loss >= 2x the first: the first
+    ([2.0, 3.99, 1.0, 1.5, 1.2], None, 1.5),         # just under 2x, not monotone: the median
+    ([2.0, 4.0, 1.0, 1.5, 1.2], None, 2.0),          # exactly 2x: the first
+])
+def test_divergence_start_reference(first, start, ref):
+    """L0 is the median of the first 5 losses unless they grow (non-decreasing, or one >= ratio
+    x the first); the message quotes it.  A heavy-tailed run whose first batch was lucky, then
+    held at its true start level (a learning-rate warm-up) with batches up to 4x that, is not
+    diverging."""
+    det = D.DivergenceDetector()
+    guard = bound(det)
+    rng = np.random.default_rng(0)
+    rest = 2.1 * ref * np.ones(3) if start is None else start * np.exp(rng.normal(0, 0.25, 300))
+    if start is not None:
+        rest[37:40] = [15.4, 43.2, 14.6]  # heavy-tailed batches, the lowest of the three 1.4x the start
+    events = feed(det, guard, _loss_rows(list(first) + list(rest)))
+    if start is None:  # three losses at 2.1x the reference: the level rule names it
+        assert [e.step for e in events] == [7] and f"at the start ({ref:.4g})" in events[0].message
+    else:
+        assert events == []

@@ -85,15 +85,19 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     assert out.returncode == 2 and "detection/run.py not found" in out.stderr
 
 
-@pytest.mark.parametrize("which, flagged_ids, n_weights, n_nan", [
-    ("1", {"x_cnn.adamw_lr1.s2", "x_cnn.adamw_lr1.s3"}, 4, 6),
-    ("2", {"y_res.nesterov_lr5.s5"}, 4, 4),
-    ("3", {"z_add.irnn_len100_adam.s6", "z_deep.tanh_gain3_sgd.s7"}, 2, 4),
+@pytest.mark.parametrize("which, flagged_ids, n_div, n_weights, n_nan", [
+    ("1", {"x_cnn.adamw_lr1.s2", "x_cnn.adamw_lr1.s3"}, 14, 4, 6),
+    ("2", {"y_res.nesterov_lr5.s5"}, 14, 4, 4),
+    ("3", {"z_deep.tanh_gain3_sgd.s7"}, 10, 2, 4),
+    ("4", set(), 0, 0, 0),
 ])
-def test_blind_checks_as_documented(which, flagged_ids, n_weights, n_nan):
+def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
     no healthy run flagged but those docs/detection.md names (BatchNorm networks at AdamW lr 1 and
-    Nesterov lr 5, harmless behind BatchNorm; an IRNN's and a gain-3 tanh MLP's violent starts).  A heavy-tailed batch (loss 31x the start for one
+    Nesterov lr 5, harmless behind BatchNorm; a gain-3 tanh MLP whose gradients explode while its
+    loss, labelled healthy, barely moves).  An IRNN's noisy start and a heavy-tailed regression's
+    lucky first batch used to set too low a start reference: it is the median of the first five
+    losses unless they grow.  A heavy-tailed batch (loss 31x the start for one
     step) used to get a critical "diverging": the shock rule now waits for the next loss.
     Batch-4 SGD near zero loss used to get "exploding" warnings from single hard batches: the
     trend reads the median loss of its window.  Weights corrupted between two measurements
@@ -109,13 +113,13 @@ def test_blind_checks_as_documented(which, flagged_ids, n_weights, n_nan):
     res = metrics.evaluate(runs, default_detectors, "blind", write=False)
     scores = res["scores"]
     div = [s for s in scores if s["label"] == "diverging" and not s["fault"]]
-    assert len(div) >= 10 and all(s["caught"] for s in div)
+    assert len(div) == n_div and all(s["caught"] for s in div)
     assert all(s["caught"] for s in scores if s["label"] == "vanishing" and not s["fault"])
     flagged = {s["id"] for s in scores if s["label"] == "healthy" and not s["fault"] and s["n_flags"]}
     assert flagged == flagged_ids
     weights = [s for s in scores if s["fault"] == "corrupt_weight"]
     assert len(weights) == n_weights and all(s["onset_err"] == 0 and s["culprit_ok"] for s in weights)
-    assert res["all"]["producer_ok"] == 1.0 and res["all"]["nan_faults"] == n_nan
+    assert res["all"]["nan_faults"] == n_nan and (n_nan == 0 or res["all"]["producer_ok"] == 1.0)
     if which == "1":
         assert next(s for s in scores if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0
         assert sum(s["label"] == "healthy" and not s["fault"] and s["id"].startswith("x_noisy") for s in scores) == 4

@@ -18,10 +18,11 @@ class DivergenceDetector(Detector):
 
     Every other detector compares a step with a recent baseline, so a run that blows up
     inside their warm-up, or grows by a steady 25% a step, is never "unusual" against
-    itself.  This one keeps a reference from the run's own start: ``L0``, the first finite
-    loss or, if lower, the median of the first ``ref_steps`` (a loss growing from step 0 must
-    not raise its own reference; a noisy first batch must not either), and ``G0``, the median
-    of their log global gradient norms.  On each step ``m`` is the smallest of the last ``persist`` finite losses (the
+    itself.  This one keeps a reference from the run's own start: ``L0``, the median of the
+    first ``ref_steps`` finite losses, or the first of them while they grow (each at least the
+    one before, or one at least ``ratio`` x the first: a loss growing from step 0 must not
+    raise its own reference; a lucky or unlucky first batch must not set it either), and
+    ``G0``, the median of their log global gradient norms.  On each step ``m`` is the smallest of the last ``persist`` finite losses (the
     loss has stayed at least that high: heavy-tailed batches do not move it) and the rule
     holds when
 
@@ -91,7 +92,7 @@ class DivergenceDetector(Detector):
         fired, keep = [], {}
         if j0 < k:
             # the reference each row sees: the start so far (complete after ref_steps steps)
-            table_l = [0.0] + [min(ref[0][0], float(np.median([r[0] for r in ref[:c]])))
+            table_l = [0.0] + [self._start_loss([r[0] for r in ref[:c]])
                                for c in range(1, min(len(ref), self.ref_steps) + 1)]
             table_g = [0.0] + [float(np.median([r[1] for r in ref[:c]]))
                                for c in range(1, min(len(ref), self.ref_steps) + 1)]
@@ -125,6 +126,15 @@ class DivergenceDetector(Detector):
             fired = idx[j0:][hit].tolist()  # numpy, no host sync
             keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
+
+    def _start_loss(self, first: list) -> float:
+        """``L0`` from the first finite losses: the first one while they grow (each at least the
+        one before, or one of them ``ratio`` x the first: a run blowing up from step 0 must not
+        raise its own reference), else their median (a lucky or unlucky first batch must not
+        set it either)."""
+        if all(b >= a for a, b in zip(first, first[1:])) or max(first) >= self.ratio * first[0]:
+            return first[0]
+        return float(np.median(first))
 
     def _absorb(self, s, a, b):
         if b <= a:
