@@ -1,6 +1,7 @@
 import copy
 from functools import partial
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -615,3 +616,66 @@ def test_rows_hold_each_parameter_norm_before_the_step(backend, every):
             np.testing.assert_allclose(lay.column(rows[i], "param_norm"), np.linalg.norm(w), rtol=1e-6)
         else:
             assert np.isnan(got).all() and np.isnan(lay.column(rows[i], "param_norm"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_overflow_under_warn_is_recorded_as_the_skip_it_is(fused, tmp_path):
+    """With on_nonfinite="warn" the guard applies a poisoned step, but a GradScaler skips a step
+    whose gradients are non-finite: the report, the row, the event and the scheduler say so
+    (the weights do not move, the schedule does not advance)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    guard = gg.Guard(model, opt, scaler=scaler, on_nonfinite="warn", scheduler=sched, log_dir=tmp_path,
+                     run_name="amp")
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    model[0].weight.grad[0, 0] = math.inf  # what an fp16 overflow of the scaled gradient leaves
+    before = _state(model, opt)
+    report = guard.step(loss=loss)
+    scaler.update()
+    assert report.skipped and guard.skipped_steps == 1
+    _assert_bitwise(before, _state(model, opt))
+    assert sched.last_epoch == 0 and scaler.get_scale() < 2.0 ** 16
+    (ev,) = guard.events
+    assert (ev.kind, ev.severity, ev.data["skipped"]) == ("amp_overflow", "info", True)
+    assert ev.message.endswith("step skipped.")
+    guard.close()
+    from gradguard.record.store import RunStore
+    assert RunStore(tmp_path).steps("amp")["skipped"].tolist() == [1]
+
+
+@pytest.mark.parametrize("fault", ["nan_grad", "scale_overflow"])
+def test_under_a_scaler_the_rerun_tells_a_real_nan_from_an_overflow(fault):
+    """guard.step(rerun=) re-runs a poisoned step unscaled: an overflow of the scale (float16
+    autocast, a scale of 2**30) is finite there and stays the scaler's info event; a NaN made
+    in the backward (a hook on 2.weight) is non-finite there too: a critical nonfinite event
+    naming its producer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 30 if fault == "scale_overflow" else 2.0 ** 8)
+    guard = gg.Guard(model, opt, clip=None, on_nonfinite="warn", scaler=scaler, flush_every=1)
+    model[2].weight.register_hook(lambda g: g * math.nan if fault == "nan_grad" and guard.steps == 1 else g)
+    g = torch.Generator().manual_seed(0)
+
+    def loss_fn(x, y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(model(x).float(), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            opt.zero_grad()
+            loss = loss_fn(x, y)
+            scaler.scale(loss).backward()
+            guard.step(loss, rerun=lambda: loss_fn(x, y))
+            scaler.update()
+        ev = guard.events[0]
+    if fault == "nan_grad":
+        assert (ev.step, ev.kind, ev.severity, ev.layers[0]) == (1, "nonfinite", "critical", "2.weight")
+        assert ev.data["origin"]["module"] == "2" and "not an overflow of the scale" in ev.message
+    else:
+        assert (ev.step, ev.kind, ev.severity) == (0, "amp_overflow", "info") and "origin" not in ev.data

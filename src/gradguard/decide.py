@@ -99,7 +99,7 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def decide(stats, loss_bad, *, held: bool, skip_nonfinite: bool, clip, grads: list[Tensor],
-           agree: Callable | None = None):
+           agree: Callable | None = None, scaler: bool = False):
     """The decision for one step, and the statistics the policy saw (vetoed).
 
     Args:
@@ -110,13 +110,16 @@ def decide(stats, loss_bad, *, held: bool, skip_nonfinite: bool, clip, grads: li
         clip: the ``ClipPolicy`` or None.
         grads: the gradients the policy clips (local shards under FSDP2).
         agree: ``bad -> bad`` over all ranks (distributed), or None.
+        scaler: a GradScaler steps the optimizer: it skips a step whose gradients are
+            non-finite whatever ``on_nonfinite`` says, so such a step is a skip here too
+            (the record, the report, the scheduler and the EMA must not count it).
     Returns:
         ``(Decision, stats)``: policies see the guard's verdict through
         ``stats.flag``, so a step that will not be applied (NaN loss, another
         rank's NaN, a held step) never enters their statistics.
     """
     xp = stats.xp
-    bad = stats.flag
+    bad = grads_bad = stats.flag
     if loss_bad is not None:
         bad = bad | loss_bad
     if agree is not None:
@@ -127,11 +130,13 @@ def decide(stats, loss_bad, *, held: bool, skip_nonfinite: bool, clip, grads: li
         skip = xp.flag(True, bad)
     elif skip_nonfinite:
         skip = bad
+    elif scaler:
+        skip = grads_bad
     else:
         skip = xp.flag(False, bad)
     no_loss_flag = loss_bad is None
     return Decision(bad=bad, loss_bad=xp.flag(False, bad) if no_loss_flag else loss_bad, held=held,
-                    skip=skip, may_skip=held or skip_nonfinite, coef=coef), stats
+                    skip=skip, may_skip=held or skip_nonfinite or scaler, coef=coef), stats
 
 
 class StepReport:

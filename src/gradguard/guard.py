@@ -329,7 +329,8 @@ class Guard:
         agree = ((lambda bad: agree_any(bad, xp, self._comm_device, self.device, self.process_group))
                  if self._world > 1 else None)
         d, vstats = decide(stats, loss_bad, held=held, skip_nonfinite=self.on_nonfinite == "skip",
-                           clip=self.clip, grads=local_grads_, agree=agree)
+                           clip=self.clip, grads=local_grads_, agree=agree,
+                           scaler=self._scaler_active())
         # measured before the update, like every other column of the row
         pnorm = self._param_norm()
         if rerun is not None:  # before the step is applied: the re-run sees this step's weights

@@ -18,9 +18,11 @@ def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False, origi
         run: the ``RunInfo`` (names, and owning module types for the advice).
         row: the step's row (layout ``gradguard.layout``).
         amp: a GradScaler is active: an overflow with a finite loss is its own
-            calibration (``amp_overflow``, info), not a failure.
+            calibration (``amp_overflow``, info), not a failure -- unless ``origin`` is set.
         origin: what ``gradguard.nan_origin.NanOrigin.locate`` found for this step (the
             producer): its parameter is named first and the message says where it was born.
+            The re-run backpropagates the loss unscaled, so under a GradScaler a finding means
+            the step is non-finite without the scale too: not the scaler's overflow.
 
     Culprits are the tensors whose max |g| is NaN/Inf (a tensor without a gradient
     carries 0 there, so it is never named), listed from the output side back: NaN
@@ -52,7 +54,9 @@ def nonfinite_event(step: int, run, row: np.ndarray, *, amp: bool = False, origi
         message = ("the input batch already held NaN/Inf (check the data): " if origin.get("where") == "input"
                    else f"made in {origin.get('module') or 'the model'} ({origin.get('type')}, "
                         f"{origin.get('where')}): ") + message
-    if amp and not loss_bad:  # the scaler's own overflow; a NaN loss is a real problem
+    if amp and origin:
+        message += " Re-run without the scaler's scale, the step is non-finite still: not an overflow of the scale."
+    if amp and not loss_bad and not origin:  # the scaler's own overflow; a NaN loss is a real problem
         return Event(step, "amp_overflow", "info", layers,
                      "GradScaler found Inf/NaN in the scaled gradients (normal while it calibrates "
                      "its scale); " + message[0].lower() + message[1:], list(AMP_OVERFLOW_ADVICE), data)
