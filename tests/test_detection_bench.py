@@ -90,6 +90,7 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     ("2", {"y_res.nesterov_lr5.s5"}, 14, 4, 4),
     ("3", {"z_deep.tanh_gain3_sgd.s7"}, 10, 2, 4),
     ("4", set(), 0, 0, 0),
+    ("5", set(), 6, 2, 2),
 ])
 def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
@@ -97,7 +98,8 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     Nesterov lr 5, harmless behind BatchNorm; a gain-3 tanh MLP whose gradients explode while its
     loss, labelled healthy, barely moves).  An IRNN's noisy start and a heavy-tailed regression's
     lucky first batch used to set too low a start reference: it is the median of the first five
-    losses unless they grow.  A heavy-tailed batch (loss 31x the start for one
+    losses unless they grow.  Under a GradScaler (set 5) a NaN gradient used to pass for the
+    scaler's overflow: the unscaled re-run tells them apart.  A heavy-tailed batch (loss 31x the start for one
     step) used to get a critical "diverging": the shock rule now waits for the next loss.
     Batch-4 SGD near zero loss used to get "exploding" warnings from single hard batches: the
     trend reads the median loss of its window.  Weights corrupted between two measurements

@@ -406,8 +406,38 @@ def configs4() -> list[Config]:
     ]
 
 
+# ----------------------------------------------------------------------------- the fifth set
+# Written (2026-12-01) before any of its runs was replayed: float16 autocast with a GradScaler
+# (torch.amp.GradScaler("cpu"), the guard told of it: Guard(scaler=...)), the classic mixed
+# precision whose first steps overflow while the scaler calibrates.  (No LSTM: oneDNN has no
+# float16 LSTM on CPU.)
+def configs5() -> list[Config]:
+    dflat, dimg = (lambda: Digits("flat")), (lambda: Digits("img"))
+    lm = lambda: Markov()  # noqa: E731
+    m3 = lambda: mlp([64, 64, 64, 10])  # noqa: E731
+    c = [
+        Config("v_fp16", "mlp_adam_long", m3, dflat, adam(1e-3), 2000, fp16=True),
+        Config("v_fp16", "ae_adam_long", autoencoder, lambda: Reconstruct(), adam(2e-3), 2000, F.mse_loss, fp16=True),
+        Config("v_fp16", "lm_preln_adamw_long", lambda: TinyLM(True), lm, adamw(3e-3), 2000, lm_loss, fp16=True),
+        Config("v_fp16", "cnn_sgdm_long", CNN, dimg, sgd(0.05, 0.9), 1500, fp16=True),
+        Config("v_fp16", "resmlp_adamw_long", ResMLP, dflat, adamw(1e-3), 1500, smooth_ce, fp16=True),
+        Config("v_fp16", "mlp_sgdm_lr1.5", m3, dflat, sgd(1.5, 0.9), 300, fp16=True),
+        Config("v_fp16", "lm_sgd_lr3", lambda: TinyLM(False), lm, sgd(3.0, 0.9), 300, lm_loss, fp16=True),
+        Config("v_fp16", "mlp_ramp_1.04", m3, dflat, sgd(0.02, 0.9), 500, ramp=(200, 1.04), fp16=True),
+        Config("v_fp16", "resmlp_sgd_lr2", ResMLP, dflat, sgd(2.0, 0.9), 300, smooth_ce, fp16=True),
+    ]
+    faults = [
+        ("v_fp16", m3, dflat, adam(1e-3), F.cross_entropy, "2", "nan_grad", 173),
+        ("v_fp16", lambda: TinyLM(True), lm, adamw(3e-3), lm_loss, "blocks.1.ff.2", "corrupt_weight", 187),
+    ]
+    for fam, build, data, opt, loss, layer, kind, at in faults:
+        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
+                        fault={"kind": kind, "layer": layer, "step": at}, fp16=True))
+    return c
+
+
 SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3"),
-        "4": (configs4, (8, 9), metrics.RESULTS / "blind4")}
+        "4": (configs4, (8, 9), metrics.RESULTS / "blind4"), "5": (configs5, (10, 11), metrics.RESULTS / "blind5")}
 
 
 def main(argv=None) -> int:

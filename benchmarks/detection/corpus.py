@@ -180,6 +180,7 @@ class Config:
     ramp: tuple | None = None   # (from step, factor per step): an lr schedule that keeps growing
     fault: dict | None = None   # kind, layer (module path), step
     bf16: bool = False
+    fp16: bool = False  # float16 autocast with a GradScaler, the guard told of it (scaler=)
 
 
 def sgd(lr, m=0.0):
@@ -274,8 +275,8 @@ def _culprit_param(model, layer, kind):
 
 
 def _forward_loss(cfg, model, x, y):
-    if cfg.bf16:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    if cfg.bf16 or cfg.fp16:
+        with torch.autocast("cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float16):
             return cfg.loss(model(x).float(), y)
     return cfg.loss(model(x), y)
 
@@ -289,8 +290,9 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
     opt = cfg.opt(model.parameters())
     base_lr = [pg["lr"] for pg in opt.param_groups]
     # nonfinite_budget=None: a run that turns NaN is recorded to its end (its label needs it)
+    scaler = torch.amp.GradScaler("cpu") if cfg.fp16 else None
     guard = gg.Guard(model, opt, clip=None, on_nonfinite="warn", detectors=[], flush_every=64,
-                     nonfinite_budget=None)
+                     nonfinite_budget=None, scaler=scaler)
     steps, rows = [], []
     guard.add_row_observer(lambda s, r: (steps.extend(s), rows.append(np.array(r, np.float32))))
     fault = dict(cfg.fault) if cfg.fault else None
@@ -333,8 +335,10 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
                     dict(model.named_parameters())[culprit].mul_(30.0)
             opt.zero_grad(set_to_none=True)
             loss = _forward_loss(cfg, model, x, y)
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
             guard.step(loss, rerun=(lambda: _forward_loss(cfg, model, x, y)) if nan_fault else None)
+            if scaler:
+                scaler.update()
             losses.append(float(loss))
     guard.flush()
     first = next((e for e in guard.events if e.kind == "nonfinite"), None) if nan_fault else None
@@ -352,6 +356,7 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         "fault": fault["kind"] if fault else None, "culprit": culprit,
         # an lr spike scales step fstep's update: the row of fstep+1 is the first to show it
         "onset": (fstep + (fault["kind"] == "lr_spike")) if fault else None, "producer": producer,
+        **({"amp": True} if cfg.fp16 else {}),  # the replay builds the scaler's overflow events
         "run": {"names": list(run.names), "shapes": [list(s) for s in run.shapes],
                 "trainable": list(run.trainable), "owner": dict(run.owner),
                 "module_types": sorted(run.module_types), "param_norm_every": run.param_norm_every,

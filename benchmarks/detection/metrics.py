@@ -71,7 +71,7 @@ def replay(run: dict, make_detectors) -> list[dict]:
     events = []
     for a in range(0, len(steps), CHUNK):
         s, r = steps[a:a + CHUNK], rows[a:a + CHUNK]
-        new = [nonfinite_event(int(s[i]), info, r[i], origin=origins.get(int(s[i])))
+        new = [nonfinite_event(int(s[i]), info, r[i], amp=bool(run.get("amp")), origin=origins.get(int(s[i])))
                for i in np.flatnonzero(r[:, COL["bad"]] > 0)]
         for d in dets:
             new += d.update(s, r, info)
