@@ -45,7 +45,7 @@ PKG = "src/gradguard"
 # the score says whether the module's *own* tests notice a wrong line.
 TARGETS: dict[str, list[str]] = {
     "decide.py": ["tests/test_backend_decide.py", "tests/test_apply_paths.py", "tests/test_honest_skips.py",
-                  "tests/test_regressions.py", "tests/test_host_sync.py"],
+                  "tests/test_regressions.py", "tests/test_host_sync.py", "tests/test_guard.py"],
     "backend.py": ["tests/test_backend_decide.py", "tests/test_clip.py", "tests/test_honest_skips.py"],
     "clip.py": ["tests/test_clip.py", "tests/test_properties.py"],
     "apply.py": ["tests/test_apply_paths.py", "tests/test_honest_skips.py", "tests/test_regressions.py",
