@@ -58,7 +58,9 @@ TARGETS: dict[str, list[str]] = {
     "detect/unused.py": ["tests/test_unused.py", "tests/test_detect.py", "tests/test_resume.py"],
     "detect/poisoned.py": ["tests/test_dead_run.py", "tests/test_detect.py"],
     **{f"detect/{m}.py": ["tests/test_detect.py"] for m in (
-        "exploding", "vanishing", "divergence", "over_clipping", "weight_growth", "nonfinite", "_window")},
+        "exploding", "vanishing", "divergence", "over_clipping", "weight_growth", "_window")},
+    # the nonfinite event: the detector tests, then the guard's (a GradScaler, the re-run's finding)
+    "detect/nonfinite.py": ["tests/test_detect.py", "tests/test_guard.py"],
     "detect/base.py": ["tests/test_detect.py", "tests/test_reliability.py"],
     # the event order (the detector tests, the store), the errors (dead runs, the guard)
     "events.py": ["tests/test_detect.py", "tests/test_store.py", "tests/test_dead_run.py", "tests/test_guard.py"],
