@@ -53,6 +53,14 @@ def warmup_cosine(steps, warm):
             for i in range(steps)}
 
 
+def fault_runs(faults, **kw) -> list[Config]:
+    """400-step runs with one injected fault each: ``(family, build, data, opt, loss, layer, kind,
+    step)`` tuples; ``kw``: more ``Config`` fields (e.g. ``fp16=True``)."""
+    return [Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
+                   fault={"kind": kind, "layer": layer, "step": at}, **kw)
+            for fam, build, data, opt, loss, layer, kind, at in faults]
+
+
 def configs() -> list[Config]:
     dseq, dflat, dimg = (lambda: Digits("seq")), (lambda: Digits("flat")), (lambda: Digits("img"))
     lm, reg = (lambda: Markov()), (lambda: HeavyTailed())
@@ -94,10 +102,7 @@ def configs() -> list[Config]:
         ("x_reg", lambda: mlp([16, 64, 64, 1]), reg, adam(1e-3), F.mse_loss, "2", "nan_grad", 211),
         ("x_cnn", CNN, dimg, adam(1e-3), F.cross_entropy, None, "lr_spike", 222),
     ]
-    for fam, build, data, opt, loss, layer, kind, at in faults:
-        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
-                        fault={"kind": kind, "layer": layer, "step": at}))
-    return c
+    return c + fault_runs(faults)
 
 
 # ----------------------------------------------------------------------------- the second set
@@ -284,10 +289,7 @@ def configs2() -> list[Config]:
         ("y_spiral", spiral_mlp, spi, adam(3e-3), F.cross_entropy, None, "lr_spike", 215),
         ("y_resmlp", ResMLP, dflat, adamw(1e-3), smooth_ce, "blocks.1.3", "corrupt_weight", 150),
     ]
-    for fam, build, data, opt, loss, layer, kind, at in faults:
-        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
-                        fault={"kind": kind, "layer": layer, "step": at}))
-    return c
+    return c + fault_runs(faults)
 
 
 # ----------------------------------------------------------------------------- the third set
@@ -356,10 +358,7 @@ def configs3() -> list[Config]:
         ("z_add", lambda: pascanu_rnn("lstm", 2, 1), add, adam(3e-3), mse, "rnn", "inf_forward", 163),
         ("z_deep", lambda: deep(6, "tanh", 1.0), reg, adam(1e-3), mse, "0", "corrupt_batch", 170),
     ]
-    for fam, build, data, opt, loss, layer, kind, at in faults:
-        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
-                        fault={"kind": kind, "layer": layer, "step": at}))
-    return c
+    return c + fault_runs(faults)
 
 
 # ----------------------------------------------------------------------------- the fourth set
@@ -430,10 +429,7 @@ def configs5() -> list[Config]:
         ("v_fp16", m3, dflat, adam(1e-3), F.cross_entropy, "2", "nan_grad", 173),
         ("v_fp16", lambda: TinyLM(True), lm, adamw(3e-3), lm_loss, "blocks.1.ff.2", "corrupt_weight", 187),
     ]
-    for fam, build, data, opt, loss, layer, kind, at in faults:
-        c.append(Config(fam, f"fault_{kind}_{layer}", build, data, opt, 400, loss,
-                        fault={"kind": kind, "layer": layer, "step": at}, fp16=True))
-    return c
+    return c + fault_runs(faults, fp16=True)
 
 
 SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3"),

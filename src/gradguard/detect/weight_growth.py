@@ -274,7 +274,7 @@ class WeightGrowthDetector(Detector):
                 "prev": None if self._prev is None else array_to_list(self._prev),
                 "glast": None if self._glast is None else array_to_list(self._glast),
                 "gbest": None if self._gbest is None else array_to_list(self._gbest),
-                "gat": None if self._gat is None else self._gat.tolist()}
+                "gat": None if self._gat is None else self._gat.tolist()}  # numpy, no host sync
 
     def load_state_dict(self, sd):
         self._load_base(sd)
