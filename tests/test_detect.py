@@ -244,7 +244,7 @@ def test_healthy_residual_mlp_1500_steps_no_warnings():
     guard, first_bad = train(model, opt, regression(8), 1500)
     assert first_bad is None
     assert serious(guard) == [], [str(e) for e in serious(guard)]
-    assert len(guard.detectors) == 9
+    assert len(guard.detectors) == 10
 
 
 def test_healthy_small_cnn_no_warnings():

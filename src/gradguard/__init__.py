@@ -11,7 +11,7 @@ import importlib
 from .adaptive import AGC, AdaGC, AutoClip, ZClip
 from .clip import ClipPolicy, GlobalNorm, PerLayer, PerTensorNorm, Value, clip_grad_norm_, clip_grad_value_
 from .detect import (Detector, DivergenceDetector, ExplodingDetector, LossSpikeDetector, OverClippingDetector,
-                     PoisonedRunDetector, SpikeDetector, UnusedDetector, VanishingDetector,
+                     PoisonedRunDetector, RunningStatsDetector, SpikeDetector, UnusedDetector, VanishingDetector,
                      WeightGrowthDetector, default_detectors)
 from .events import Event, NonFiniteGradientError, RunIsDeadError
 from .remedies import Autopilot, FlightRecorder, GuardAlarm, LRBackoff, Raise, Rollback, Skip
@@ -30,7 +30,7 @@ __all__ = [
     "Event", "NonFiniteGradientError", "RunIsDeadError",
     "Detector", "SpikeDetector", "ExplodingDetector", "LossSpikeDetector", "VanishingDetector",
     "WeightGrowthDetector", "OverClippingDetector", "UnusedDetector", "DivergenceDetector",
-    "PoisonedRunDetector", "default_detectors",
+    "PoisonedRunDetector", "RunningStatsDetector", "default_detectors",
     "Skip", "LRBackoff", "Rollback", "Autopilot", "FlightRecorder", "Raise", "GuardAlarm",
     "penalty", "tbptt", "detach_hidden", "RunStore", "diagnose", "Diagnosis", "Finding",
 ]

@@ -10,7 +10,7 @@ import math
 __all__ = [
     "advice_for", "NONFINITE_ADVICE", "CLIP_ADVICE", "LR_ADVICE", "L2_ADVICE", "NORM_ADVICE",
     "INIT_ADVICE", "ACT_ADVICE", "RNN_ADVICE", "TBPTT_ADVICE", "RECUR_INIT_ADVICE", "ROLLBACK_ADVICE",
-    "BATCH_ADVICE", "UNUSED_ADVICE", "AMP_OVERFLOW_ADVICE",
+    "BATCH_ADVICE", "UNUSED_ADVICE", "AMP_OVERFLOW_ADVICE", "RUNNING_STATS_ADVICE",
 ]
 
 _RNN_TYPES = ("RNN", "RNNCell")
@@ -24,6 +24,14 @@ NONFINITE_ADVICE = [
     "add an epsilon there.",
     "Under fp16 autocast, use torch.amp.GradScaler, or bf16 instead.",
     "Check the batch for NaN/Inf inputs or labels (pass batch=... to keep it in the flight record).",
+]
+RUNNING_STATS_ADVICE = [
+    "Check the batches the event's step range covers: an input on another scale (unnormalised "
+    "pixels, other units) or corrupted values; validate or clamp inputs in the data pipeline.",
+    "Before evaluating or saving, re-estimate the statistics: call reset_running_stats() on the "
+    "normalisation layers named and run a few hundred training batches through the model in train "
+    "mode under torch.no_grad() (as torch.optim.swa_utils.update_bn does), or restore them from a "
+    "checkpoint.",
 ]
 AMP_OVERFLOW_ADVICE = ["Nothing to do unless this happens on most steps; then check the loss for NaN."]
 CLIP_ADVICE = ("Clip the gradients: Guard(..., clip=gg.GlobalNorm(1.0)) (norm), gg.Value(0.5) (value) "
@@ -130,4 +138,6 @@ def advice_for(kind: str, layers, owner, all_types, data: dict | None = None) ->
                 "rate, better init) rather than clipping harder."]
     elif kind == "unused":
         out += UNUSED_ADVICE
+    elif kind == "running_stats":
+        out += RUNNING_STATS_ADVICE
     return out

@@ -109,9 +109,12 @@ class RowWriter:
         self._nan = torch.full((), float("nan"), device=dev)
         self._zero = torch.zeros((), device=dev)
 
-    def write(self, step: int, stats, d, coef, skipped, loss, lr, params) -> None:
-        """``params``: the parameters' statistics on a step that measures them (``param_stats``), else None."""
+    def write(self, step: int, stats, d, coef, skipped, loss, lr, measured) -> None:
+        """``measured``: on a step that measures them, the parameters' and the watched buffers'
+        statistics (``param_stats``; the second None without buffers), else None."""
         buf, n = self.buffer, self.n
+        params, buffers = measured if measured is not None else (None, None)
+        pend = G + 3 * n  # the parameter-norm block ends there, the buffers' begins
         k = len(buf)
         missing = len(stats.names) != n
         if self.xp.on_host:
@@ -134,11 +137,14 @@ class RowWriter:
                     row[G + n:G + 2 * n] = 0
                     row[G + idx] = norms
                     row[G + n + idx] = max_abs
-                if params is not None:  # otherwise NaN from the buffer's fill at the last drain
-                    if (p_sumsq := params.host("sumsq")) is not None:
-                        np.sqrt(p_sumsq, out=row[G + 2 * n:], casting="unsafe")
+                # otherwise NaN from the buffer's fill at the last drain
+                for st, out in ((params, row[G + 2 * n:pend]), (buffers, row[pend:])):
+                    if st is None:
+                        continue
+                    if (p_sumsq := st.host("sumsq")) is not None:
+                        np.sqrt(p_sumsq, out=out, casting="unsafe")
                     else:
-                        row[G + 2 * n:] = params.host("norms")
+                        out[:] = st.host("norms")
         else:
             row = buf.next_row()
             f32 = torch.float32
@@ -159,7 +165,9 @@ class RowWriter:
                 row[G:G + n].index_copy_(0, idx, stats.norms.to(f32))
                 row[G + n:G + 2 * n].index_copy_(0, idx, stats.max_abs.to(f32))
             if params is not None:  # otherwise NaN from the buffer's fill at the last drain
-                self._norms_into(row[G + 2 * n:], params)
+                self._norms_into(row[G + 2 * n:pend], params)
+            if buffers is not None:
+                self._norms_into(row[pend:], buffers)
         buf.commit(step)
 
     @staticmethod

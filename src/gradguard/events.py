@@ -21,15 +21,16 @@ KINDS = {
     "weight_growth": "the parameter norm grew too much",
     "over_clipping": "clipping scales almost every step down hard",
     "unused": "trainable parameters never received a gradient",
+    "running_stats": "a normalisation layer's running statistics jumped or hold NaN/Inf (a bad batch)",
     "rescue": "the autopilot (remedies=\"auto\") undid a fault: rollback, learning-rate change, or gave up",
 }
 
 
 # Events of one step, from the model's state to its consequences: weights, non-finite values,
-# gradients, the loss.  A weight tensor found x30 explains the gradient and loss jumps of its
-# step (which name the layers downstream of it); read first, it names the cause.
+# activations' statistics, gradients, the loss.  A weight tensor found x30 explains the gradient
+# and loss jumps of its step (which name the layers downstream of it); read first, it names the cause.
 _CAUSE_ORDER = {k: i for i, k in enumerate((
-    "weight_growth", "nonfinite", "amp_overflow", "spike", "exploding", "vanishing", "over_clipping",
+    "weight_growth", "nonfinite", "amp_overflow", "running_stats", "spike", "exploding", "vanishing", "over_clipping",
     "unused", "loss_spike", "diverging", "rescue"))}
 
 

@@ -37,7 +37,7 @@ from .checkpoint import STATE_VERSION, check_state
 from .gather import gather, grad_signature, same_grads
 from .hooks import OptimizerHooks, check_watched, group_sizes
 from ._validate import check_choice, check_int
-from .layout import COL, GLOBAL_COLS, RowLayout, RunInfo
+from .layout import COL, GLOBAL_COLS, RunInfo, watched_buffers
 from .lr_groups import GroupLRs
 from .nan_origin import OriginOnPoison
 from .remedies import Autopilot, RemedyContext, Remedies
@@ -129,11 +129,14 @@ class Guard:
         self.model = getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else None
         self.names = [n for n, _ in pairs]
         self.params = [p for _, p in pairs]
-        # What detectors and remedies see of the run; the per-tensor norms are
-        # WeightGrowthDetector's reference (full-tensor norms, DTensor shards included).
+        # What detectors and remedies see of the run (and the BatchNorm running variances read
+        # with the parameters); the per-tensor norms are WeightGrowthDetector's reference
+        # (full-tensor norms, DTensor shards included).
         init_norms = compute_stats(self.names, [p.detach() for p in self.params]).norms
+        bufs = watched_buffers(self.model, self.params[0].device) if self.param_norm_every else []
+        self._buffers = [b for _, b in bufs]
         self.run = RunInfo.describe(self.names, self.params, self.model, param_norm_every,
-                                    init_layer_norms=init_norms.double().cpu().numpy())  # host sync: construction only
+                                    init_norms.double().cpu().numpy(), [n for n, _ in bufs])  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
         self.optimizer = optimizer
         check_watched(optimizer, self.params, "holds")
@@ -147,8 +150,7 @@ class Guard:
         if clip is not None:
             clip.bind(self.names)
             refuse_unitwise_on_shards(clip, self.params)
-        self.on_nonfinite = on_nonfinite
-        self.scaler = scaler
+        self.on_nonfinite, self.scaler = on_nonfinite, scaler
         self.fused = is_fused(optimizer)
         devices = {p.device for p in self.params}
         self.device = self.params[0].device
@@ -169,7 +171,7 @@ class Guard:
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
         self._statistics = Statistics(self.params, self._xp)  # how, chosen once
-        lay = RowLayout(len(self.names))
+        lay = self.run.layout
         self._buffer = StepBuffer(lay.width, self.flush_every, self.device, nan_from=lay.param_norms_slice.start)
         self._writer = RowWriter(self._buffer, self.names, self._xp)
         self._step = 0
@@ -211,7 +213,7 @@ class Guard:
                 run_name = f"{run_name or 'run'}-rank{self.rank}"
             try:
                 self.recorder = open_recorder(log_dir, run_name=run_name, layers=self._layer_info(),
-                                              config=self.config(), sinks=sinks)
+                                              config=self.config(), sinks=sinks, buffers=list(self.run.buffers))
                 # collected without close(), or the interpreter exits: the rows still in the
                 # buffer are handed over and the run says how it ended (the lambda holds no guard)
                 buf, glr = self._buffer, self._group_lrs
@@ -362,12 +364,11 @@ class Guard:
         return report
 
     def _param_norm(self):
-        """The parameters' norms (the ``param_norm`` column and the per-tensor block) every
-        ``param_norm_every`` steps, None in between: reading every parameter each step would
-        double the memory traffic."""
+        """The parameters' and the watched buffers' norms every ``param_norm_every`` steps, None
+        in between: reading every parameter each step would double the memory traffic."""
         if not self.param_norm_every or self._step % self.param_norm_every:
             return None
-        return param_stats(self.params, self._xp)
+        return param_stats(self.params, self._xp), param_stats(self._buffers, self._xp) if self._buffers else None
 
     def _raise(self, stats, d, loss_v, pnorm, grads):
         """``on_nonfinite="raise"``: the step is withheld and recorded like a skip (row,

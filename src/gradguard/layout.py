@@ -7,9 +7,11 @@ imports the orchestrator.
 
 A row is the global columns (``GLOBAL_COLS``) followed by one gradient L2 norm
 per watched tensor, one max |g| per watched tensor, then one *parameter* L2 norm
-per watched tensor, in model order.  A tensor without a gradient on a step has a
-NaN norm and a 0 max |g|.  Parameter norms are measured with the ``param_norm``
-column, every ``param_norm_every`` steps, and are NaN in between.
+per watched tensor, in model order, then one L2 norm per watched *buffer* (the
+normalisation layers' running variances, ``RunInfo.buffers``).  A tensor without a
+gradient on a step has a NaN norm and a 0 max |g|.  Parameter and buffer norms are
+measured with the ``param_norm`` column, every ``param_norm_every`` steps, and are NaN
+in between.
 
 ``RunInfo`` is the small description of the run that detectors and remedies
 are bound to (names, shapes, owning module types, which tensors are weight
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["GLOBAL_COLS", "COL", "RowLayout", "RunInfo"]
+__all__ = ["GLOBAL_COLS", "COL", "RowLayout", "RunInfo", "watched_buffers", "buffer_input"]
 
 # Global columns, in row order.
 #   bad          1.0 if a gradient or the loss held NaN/Inf (or the global norm overflowed)
@@ -38,22 +40,26 @@ N_GLOBAL = len(GLOBAL_COLS)
 
 
 class RowLayout:
-    """Column positions of a run with ``n_layers`` watched tensors.
+    """Column positions of a run with ``n_layers`` watched tensors and ``n_buffers`` watched
+    buffers.
 
     Every accessor works on one row (1-D) or a batch of rows (2-D), returning views.
     """
 
-    __slots__ = ("n", "width", "norms_slice", "max_abs_slice", "param_norms_slice")
+    __slots__ = ("n", "nb", "width", "norms_slice", "max_abs_slice", "param_norms_slice",
+                 "buffer_norms_slice")
 
     #: per-layer blocks after the global columns: gradient norms, max |g|, parameter norms
     BLOCKS = 3
 
-    def __init__(self, n_layers: int):
-        self.n = int(n_layers)
-        self.width = N_GLOBAL + self.BLOCKS * self.n
+    def __init__(self, n_layers: int, n_buffers: int = 0):
+        self.n, self.nb = int(n_layers), int(n_buffers)
+        end = N_GLOBAL + self.BLOCKS * self.n
+        self.width = end + self.nb
         self.norms_slice = slice(N_GLOBAL, N_GLOBAL + self.n)
         self.max_abs_slice = slice(N_GLOBAL + self.n, N_GLOBAL + 2 * self.n)
-        self.param_norms_slice = slice(N_GLOBAL + 2 * self.n, self.width)
+        self.param_norms_slice = slice(N_GLOBAL + 2 * self.n, end)
+        self.buffer_norms_slice = slice(end, self.width)
 
     @staticmethod
     def index(name: str) -> int:
@@ -77,11 +83,15 @@ class RowLayout:
         """Per-tensor parameter L2 norms (NaN on steps that do not measure them)."""
         return rows[..., self.param_norms_slice]
 
+    def buffer_norms(self, rows):
+        """Per-buffer L2 norms (``RunInfo.buffers``; NaN on steps that do not measure them)."""
+        return rows[..., self.buffer_norms_slice]
+
     def globals(self, rows):
         return rows[..., :N_GLOBAL]
 
     def __repr__(self) -> str:
-        return f"RowLayout(n_layers={self.n}, width={self.width})"
+        return f"RowLayout(n_layers={self.n}, n_buffers={self.nb}, width={self.width})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +106,9 @@ class RunInfo:
         module_types: every module type name in the model (empty without a model).
         param_norm_every: steps between two ``param_norm`` measurements (0: never).
         init_layer_norms: each parameter's L2 norm when the guard was built (float64).
+        buffers: watched buffer names (``watched_buffers``), the row's last block.
+        buffer_inputs: for each buffer, the watched weight of the layer whose output it
+            normalises (``None`` where no such layer was found).
     """
 
     names: tuple[str, ...]
@@ -105,10 +118,12 @@ class RunInfo:
     module_types: frozenset = frozenset()
     param_norm_every: int = 0
     init_layer_norms: np.ndarray | None = None
+    buffers: tuple[str, ...] = ()
+    buffer_inputs: tuple = ()
 
     @property
     def layout(self) -> RowLayout:
-        return RowLayout(len(self.names))
+        return RowLayout(len(self.names), len(self.buffers))
 
     @property
     def n(self) -> int:
@@ -125,11 +140,15 @@ class RunInfo:
 
     @classmethod
     def describe(cls, names, params, model=None, param_norm_every: int = 0,
-                 init_layer_norms: np.ndarray | None = None) -> "RunInfo":
-        """The description of ``(names, params)``; ``model`` (an ``nn.Module``) adds module types."""
+                 init_layer_norms: np.ndarray | None = None, buffers=()) -> "RunInfo":
+        """The description of ``(names, params)``; ``model`` (an ``nn.Module``) adds module types
+        and, for ``buffers`` (names from ``watched_buffers``), the layers feeding them."""
         owner: dict[str, str] = {}
         types: set[str] = set()
+        buffers = tuple(buffers)
+        inputs: tuple = (None,) * len(buffers)
         if model is not None:
+            inputs = tuple(buffer_input(model, b, names) for b in buffers)
             mods = dict(model.named_modules())
             types = {type(m).__name__ for m in mods.values()}
             for name in names:
@@ -138,4 +157,46 @@ class RunInfo:
                     owner[name] = type(m).__name__
         return cls(tuple(names), tuple(tuple(p.shape) for p in params),
                    tuple(bool(p.requires_grad) for p in params), owner, frozenset(types),
-                   int(param_norm_every), init_layer_norms)
+                   int(param_norm_every), init_layer_norms, buffers, inputs)
+
+
+# The normalisation layers whose running statistics are watched: BatchNorm / SyncBatchNorm /
+# InstanceNorm with track_running_stats.  Their running variance is an average of the scale of
+# the activations entering them, the one record of a batch that training-mode normalisation
+# hides from the gradients and the loss (a batch x1000 leaves both unchanged).
+_RUNNING_VAR = "running_var"
+
+
+def watched_buffers(model, device=None) -> list[tuple[str, object]]:
+    """``(name, tensor)`` of ``model``'s running variances (plain floating tensors on ``device``
+    when given), in model order; none without a model (``None``)."""
+    out = []
+    for mname, m in (model.named_modules() if model is not None else ()):
+        b = getattr(m, _RUNNING_VAR, None)
+        if (getattr(m, "track_running_stats", False) and b is not None and type(b).__name__ == "Tensor"
+                and b.dtype.is_floating_point and (device is None or b.device == device)
+                and _RUNNING_VAR in dict(m.named_buffers(recurse=False))):
+            out.append((f"{mname}.{_RUNNING_VAR}" if mname else _RUNNING_VAR, b))
+    return out
+
+
+def buffer_input(model, buffer: str, names) -> str | None:
+    """The watched weight of the layer whose output the norm layer owning ``buffer`` normalises:
+    the nearest module before it (in registration order, how ``Sequential`` and most models list
+    them) whose weight has as many output features as the norm layer has channels.  ``None`` when
+    there is none (the statistics are then named alone)."""
+    owner = buffer.rpartition(".")[0]
+    watched = set(names)
+    mods = list(model.named_modules())
+    pos = next((i for i, (n, _) in enumerate(mods) if n == owner), None)
+    feats = getattr(dict(mods).get(owner), "num_features", None)
+    if pos is None or feats is None:
+        return None
+    for n, m in reversed(mods[:pos]):
+        w = getattr(m, "weight", None)
+        if getattr(m, "track_running_stats", None) is not None:  # another norm layer: stop there
+            return None
+        if w is not None and getattr(w, "dim", lambda: 0)() >= 2 and w.shape[0] == feats:
+            name = f"{n}.weight" if n else "weight"
+            return name if name in watched else None
+    return None

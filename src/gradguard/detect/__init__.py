@@ -10,7 +10,7 @@ and rows are numpy float32 in the ``gradguard.layout`` format.  All numbers are
 the PRE-clip ones.  Running statistics only ever absorb finite values.
 
 Event kinds: ``"spike"``, ``"exploding"``, ``"loss_spike"``, ``"vanishing"``,
-``"weight_growth"``, ``"over_clipping"``, ``"unused"``, ``"diverging"`` (plus ``"nonfinite"`` /
+``"weight_growth"``, ``"over_clipping"``, ``"unused"``, ``"diverging"``, ``"running_stats"`` (plus ``"nonfinite"`` /
 ``"amp_overflow"`` from ``nonfinite_event``).  Every threshold is a constructor
 argument; defaults are in docs/detection.md.
 """
@@ -27,6 +27,7 @@ from .loss_spike import LossSpikeDetector
 from .nonfinite import NonfiniteRepeats, nonfinite_event
 from .over_clipping import OverClippingDetector
 from .poisoned import DeadRunBudget, PoisonedRunDetector
+from .running_stats import RunningStatsDetector
 from .spike import SpikeDetector
 from .unused import UnusedDetector
 from .vanishing import VanishingDetector
@@ -35,7 +36,7 @@ from .weight_growth import WeightGrowthDetector
 __all__ = [
     "nonfinite_event", "NonfiniteRepeats", "NONFINITE_ADVICE", "Detector", "SpikeDetector", "ExplodingDetector",
     "LossSpikeDetector", "VanishingDetector", "WeightGrowthDetector", "OverClippingDetector",
-    "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "DeadRunBudget", "default_detectors", "advice_for",
+    "UnusedDetector", "DivergenceDetector", "PoisonedRunDetector", "RunningStatsDetector", "DeadRunBudget", "default_detectors", "advice_for",
 ]
 
 # Kept importable from here for one release (guard.py and older code import them).
@@ -56,11 +57,11 @@ def _module_types(guard) -> tuple[dict[str, str], set[str]]:
 
 # Appended to the defaults after the first version's seven: a guard state saved without them
 # still loads (they start fresh).
-ADDED_DEFAULTS = (DivergenceDetector, PoisonedRunDetector)
+ADDED_DEFAULTS = (DivergenceDetector, PoisonedRunDetector, RunningStatsDetector)
 
 
 def default_detectors() -> list[Detector]:
     """The detectors a ``Guard`` uses when ``detectors=None`` (pass ``[]`` for none)."""
     return [SpikeDetector(), ExplodingDetector(), LossSpikeDetector(), VanishingDetector(),
             WeightGrowthDetector(), OverClippingDetector(), UnusedDetector(), DivergenceDetector(),
-            PoisonedRunDetector()]
+            PoisonedRunDetector(), RunningStatsDetector()]

@@ -21,7 +21,7 @@ import numpy as np
 from ..advice import advice_for
 from .._json import json_safe
 from ..events import Event
-from ..layout import COL, RowLayout
+from ..layout import COL
 
 SEV = {"info": 0, "warning": 1, "critical": 2}
 
@@ -78,7 +78,7 @@ class Detector:
         self.run = run
         self.names = list(run.names)
         self.n = len(self.names)
-        self.layout = RowLayout(self.n)
+        self.layout = run.layout
         self.weight_idx = run.weight_idx
 
     def update(self, steps, rows: np.ndarray, run=None) -> list[Event]:

@@ -10,7 +10,9 @@
   ``norms`` / ``maxabs`` float32[n, L] (gradients); parameter norms only for
   the m rows that measured them (one in ``param_norm_every``): ``pidx``
   int32[m] (row offsets in the chunk) and ``pnorms`` float32[m, L] (NULL in
-  chunks written by schema v1).  One INSERT per chunk instead of 300M rows.
+  chunks written by schema v1); the watched buffers' norms on the same rows,
+  ``bnorms`` float32[m, B] (meta ``buffers`` names them; NULL before schema v3).
+  One INSERT per chunk instead of 300M rows.
 - ``summary``: a min/max pyramid over the same rows.  Level ``k`` bucket
   ``b`` aggregates rows ``[b*8^k, (b+1)*8^k)`` in write order: count, first
   and last step, per-global min and max, per-layer max/min norm, max |g|
@@ -19,8 +21,9 @@
 - ``events``: one row per ``Event`` (lists and dicts as JSON).
 
 A store whose ``schema_version`` is newer than ``SCHEMA_VERSION`` is refused
-with a clear error rather than misread.  v1 (no ``pidx``/``pnorms``) is read as is and
-upgraded in place (one ``ALTER TABLE``) when a run is resumed into it.
+with a clear error rather than misread.  v1 (no ``pidx``/``pnorms``) and v2 (no
+``bnorms``) are read as they are and upgraded in place (``ALTER TABLE``) when a run is
+resumed into them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ __all__ = ["SCHEMA_VERSION", "DB_NAME", "LOCK_NAME", "FACTOR_BITS", "LEVELS", "R
            "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS", "pack_pnorms",
            "unpack_pnorms"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _NAN_BITS = np.float32(np.nan).view(np.int32)  # what an unmeasured parameter norm holds
 DB_NAME = "gradguard.sqlite"
 LOCK_NAME = "writer.lock"      # held (flock) by the run's one live writer
@@ -47,7 +50,7 @@ CREATE TABLE IF NOT EXISTS layers (idx INTEGER PRIMARY KEY, name TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS chunks (seq0 INTEGER PRIMARY KEY, n INTEGER NOT NULL,
     step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
     steps BLOB NOT NULL, glob BLOB NOT NULL, norms BLOB NOT NULL, maxabs BLOB NOT NULL,
-    pidx BLOB, pnorms BLOB);
+    pidx BLOB, pnorms BLOB, bnorms BLOB);
 CREATE INDEX IF NOT EXISTS chunks_step ON chunks (step_hi, step_lo);
 CREATE TABLE IF NOT EXISTS summary (level INTEGER NOT NULL, bucket INTEGER NOT NULL,
     n INTEGER NOT NULL, step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
@@ -99,18 +102,22 @@ def reduce_groups(agg: dict, starts: np.ndarray) -> dict:
     return out
 
 
-def pack_pnorms(block: np.ndarray) -> tuple[bytes, bytes]:
-    """``(pidx, pnorms)`` BLOBs of a chunk's parameter-norm block (float32[n, L]): the rows
-    holding anything but the unmeasured NaN, bit for bit (a NaN weight's norm is kept)."""
+def pack_pnorms(block: np.ndarray, L: int | None = None) -> tuple[bytes, bytes, bytes | None]:
+    """``(pidx, pnorms, bnorms)`` BLOBs of a chunk's measured block (float32[n, L + B]: the
+    parameter norms, then the buffers'): the rows holding anything but the unmeasured NaN, bit
+    for bit (a NaN weight's norm is kept); ``bnorms`` is None without buffers."""
+    L = block.shape[1] if L is None else L
     keep = np.flatnonzero((block.view(np.int32) != _NAN_BITS).any(axis=1)).astype(np.int32)
-    return keep.tobytes(), block[keep].tobytes()
+    kept = block[keep]
+    return (keep.tobytes(), kept[:, :L].tobytes(),
+            kept[:, L:].tobytes() if block.shape[1] > L else None)
 
 
 def unpack_pnorms(pidx, pnorms, n: int, L: int) -> np.ndarray:
     """The chunk's parameter-norm block, float32[n, L] (NaN where not measured, and everywhere
-    in a chunk written by schema v1)."""
+    in a chunk written by schema v1; ``bnorms`` unpack the same way, NULL before v3)."""
     out = np.full((n, L), np.nan, np.float32)
-    if pidx is not None:
+    if pidx is not None and pnorms is not None:
         idx = np.frombuffer(pidx, np.int32)
         out[idx] = np.frombuffer(pnorms, np.float32).reshape(len(idx), L)
     return out

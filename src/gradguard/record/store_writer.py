@@ -34,9 +34,10 @@ class _StoreWriter:
     """
 
     def __init__(self, path: Path, run_name: str = "", layers: list[dict] | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, buffers: list[str] | None = None):
         self.path = path
         self.run_name, self.layers, self.config = run_name, list(layers or []), dict(config or {})
+        self.buffers = list(buffers or [])
         self.con: sqlite3.Connection | None = None
         self.seq = 0
         self.global_cols: tuple | None = None
@@ -89,7 +90,7 @@ class _StoreWriter:
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             meta = [("schema_version", str(SCHEMA_VERSION)), ("run_name", self.run_name),
                     ("config", _dumps(self.config)), ("start_time", str(time.time())), ("rows", "0"),
-                    ("dropped_rows", "0")] + self._live_meta()
+                    ("dropped_rows", "0"), ("buffers", json.dumps(self.buffers))] + self._live_meta()
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
             con.executemany("INSERT INTO layers VALUES (?, ?, ?, ?)",
                             [(i, _text(l["name"]), json.dumps(list(l.get("shape", []))),
@@ -123,15 +124,17 @@ class _StoreWriter:
         pyramid is rebuilt.  Costs one pass over the run's rows."""
         con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (1, SCHEMA_VERSION):
+        if version not in (1, 2, SCHEMA_VERSION):
             con.close()
             raise ValueError(f"run store {self.path} has schema version {version}; this gradguard "
                              f"writes {SCHEMA_VERSION}")
         self._pragmas(con)
-        if version == 1:  # v1 had no parameter norms: its chunks keep NULL there (read as NaN)
+        if version < SCHEMA_VERSION:  # older chunks keep NULL in the new columns (read as NaN)
             con.execute("BEGIN")
-            con.execute("ALTER TABLE chunks ADD COLUMN pidx BLOB")
-            con.execute("ALTER TABLE chunks ADD COLUMN pnorms BLOB")
+            have = {c[1] for c in con.execute("PRAGMA table_info(chunks)")}
+            for col in ("pidx", "pnorms", "bnorms"):  # v1 had no parameter norms, v2 no buffers'
+                if col not in have:
+                    con.execute(f"ALTER TABLE chunks ADD COLUMN {col} BLOB")
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             con.execute("COMMIT")
@@ -139,7 +142,13 @@ class _StoreWriter:
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         cols = tuple(json.loads(meta["global_cols"])) if "global_cols" in meta else ()
         self.dropped = self._dropped_saved = int(meta.get("dropped_rows", 0) or 0)
-        G, L = len(cols), self.n_layers
+        if "buffers" in meta:  # a store from before v3 has none: its rows carry no buffer block
+            stored = json.loads(meta["buffers"])
+            if self.buffers and stored != self.buffers:
+                con.close()
+                raise ValueError(f"run store {self.path} watches buffers {stored}, this guard {self.buffers}")
+            self.buffers = stored
+        G, L, B = len(cols), self.n_layers, len(self.buffers)
         seqs = [r[0] for r in con.execute("SELECT seq0 FROM chunks ORDER BY seq0")]
         self.seq, self.acc, self.global_cols = 0, [None] * (LEVELS + 1), None
         con.execute("BEGIN")
@@ -147,20 +156,22 @@ class _StoreWriter:
             con.execute("DELETE FROM summary")
             con.execute("DELETE FROM events WHERE step >= ?", (int(resume_at),))
             for seq0 in seqs:  # in order: rewritten rows never overtake unread chunks
-                n, steps, glob, norms, maxabs, pidx, pnorms = con.execute(
-                    "SELECT n, steps, glob, norms, maxabs, pidx, pnorms FROM chunks WHERE seq0 = ?",
+                n, steps, glob, norms, maxabs, pidx, pnorms, bnorms = con.execute(
+                    "SELECT n, steps, glob, norms, maxabs, pidx, pnorms, bnorms FROM chunks WHERE seq0 = ?",
                     (seq0,)).fetchone()
                 con.execute("DELETE FROM chunks WHERE seq0 = ?", (seq0,))
                 steps = np.frombuffer(steps, np.int64)
                 rows = np.concatenate([np.frombuffer(glob, np.float32).reshape(n, G),
                                        np.frombuffer(norms, np.float32).reshape(n, L),
                                        np.frombuffer(maxabs, np.float32).reshape(n, L),
-                                       unpack_pnorms(pidx, pnorms, n, L)], axis=1)
+                                       unpack_pnorms(pidx, pnorms, n, L),
+                                       unpack_pnorms(pidx, bnorms, n, B)], axis=1)
                 keep = steps < resume_at
                 if keep.any():
                     self._write_rows(con, steps[keep], rows[keep], cols)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('rows', ?)", (str(self.seq),))
             con.execute("DELETE FROM meta WHERE key IN ('end_time', 'error')")
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('buffers', ?)", (json.dumps(self.buffers),))
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                             self._live_meta() + [("resumed_at", str(int(resume_at)))])
             con.execute("COMMIT")
@@ -231,10 +242,11 @@ class _StoreWriter:
         self.last_commit = time.monotonic()
 
     def _write_rows(self, con, steps, rows, global_cols):
-        L = self.n_layers
+        L, B = self.n_layers, len(self.buffers)
         G = len(global_cols)
-        if rows.ndim != 2 or rows.shape[1] != G + 3 * L:
-            raise ValueError(f"rows have width {rows.shape[1:]}, expected {G} globals + 3x{L} layers")
+        if rows.ndim != 2 or rows.shape[1] != G + 3 * L + B:
+            raise ValueError(f"rows have width {rows.shape[1:]}, expected {G} globals + 3x{L} layers"
+                             f" + {B} buffers")
         if self.global_cols is None:
             self.global_cols = tuple(global_cols)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('global_cols', ?)", (json.dumps(self.global_cols),))
@@ -246,10 +258,10 @@ class _StoreWriter:
         for a in range(0, n, CHUNK_ROWS):
             b = min(n, a + CHUNK_ROWS)
             s = steps[a:b]
-            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (self.seq + a, b - a, int(s.min()), int(s.max()), s.tobytes(),
                          glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes(),
-                         *pack_pnorms(pnorms[a:b])))
+                         *pack_pnorms(pnorms[a:b], L)))
         # Pyramid: each level groups the batch-only segments of the level below
         # (sums must not count earlier rows twice), then merges with the
         # in-memory partial bucket and upserts every bucket it touched.

@@ -233,7 +233,7 @@ class Recorder:
                     why = "it has a live writer (another process or guard still writes it)"
                 elif (target / DB_NAME).is_file():
                     try:
-                        store = _StoreWriter(target / DB_NAME, run_name)
+                        store = _StoreWriter(target / DB_NAME, run_name, buffers=self._store.buffers)
                         store.reopen(step)
                     except Exception as e:
                         why, store = f"it cannot be continued ({e})", None
@@ -424,7 +424,8 @@ def _close_ref(ref) -> None:
 
 
 def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | None = None,
-                  config: dict | None = None, sinks: list | None = None) -> Recorder:
+                  config: dict | None = None, sinks: list | None = None,
+                  buffers: list[str] | None = None) -> Recorder:
     """Create a new run under ``log_dir`` and return its ``Recorder``.
 
     Args:
@@ -434,6 +435,7 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
         layers: ``[{"name", "shape", "order"}, ...]`` in row order.
         config: JSON-serialisable run configuration.
         sinks: extra sinks (e.g. ``gradguard.sinks.TensorBoardSink(...)``).
+        buffers: watched buffer names (``RunInfo.buffers``): the rows' last block.
     Returns:
         Recorder (``.run_name`` holds the name actually used).  The store file itself is
         written on the first flush (or at ``close()``).
@@ -444,6 +446,9 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
     """
     layers = list(layers or [])
     config = dict(config or {})
+    buffers = list(buffers or [])
+    if not all(isinstance(b, str) for b in buffers):
+        raise TypeError(f"buffers must be a list of names (str), got {buffers!r}")
     for i, l in enumerate(layers):
         if not isinstance(l, dict) or "name" not in l:
             raise TypeError(f"layers[{i}] must be a dict with a 'name', got {l!r}")
@@ -460,7 +465,7 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
     _dumps(config)  # an unserialisable config fails here, before anything is on disk
     root.mkdir(parents=True, exist_ok=True)
     name, path, fd = _reserve_run_dir(root, run_name)
-    store = _StoreWriter(path / DB_NAME, name, layers, config)
+    store = _StoreWriter(path / DB_NAME, name, layers, config, buffers)
     try:
         store.prepare()
         return Recorder(name, path, store, sinks or [], layers, config, lock_fd=fd, requested_name=run_name)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._validate import check_int
-from ..layout import GLOBAL_COLS, RowLayout
+from ..layout import GLOBAL_COLS
 from .actions import Action
 from .rollback import to_cpu
 
@@ -91,10 +91,10 @@ class FlightRecorder(Action):
         if exact is None:  # the weights are the pre-step ones only if nothing moved them since
             exact = bool(event.data.get("skipped")) and now == event.step + 1
         names = list(ctx.names)
-        width = RowLayout(len(names)).width
+        width = ctx.run.layout.width
         dump = {
             "version": DUMP_VERSION, "step": event.step, "event": event.to_dict(),
-            "names": names, "global_cols": list(GLOBAL_COLS),
+            "names": names, "buffers": list(ctx.run.buffers), "global_cols": list(GLOBAL_COLS),
             "steps": list(self._steps),
             "rows": torch.from_numpy(np.asarray(list(self._rows), np.float32).reshape(len(self._rows), width)),
             "state_step": now, "exact": exact,

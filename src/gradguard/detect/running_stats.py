@@ -1,0 +1,133 @@
+"""RunningStatsDetector: a normalisation layer's running statistics jumping or turning non-finite."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._json import array_to_list, list_to_array
+from ..layout import COL
+from .base import Detector, Scan, check_int, check_pos
+
+
+class RunningStatsDetector(Detector):
+    """BatchNorm running variances (``RunInfo.buffers``) that jump or hold NaN/Inf.
+
+    In training mode a BatchNorm layer normalises each batch by that batch's own statistics:
+    a batch scaled by 1000 (an unnormalised image, a unit mix-up, a corrupted shard) gives the
+    same loss and the same gradients as a good one.  Its one trace is the layer's running
+    variance, an exponential average of the batches' variances that evaluation divides by: one
+    such batch at momentum 0.1 makes it ~10^5 times too large, and the model's eval outputs are
+    wrong until it decays.  A NaN/Inf activation poisons it for good (``0.9 * NaN`` stays NaN),
+    even when the guard skips the step: skipping withholds the update, not the forward pass.
+
+    The guard measures the buffers' L2 norms with the parameters, every ``param_norm_every``
+    steps (NaN rows in between are ignored).  Rules, per buffer:
+
+    - a jump: the norm >= ``jump`` x its previous measurement (default 100: activations 10x
+      their scale), judged once the previous measurement is at least ``warmup`` steps into
+      the run (a running variance starts at 1 and moves to the activations' variance during
+      the first tens of steps);
+    - non-finite (critical), once until the buffer is finite again.
+
+    The event names the weight of the layer feeding the normalisation (``RunInfo.buffer_inputs``,
+    e.g. the convolution before a BatchNorm2d) first, then the buffer.  It is dated at the
+    measuring step; the jump happened after the previous measurement (``data["since"]``).
+
+    Args:
+        jump: growth of a running variance between two measurements (default 100).
+        warmup: steps before the first judged measurement (default 50).
+        cooldown: steps between two warnings (default 200).
+    """
+
+    kind = "running_stats"
+    rescan = False  # firing changes only the cooldown and the non-finite flags
+
+    def __init__(self, jump: float = 100.0, warmup: int = 50, cooldown: int = 200):
+        super().__init__(cooldown)
+        self.jump = check_pos("jump", jump)
+        if self.jump <= 1:
+            raise ValueError(f"jump must be > 1 (a factor of growth), got {jump!r}")
+        self.warmup = check_int("warmup", warmup, 0)
+        self._prev: np.ndarray | None = None  # each buffer's norm at the last measurement
+        self._prev_step = -1
+        self._bad: np.ndarray | None = None  # buffers reported non-finite, until finite again
+
+    def bind(self, run):
+        super().bind(run)
+        self.buffers = list(run.buffers)
+        self.inputs = list(run.buffer_inputs) or [None] * len(self.buffers)
+        self._every = int(run.param_norm_every or 0)
+        if self._prev is None or len(self._prev) != len(self.buffers):
+            self._prev = np.full(len(self.buffers), np.nan)
+            self._bad = np.zeros(len(self.buffers), bool)
+
+    def _scan(self, steps, rows):
+        if not self.buffers:
+            return Scan([], len(rows), np.empty(0, np.intp))
+        read = ~np.isnan(rows[:, COL["param_norm"]])
+        if self._every > 0:
+            read |= steps % self._every == 0
+        idx = np.flatnonzero(read)
+        b = self.layout.buffer_norms(rows[idx]).astype(np.float64)
+        # each measurement against the one before it (the state's for the first)
+        prev = np.vstack([self._prev[None], b[:-1]]) if len(idx) else b
+        prev_step = np.r_[self._prev_step, steps[idx][:-1]] if len(idx) else np.empty(0, np.int64)
+        finite = np.isfinite(b)
+        with np.errstate(all="ignore"):
+            ratio = np.where((prev > 0) & finite & (prev_step >= self.warmup)[:, None], b / prev, 0.0)
+        # non-finite: report a buffer the first time, not again while it stays so
+        was_bad = np.vstack([self._bad[None], ~finite[:-1]]) if len(idx) else ~finite
+        new_bad = ~finite & ~was_bad
+        fired = np.flatnonzero((ratio >= self.jump).any(1) | new_bad.any(1))
+        return Scan(idx[fired].tolist(), len(rows), idx, steps=steps, b=b, ratio=ratio,  # numpy, no host sync
+                    new_bad=new_bad, prev_step=prev_step)
+
+    def _absorb(self, s, a, b):
+        ja, jb = s.span(a, b) if b > a else (0, 0)
+        if jb > ja:
+            last = s.b[jb - 1]
+            self._prev = last.copy()
+            self._prev_step = int(s.steps[s.idx[jb - 1]])
+            self._bad = ~np.isfinite(last)
+
+    def _fire(self, s, k):
+        j = s.at(k)
+        step, since = int(s.steps[k]), int(s.prev_step[j])
+        self._absorb(s, k, k + 1)
+        bad = np.flatnonzero(s.new_bad[j])
+        if len(bad):
+            names = [self.buffers[i] for i in bad]
+            layers = self._layers(bad)
+            return self._emit(step, "critical", layers,
+                              f"the running statistics of {', '.join(names)} hold NaN/Inf: a forward pass "
+                              f"since step {since + 1} put a non-finite activation into them.  Skipping the "
+                              f"step does not undo that; in eval mode the layer outputs NaN until they are "
+                              f"reset.", {"buffers": names, "since": since})
+        i = int(np.argmax(s.ratio[j]))
+        r = float(s.ratio[j][i])
+        order = np.argsort(-s.ratio[j], kind="stable")
+        grown = [int(x) for x in order if s.ratio[j][x] >= self.jump]
+        src = self.inputs[i]
+        feed = f" (the output of {src.rpartition('.')[0] or src})" if src else ""
+        msg = (f"the running variance of {self.buffers[i].rpartition('.')[0]} grew {r:.3g}x between steps "
+               f"{since} and {step}: the activations entering it{feed} were at least {math.sqrt(r):.3g}x "
+               f"their usual scale on a batch in between.  Training-mode normalisation hides such a batch "
+               f"from the gradients and the loss; evaluation divides by these statistics until they decay.")
+        return self._emit(step, "warning", self._layers(grown), msg,
+                          {"buffers": [self.buffers[x] for x in grown], "growth": r, "since": since})
+
+    def _layers(self, which) -> list[str]:
+        """The feeding layers' weights (where known), then the buffers themselves."""
+        feeds = [self.inputs[i] for i in which if self.inputs[i]]
+        return list(dict.fromkeys(feeds + [self.buffers[i] for i in which]))
+
+    def state_dict(self):
+        return {**self._base_state(), "prev": array_to_list(self._prev), "prev_step": self._prev_step,
+                "bad": self._bad.tolist()}  # numpy, no host sync
+
+    def load_state_dict(self, sd):
+        self._load_base(sd)
+        self._prev = list_to_array(sd["prev"])
+        self._prev_step = int(sd["prev_step"])
+        self._bad = np.asarray(sd["bad"], bool)
