@@ -360,7 +360,8 @@ def run_one(cfg: Config, seed: int, out: Path = OUT) -> dict:
         "run": {"names": list(run.names), "shapes": [list(s) for s in run.shapes],
                 "trainable": list(run.trainable), "owner": dict(run.owner),
                 "module_types": sorted(run.module_types), "param_norm_every": run.param_norm_every,
-                "init_layer_norms": run.init_layer_norms.tolist()},
+                "init_layer_norms": run.init_layer_norms.tolist(),
+                "buffers": list(run.buffers), "buffer_inputs": list(run.buffer_inputs)},
     }
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / f"{meta['id']}.npz", steps=np.asarray(steps, np.int64),

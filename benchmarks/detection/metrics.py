@@ -51,7 +51,8 @@ def run_info(meta: dict):
     r = meta["run"]
     return RunInfo(tuple(r["names"]), tuple(tuple(s) for s in r["shapes"]), tuple(r["trainable"]),
                    dict(r["owner"]), frozenset(r["module_types"]), int(r["param_norm_every"]),
-                   np.asarray(r["init_layer_norms"], np.float64))
+                   np.asarray(r["init_layer_norms"], np.float64),
+                   tuple(r.get("buffers", ())), tuple(r.get("buffer_inputs", ())))  # runs from before buffers: none
 
 
 def replay(run: dict, make_detectors) -> list[dict]:

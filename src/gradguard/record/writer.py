@@ -446,9 +446,10 @@ def open_recorder(log_dir, run_name: str | None = None, layers: list[dict] | Non
     """
     layers = list(layers or [])
     config = dict(config or {})
-    buffers = list(buffers or [])
-    if not all(isinstance(b, str) for b in buffers):
+    if buffers is not None and (not isinstance(buffers, (list, tuple)) or
+                                not all(isinstance(b, str) for b in buffers)):
         raise TypeError(f"buffers must be a list of names (str), got {buffers!r}")
+    buffers = list(buffers or [])
     for i, l in enumerate(layers):
         if not isinstance(l, dict) or "name" not in l:
             raise TypeError(f"layers[{i}] must be a dict with a 'name', got {l!r}")

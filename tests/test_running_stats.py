@@ -1,0 +1,306 @@
+"""BatchNorm running statistics: which buffers are watched, their row block on both lanes, the
+store, and RunningStatsDetector on real training runs (a batch x1000 is invisible to the
+gradients and the loss of a BatchNorm network; only the running variance records it)."""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradguard as gg
+from gradguard.detect import RunningStatsDetector
+from gradguard.layout import GLOBAL_COLS, RowLayout, RunInfo, buffer_input, watched_buffers
+from gradguard.record import RunStore, open_recorder
+
+
+class Net(nn.Module):
+    """Conv -> BN -> ReLU -> Conv -> BN -> pool -> Linear -> BN1d -> Linear (attributes, not Sequential)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc, self.bf = nn.Linear(6, 5), nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x))).mean((2, 3))
+        return self.head(F.relu(self.bf(self.fc(x))))
+
+
+def _train(model, steps, fault=None, fstep=150, guard_kw=None, seed=0):
+    """SGD on a fixed synthetic task; ``fault``: "x1000" (the batch scaled) or "nan" (one NaN
+    input) at step ``fstep``.  Returns the guard and every row it recorded."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, **(guard_kw or {}))
+    seen = []
+    guard.add_row_observer(lambda s, r: seen.append((np.asarray(s, np.int64), np.array(r, np.float32))))
+    for i in range(steps):
+        x = torch.randn(16, 1, 6, 6, generator=g)
+        y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+        if fault == "x1000" and i == fstep:
+            x = x * 1000
+        if fault == "nan" and i == fstep:
+            x[0, 0, 0, 0] = math.nan
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    guard.flush()
+    steps = np.concatenate([s for s, _ in seen])
+    rows = np.concatenate([r for _, r in seen])
+    return guard, steps, rows
+
+
+# ------------------------------------------------------------------ which buffers
+def test_watched_buffers_and_the_layers_feeding_them():
+    m = Net()
+    names = [n for n, _ in m.named_parameters()]
+    bufs = watched_buffers(m)
+    assert [n for n, _ in bufs] == ["b1.running_var", "b2.running_var", "bf.running_var"]
+    assert all(b is dict(m.named_buffers())[n] for n, b in bufs)  # the live tensors, not copies
+    assert [buffer_input(m, n, names) for n, _ in bufs] == ["c1.weight", "c2.weight", "fc.weight"]
+    # a Sequential, the usual case; a norm layer with nothing of its width before it: no input
+    seq = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 4), nn.BatchNorm1d(4))
+    sn = [n for n, _ in seq.named_parameters()]
+    assert [buffer_input(seq, n, sn) for n, _ in watched_buffers(seq)] == [None, "1.weight"]
+    assert buffer_input(seq, "2.running_var", ["2.weight"]) is None  # 1.weight not watched
+
+
+@pytest.mark.parametrize("layer, watched", [
+    (nn.BatchNorm2d(3), True), (nn.BatchNorm2d(3, track_running_stats=False), False),
+    (nn.InstanceNorm2d(3), False), (nn.InstanceNorm2d(3, track_running_stats=True), True),
+    (nn.LayerNorm(3), False), (nn.GroupNorm(1, 3), False)])
+def test_only_tracked_running_variances_are_watched(layer, watched):
+    assert bool(watched_buffers(nn.Sequential(nn.Conv2d(1, 3, 1), layer))) is watched
+
+
+def test_no_buffers_without_a_model_or_without_parameter_norms():
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    assert gg.Guard(m, opt).run.buffers == ("b1.running_var", "b2.running_var", "bf.running_var")
+    assert gg.Guard(m, opt, param_norm_every=0).run.buffers == ()
+    assert gg.Guard(list(m.named_parameters()), opt).run.buffers == ()
+    assert watched_buffers(None) == []
+
+
+def test_layout_puts_the_buffers_last():
+    lay = RowLayout(4, 3)
+    G = len(GLOBAL_COLS)
+    assert lay.width == G + 3 * 4 + 3
+    rows = np.arange(2 * lay.width, dtype=np.float32).reshape(2, lay.width)
+    np.testing.assert_array_equal(lay.param_norms(rows), rows[:, G + 8:G + 12])
+    np.testing.assert_array_equal(lay.buffer_norms(rows), rows[:, G + 12:])
+    assert RowLayout(4).width == G + 12 and RowLayout(4).buffer_norms(rows[:, :G + 12]).shape == (2, 0)
+
+
+# ------------------------------------------------------------------ the row block, both lanes
+@pytest.mark.parametrize("backend", ["auto", "device"])
+@pytest.mark.parametrize("every", [1, 3])
+def test_rows_hold_the_running_variance_norms_on_measuring_steps(backend, every):
+    """Against torch's own norm of each buffer, read right after each step."""
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    guard = gg.Guard(m, opt, backend=backend, param_norm_every=every, detectors=[])
+    rows, ref = [], {}
+    guard.add_row_observer(lambda s, r: rows.extend(zip(s, np.array(r))))
+    bufs = [b for _, b in watched_buffers(m)]
+    for i in range(7):
+        x = torch.randn(8, 1, 6, 6) * (1000.0 if i == 3 else 1.0)
+        opt.zero_grad()
+        m(x).pow(2).mean().backward()
+        ref[i] = np.array([torch.linalg.vector_norm(b).item() for b in bufs], np.float32)
+        guard.step()
+    guard.flush()
+    lay = guard.run.layout
+    assert len(rows) == 7
+    for s, r in rows:
+        got = lay.buffer_norms(r)
+        if s % every == 0:
+            np.testing.assert_allclose(got, ref[s], rtol=1e-6)
+        else:
+            assert np.isnan(got).all()
+
+
+# ------------------------------------------------------------------ the store
+def test_store_keeps_buffer_norms_bit_for_bit(tmp_path):
+    guard, steps, rows = _train(Net(), 40, guard_kw={"log_dir": tmp_path, "run_name": "bn",
+                                                     "param_norm_every": 4, "detectors": []})
+    guard.close()
+    store = RunStore(tmp_path)
+    got = store.buffer_norms("bn")
+    lay = guard.run.layout
+    assert got["names"] == list(guard.run.buffers)
+    assert got["step"].tolist() == list(range(0, 40, 4))
+    np.testing.assert_array_equal(got["norm"].view(np.uint32), lay.buffer_norms(rows[::4]).view(np.uint32))
+    sub = store.buffer_norms("bn", 10, 20)
+    assert sub["step"].tolist() == [12, 16, 20]
+    # the parameter norms are unchanged by the extra block
+    np.testing.assert_array_equal(store.param_norms("bn")["norm"], lay.param_norms(rows[::4]))
+
+
+def test_a_v2_store_takes_the_buffers_when_a_run_resumes_into_it(tmp_path):
+    """A store from before buffers were stored (schema v2: no ``bnorms``, no ``buffers`` meta):
+    read as before; resuming into it upgrades it and stores the new rows' buffer norms."""
+    from gradguard.record.schema import DB_NAME, SCHEMA_VERSION
+
+    L, B, G = 2, 1, len(GLOBAL_COLS)
+    layers = [{"name": f"l{i}", "shape": [2, 2], "order": i} for i in range(L)]
+    rng = np.random.default_rng(0)
+    rows = rng.lognormal(0, 1, (60, G + 3 * L + B)).astype(np.float32)
+    rows[1::5, G + 2 * L:] = np.nan  # not every step measures
+    rec = open_recorder(tmp_path, run_name="old", layers=layers)
+    rec.write_steps(np.arange(30), rows[:30, :G + 3 * L], GLOBAL_COLS)
+    rec.close()
+    con = sqlite3.connect(tmp_path / "old" / DB_NAME)  # what a v2 writer left
+    con.executescript("ALTER TABLE chunks DROP COLUMN bnorms; DELETE FROM meta WHERE key='buffers'; "
+                      "PRAGMA user_version=2; UPDATE meta SET value='2' WHERE key='schema_version';")
+    con.close()
+    assert RunStore(tmp_path).buffer_norms("old")["step"].size == 0
+
+    rec = open_recorder(tmp_path, run_name="old", layers=layers, buffers=["bn.running_var"])
+    assert rec.resume("old", 20)
+    rec.write_steps(np.arange(20, 60), rows[20:], GLOBAL_COLS)
+    rec.close()
+    con = sqlite3.connect(tmp_path / "old" / DB_NAME)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert json.loads(con.execute("SELECT value FROM meta WHERE key='buffers'").fetchone()[0]) == ["bn.running_var"]
+    con.close()
+    store = RunStore(tmp_path)
+    assert store.steps("old")["step"].tolist() == list(range(60))
+    got = store.buffer_norms("old")
+    measured = [s for s in range(60) if not np.isnan(rows[s, G + 2 * L:]).all()]
+    assert got["step"].tolist() == measured
+    want = rows[measured, G + 3 * L:].copy()
+    want[np.array(measured) < 20] = np.nan  # the rows kept from the v2 store had no buffers
+    np.testing.assert_array_equal(got["norm"], want)
+
+
+def test_resuming_with_other_buffers_starts_a_new_run_and_loses_nothing(tmp_path):
+    layers = [{"name": "w", "shape": [2], "order": 0}]
+    G = len(GLOBAL_COLS)
+    rec = open_recorder(tmp_path, run_name="a", layers=layers, buffers=["x.running_var"])
+    rec.write_steps(np.arange(10), np.ones((10, G + 4), np.float32), GLOBAL_COLS)
+    rec.close()
+    rec = open_recorder(tmp_path, run_name="a", layers=layers, buffers=["y.running_var", "z.running_var"])
+    assert not rec.resume("a", 5)
+    rec.write_steps(np.arange(5, 10), np.full((5, G + 5), 2, np.float32), GLOBAL_COLS)
+    rec.close()
+    store = RunStore(tmp_path)
+    assert rec.run_name != "a" and store.steps(rec.run_name)["step"].tolist() == list(range(5, 10))
+    assert store.steps("a")["step"].tolist() == list(range(10))  # the first run is untouched
+
+
+@pytest.mark.parametrize("bad", [["a", 3], "abc", [None]])
+def test_bad_buffers_are_named(tmp_path, bad):
+    with pytest.raises(TypeError, match="buffers"):
+        open_recorder(tmp_path, run_name="b", layers=[], buffers=bad)
+
+
+# ------------------------------------------------------------------ the detector on real runs
+def test_a_batch_x1000_is_named_at_its_step_by_the_layer_it_entered():
+    guard, steps, rows = _train(Net(), 300, "x1000")
+    lay = guard.run.layout
+    # what the other detectors see: nothing (BatchNorm normalises the batch away)
+    g = rows[:, 4]  # global_norm
+    assert g[150] < 3 * np.median(g[140:150])
+    ev = [e for e in guard.events if e.severity != "info"]
+    assert [(e.step, e.kind) for e in ev] == [(150, "running_stats")], [str(e) for e in ev]
+    e = ev[0]
+    assert e.layers[:2] == ["c1.weight", "b1.running_var"] and e.severity == "warning"
+    assert e.data["since"] == 140 and e.data["growth"] > 1e4
+    assert "c1" in e.message and "running variance of b1" in e.message
+    assert any("reset_running_stats" in a for a in e.advice)
+    assert lay.buffer_norms(rows[150])[0] > 1e4 * lay.buffer_norms(rows[140])[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_bn_runs_get_no_running_stats_event(seed):
+    """The early moves of a running variance (from 1 to the activations' variance) and the drift
+    of a training run are not jumps."""
+    guard, _, _ = _train(Net(), 400, seed=seed, guard_kw={"param_norm_every": 1})
+    assert not [e for e in guard.events if e.kind == "running_stats"], [str(e) for e in guard.events]
+
+
+def test_a_nan_activation_poisons_the_statistics_once_reported_critical():
+    guard, steps, rows = _train(Net(), 260, "nan")
+    ev = [e for e in guard.events if e.kind == "running_stats"]
+    assert len(ev) == 1, [str(e) for e in ev]  # NaN forever after: reported once
+    assert ev[0].severity == "critical" and ev[0].step == 150 and ev[0].layers[0] == "c1.weight"
+    assert "b1.running_var" in ev[0].data["buffers"]
+    # the guard skipped the step (on_nonfinite="skip"), and the statistics are NaN all the same
+    assert guard.skipped_steps == 1
+    assert np.isnan(guard.run.layout.buffer_norms(rows[250])).any()
+
+
+def test_a_jump_before_warmup_is_not_judged():
+    guard, _, _ = _train(Net(), 80, "x1000", fstep=20)
+    assert not [e for e in guard.events if e.kind == "running_stats"]
+    guard, _, _ = _train(Net(), 80, "x1000", fstep=20,
+                         guard_kw={"detectors": [RunningStatsDetector(warmup=0)]})
+    assert [e.step for e in guard.events if e.kind == "running_stats"] == [20]
+
+
+def _events(det, run, steps, rows, cuts):
+    det.bind(run)
+    out = []
+    for a, b in zip([0] + cuts, cuts + [len(steps)]):
+        out += det.update(steps[a:b], rows[a:b], run)
+    return [(e.step, e.severity, tuple(e.layers), e.message) for e in out]
+
+
+def test_same_events_in_any_chunking_and_across_a_state_round_trip():
+    guard, steps, rows = _train(Net(), 300, "x1000", guard_kw={"detectors": []})
+    run = guard.run
+    whole = _events(RunningStatsDetector(cooldown=0), run, steps, rows, [])
+    assert [s for s, *_ in whole] == [150]
+    for cuts in ([1, 2, 3], [149, 150, 151], list(range(7, 300, 13))):
+        assert _events(RunningStatsDetector(cooldown=0), run, steps, rows, cuts) == whole
+    a = RunningStatsDetector(cooldown=0)
+    first = _events(a, run, steps[:145], rows[:145], [])
+    b = RunningStatsDetector(cooldown=0)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    b.bind(run)
+    assert first + [(e.step, e.severity, tuple(e.layers), e.message)
+                    for e in b.update(steps[145:], rows[145:], run)] == whole
+    c = RunningStatsDetector(cooldown=0)
+    c.load_state_dict(b.state_dict())
+    assert c.state_dict() == b.state_dict()
+
+
+def test_rows_without_buffers_give_nothing():
+    guard, steps, rows = _train(Net(), 200, "x1000", guard_kw={"detectors": []})
+    r = guard.run
+    bare = RunInfo(r.names, r.shapes, r.trainable, r.owner, r.module_types, r.param_norm_every,
+                   r.init_layer_norms)
+    assert _events(RunningStatsDetector(), bare, steps, rows[:, :bare.layout.width], []) == []
+
+
+@pytest.mark.parametrize("kw, match", [({"jump": 1.0}, "jump"), ({"jump": -3}, "jump"),
+                                       ({"jump": math.nan}, "jump"), ({"warmup": -1}, "warmup"),
+                                       ({"warmup": 2.5}, "warmup"), ({"cooldown": None}, "cooldown")])
+def test_bad_arguments_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RunningStatsDetector(**kw)
+
+
+def test_a_guard_state_saved_without_the_detector_loads(tmp_path):
+    """Guards saved before RunningStatsDetector existed (nine default detectors) load; it starts fresh."""
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = gg.Guard(m, opt)
+    sd = g.state_dict()
+    sd["detectors"] = sd["detectors"][:-1]
+    h = gg.Guard(m, opt)
+    h.load_state_dict(sd)
+    assert isinstance(h.detectors[-1], RunningStatsDetector)
