@@ -304,3 +304,38 @@ def test_a_guard_state_saved_without_the_detector_loads(tmp_path):
     h = gg.Guard(m, opt)
     h.load_state_dict(sd)
     assert isinstance(h.detectors[-1], RunningStatsDetector)
+
+
+@pytest.mark.parametrize("strip", ["buffers", "buffers+params"])
+def test_pending_rows_saved_before_buffers_load_with_nan_there(strip):
+    """A guard state whose rows pending a flush were saved by a version without the buffer block
+    (or without parameter norms as well) loads; the missing blocks are NaN (not measured)."""
+    from gradguard.layout import N_GLOBAL
+
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = gg.Guard(m, opt, flush_every=1000, param_norm_every=1, detectors=[])
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(8, 1, 6, 6)).pow(2).mean().backward()
+        g.step()
+    sd = g.state_dict()
+    lay = g.run.layout
+    full = np.asarray(sd["pending"]["rows"], np.float32).reshape(3, lay.width)
+    keep = N_GLOBAL + (3 if strip == "buffers" else 2) * lay.n
+    sd["pending"]["rows"] = full[:, :keep].tolist()
+    h = gg.Guard(m, opt, flush_every=1000, param_norm_every=1, detectors=[])
+    rows = []
+    h.add_row_observer(lambda s, r: rows.append(np.array(r)))
+    h.load_state_dict(sd)
+    h.flush()
+    got = np.concatenate(rows)
+    np.testing.assert_array_equal(got[:, :keep], full[:, :keep])
+    assert np.isnan(got[:, keep:]).all() and not np.isnan(full[:, keep:]).any()
+    # and a state with the block round-trips it
+    k = gg.Guard(m, opt, flush_every=1000, param_norm_every=1, detectors=[])
+    rows.clear()
+    k.add_row_observer(lambda s, r: rows.append(np.array(r)))
+    k.load_state_dict(g.state_dict())
+    k.flush()
+    np.testing.assert_array_equal(np.concatenate(rows), full)

@@ -21,8 +21,10 @@ __all__ = ["STATE_VERSION", "check_state"]
 STATE_VERSION = 2  # 2: rows pending a flush are saved ("pending")
 
 
-def check_state(state_dict, names, clip, detectors, params, width: int):
-    """``(events, pending, rows)`` of a valid ``state_dict``; TypeError/ValueError otherwise."""
+def check_state(state_dict, names, clip, detectors, params, layout):
+    """``(events, pending, rows)`` of a valid ``state_dict`` for rows of ``layout`` (a
+    ``RowLayout``); TypeError/ValueError otherwise."""
+    width = layout.width
     if not isinstance(state_dict, dict) or "version" not in state_dict:
         raise TypeError("state_dict must be a dict made by Guard.state_dict()")
     if state_dict["version"] > STATE_VERSION:
@@ -56,9 +58,10 @@ def check_state(state_dict, names, clip, detectors, params, width: int):
     pending = state_dict.get("pending") or {"steps": [], "rows": []}
     rows = list_to_array(pending["rows"]).astype(np.float32).reshape(len(pending["rows"]), -1) \
         if pending["rows"] else np.zeros((0, width), np.float32)
-    n_layers = (width - N_GLOBAL) // 3
-    if len(rows) and rows.shape[1] == width - n_layers:  # saved before rows held parameter norms
-        rows = np.concatenate([rows, np.full((len(rows), n_layers), np.nan, np.float32)], axis=1)
+    # saved before rows held parameter norms (2 blocks) or buffer norms (3 blocks): NaN, not measured
+    old = (N_GLOBAL + 2 * layout.n, N_GLOBAL + 3 * layout.n)
+    if len(rows) and rows.shape[1] in old and rows.shape[1] != width:
+        rows = np.concatenate([rows, np.full((len(rows), width - rows.shape[1]), np.nan, np.float32)], axis=1)
     if len(rows) != len(pending["steps"]) or (len(rows) and rows.shape[1] != width):
         raise ValueError("state_dict['pending'] does not hold rows of this guard's layout")
     return events, pending, rows

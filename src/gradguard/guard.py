@@ -490,7 +490,7 @@ class Guard:
         # Validate everything, and load into copies first: a state that fails half-way must
         # leave this guard untouched.
         events, pending, rows = check_state(state_dict, self.names, self.clip, self.detectors,
-                                            self.params, self._buffer.width)
+                                            self.params, self.run.layout)
         self.flush()
         self._step = int(state_dict["step"])
         self._skipped = int(state_dict["skipped"])
