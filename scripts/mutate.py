@@ -62,6 +62,9 @@ TARGETS: dict[str, list[str]] = {
     # the nonfinite event: the detector tests, then the guard's (a GradScaler, the re-run's finding)
     "detect/nonfinite.py": ["tests/test_detect.py", "tests/test_guard.py"],
     "detect/base.py": ["tests/test_detect.py", "tests/test_reliability.py"],
+    # BatchNorm running statistics: which buffers, their row block, the detector on real runs
+    "detect/running_stats.py": ["tests/test_running_stats.py"],
+    "layout.py": ["tests/test_running_stats.py", "tests/test_detect.py"],
     # the event order (the detector tests, the store), the errors (dead runs, the guard)
     "events.py": ["tests/test_detect.py", "tests/test_store.py", "tests/test_dead_run.py", "tests/test_guard.py"],
     # remedies
@@ -74,7 +77,8 @@ TARGETS: dict[str, list[str]] = {
     "remedies/flight.py": ["tests/test_act.py", "tests/test_replay.py"],
     "remedies/autopilot.py": ["tests/test_autopilot.py"],
     # the store writer (SQLite): committed rows, resume, failures
-    "record/store_writer.py": ["tests/test_store.py", "tests/test_resume.py", "tests/test_store_reliability.py"],
+    "record/store_writer.py": ["tests/test_store.py", "tests/test_resume.py", "tests/test_store_reliability.py",
+                               "tests/test_running_stats.py"],
 }
 # (the fast, targeted files come first: with -x a killed mutant costs seconds)
 
