@@ -270,3 +270,31 @@ def test_reads_do_not_grow_with_parameter_count(monkeypatch, tmp_path, make_opt,
         counts[n] = [Counter(m for m, _ in calls) for calls, _ in per_step]
         monkeypatch.undo()
     assert counts[10] == counts[200], counts
+
+
+@pytest.mark.parametrize("log_dir", [False, True], ids=["no-store", "store"])
+def test_running_variances_are_measured_without_reads(monkeypatch, tmp_path, log_dir):
+    """Accelerator path on a BatchNorm model, buffers measured every step (param_norm_every=1):
+    the running-variance block adds no host read; the rows hold it all the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    guard = gg.Guard(model, opt, flush_every=64, param_norm_every=1, backend="device",
+                     log_dir=tmp_path / "runs" if log_dir else None)
+    rows = []
+    guard.add_row_observer(lambda s, r: rows.extend(r))
+    counter = SyncCounter(monkeypatch)
+    per_step = []
+    try:
+        for s in range(6):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 1, 6, 6)).pow(2).mean()
+            loss.backward()
+            per_step.append(counter.step(guard, loss.detach()))
+    finally:
+        guard.close()
+    assert len(per_step[0][1]) <= 1, _fmt(per_step)
+    assert [c for calls, _ in per_step[1:] for c in calls] == [], _fmt(per_step)
+    assert guard.run.buffers == ("1.running_var", "4.running_var") and len(rows) == 6
+    assert all(math.isfinite(v) and v > 0 for r in rows for v in guard.run.layout.buffer_norms(r))
