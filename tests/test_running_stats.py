@@ -339,3 +339,75 @@ def test_pending_rows_saved_before_buffers_load_with_nan_there(strip):
     k.load_state_dict(g.state_dict())
     k.flush()
     np.testing.assert_array_equal(np.concatenate(rows), full)
+
+
+def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement():
+    """Weights set to NaN between two measurements (a bad write): the next measuring row has a NaN
+    parameter norm and NaN statistics; the row is read all the same and the statistics reported."""
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    guard = gg.Guard(m, opt, on_nonfinite="skip", nonfinite_budget=None)
+    rows = []
+    guard.add_row_observer(lambda s, r: rows.extend(zip(s, np.array(r))))
+    for i in range(70):
+        if i == 55:
+            with torch.no_grad():
+                m.c1.weight.fill_(math.nan)
+        opt.zero_grad()
+        F.cross_entropy(m(torch.randn(16, 1, 6, 6)), torch.arange(16) % 3).backward()
+        guard.step()
+    guard.flush()
+    lay = guard.run.layout
+    assert math.isnan(dict(rows)[60][lay.index("param_norm")])
+    ev = [e for e in guard.events if e.kind == "running_stats"]
+    assert [(e.step, e.severity, e.data["since"]) for e in ev] == [(60, "critical", 50)], [str(e) for e in ev]
+
+
+@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [151, 152], list(range(5, 260, 11))])
+def test_nan_statistics_are_reported_once_in_any_chunking(cuts):
+    """Without a cooldown, the NaN statistics (NaN on every later measurement) give one event, in
+    whole batches of rows and in pieces; a buffer that turns finite again could be reported anew."""
+    guard, steps, rows = _train(Net(), 260, "nan", guard_kw={"detectors": []})
+    ev = _events(RunningStatsDetector(cooldown=0), guard.run, steps, rows, cuts)
+    assert [(s, sev) for s, sev, *_ in ev] == [(150, "critical")], ev
+    lay = guard.run.layout
+    healed = rows.copy()
+    healed[200:, lay.buffer_norms_slice] = np.where(np.isnan(rows[200:, lay.buffer_norms_slice]), np.nan, 1.0)
+    healed[210::10, lay.buffer_norms_slice.start] = 1.0  # b1 finite on 210, 220, ... 
+    healed[230, lay.buffer_norms_slice.start] = math.nan  # and NaN again at 230: reported again
+    ev = _events(RunningStatsDetector(cooldown=0), guard.run, steps, healed, cuts)
+    assert [(s, sev) for s, sev, *_ in ev] == [(150, "critical"), (230, "critical")], ev
+
+
+def _synthetic(buffer_norms, every=10):
+    """A run of one weight and one watched buffer whose measured norms are ``buffer_norms`` (one
+    per measuring step, every ``every`` steps from 0)."""
+    run = RunInfo(("c.weight", "b.weight"), ((2, 2), (2,)), (True, True), {}, frozenset(), every,
+                  np.ones(2), ("b.running_var",), ("c.weight",))
+    lay = run.layout
+    steps = np.arange(len(buffer_norms) * every, dtype=np.int64)
+    rows = np.full((len(steps), lay.width), np.nan, np.float32)
+    rows[:, :lay.param_norms_slice.start] = 1.0
+    rows[::every, lay.param_norms_slice] = 1.0
+    pn = lay.index("param_norm")
+    rows[:, pn] = np.nan  # measured on the measuring steps only
+    rows[::every, pn] = math.sqrt(2)
+    rows[::every, lay.buffer_norms_slice] = np.asarray(buffer_norms, np.float32)[:, None]
+    return run, steps, rows
+
+
+@pytest.mark.parametrize("after, fires", [(100.0, True), (99.99, False), (1e30, True), (0.0, False)])
+def test_a_jump_is_judged_from_its_threshold_on(after, fires):
+    run, steps, rows = _synthetic([1.0] * 8 + [after, 1.0])
+    ev = _events(RunningStatsDetector(), run, steps, rows, [])
+    assert [s for s, *_ in ev] == ([80] if fires else [])
+    if fires:
+        assert ev[0][2] == ("c.weight", "b.running_var")
+
+
+@pytest.mark.parametrize("warmup, fires", [(60, True), (61, False), (0, True)])
+def test_warmup_is_the_previous_measurements_step(warmup, fires):
+    run, steps, rows = _synthetic([1.0] * 7 + [500.0])  # measured at 60, jumped by 70
+    ev = _events(RunningStatsDetector(warmup=warmup), run, steps, rows, [])
+    assert [s for s, *_ in ev] == ([70] if fires else [])

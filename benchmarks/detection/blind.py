@@ -432,8 +432,88 @@ def configs5() -> list[Config]:
     return c + fault_runs(faults, fp16=True)
 
 
+# ----------------------------------------------------------------------------- the sixth set
+# Written (2026-12-01) before any of its runs was replayed, after RunningStatsDetector's defaults
+# were fixed: BatchNorm networks other than the corpus's CNN -- an MLP with BatchNorm1d, running
+# statistics kept with momentum 0.01 and as a cumulative average (momentum=None), a VGG-style
+# stack in one Sequential, a residual CNN whose blocks are Sequentials -- healthy, diverging, and
+# with a batch x1000, an Inf out of a conv and a conv weight x30 at steps off the measuring grid.
+class BNNet(nn.Module):
+    """conv-BN-ReLU x2 and a linear head; ``momentum`` of the BatchNorms (None: cumulative)."""
+
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum)
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=momentum)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        return self.fc(F.relu(self.b2(self.c2(x))).mean((2, 3)))
+
+
+def bn_mlp():
+    return nn.Sequential(nn.Linear(64, 96), nn.BatchNorm1d(96), nn.ReLU(), nn.Linear(96, 96),
+                         nn.BatchNorm1d(96), nn.ReLU(), nn.Linear(96, 10))
+
+
+def vgg():
+    layers, c = [], 1
+    for w in (8, 8, 16, 16):
+        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+class SeqResCNN(nn.Module):
+    """A stem and two residual blocks, each block one Sequential(conv, BN, ReLU, conv, BN)."""
+
+    def __init__(self, w=12):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                          nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)) for _ in range(2))
+        self.fc = nn.Linear(w, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = F.relu(x + b(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def configs6() -> list[Config]:
+    dflat, dimg = (lambda: Digits("flat")), (lambda: Digits("img"))
+    n = 1500
+    c = [
+        Config("u_bnmlp", "sgdm_long", bn_mlp, dflat, sgd(0.05, 0.9), 2000),
+        Config("u_bnmlp", "adam", bn_mlp, dflat, adam(1e-3), 600),
+        Config("u_bnmlp", "sgd_lr30", bn_mlp, dflat, sgd(30.0, 0.9), 300),
+        Config("u_mom", "cnn_m0.01_long", lambda: BNNet(0.01), dimg, sgd(0.05, 0.9), n),
+        Config("u_cum", "cnn_cumulative_long", lambda: BNNet(None), dimg, sgd(0.05, 0.9), n),
+        Config("u_vgg", "sgdm_cosine_long", vgg, dimg, sgd(0.1, 0.9), n, lr_at=warmup_cosine(n, 100)),
+        Config("u_vgg", "adamw", vgg, dimg, adamw(2e-3), 600),
+        Config("u_vgg", "sgd_lr40", vgg, dimg, sgd(40.0, 0.9), 300),
+        Config("u_res", "nesterov_long", SeqResCNN, dimg, nesterov(0.05), n),
+        Config("u_res", "adam_lr_ramp", SeqResCNN, dimg, adam(1e-3), 500, ramp=(200, 1.05)),
+        Config("u_bf16", "vgg_adam", vgg, dimg, adam(2e-3), 800, bf16=True),
+    ]
+    faults = [
+        ("u_bnmlp", bn_mlp, dflat, sgd(0.05, 0.9), F.cross_entropy, "0", "corrupt_batch", 177),
+        ("u_cum", lambda: BNNet(None), dimg, sgd(0.05, 0.9), F.cross_entropy, "c1", "corrupt_batch", 203),
+        ("u_mom", lambda: BNNet(0.01), dimg, sgd(0.05, 0.9), F.cross_entropy, "c1", "corrupt_batch", 158),
+        ("u_vgg", vgg, dimg, sgd(0.1, 0.9), F.cross_entropy, "0", "corrupt_batch", 191),
+        ("u_vgg", vgg, dimg, sgd(0.1, 0.9), F.cross_entropy, "6", "inf_forward", 164),
+        ("u_res", SeqResCNN, dimg, nesterov(0.05), F.cross_entropy, "blocks.1.0", "corrupt_weight", 219),
+        ("u_res", SeqResCNN, dimg, nesterov(0.05), F.cross_entropy, "stem.0", "corrupt_batch", 233),
+    ]
+    return c + fault_runs(faults)
+
+
 SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3"),
-        "4": (configs4, (8, 9), metrics.RESULTS / "blind4"), "5": (configs5, (10, 11), metrics.RESULTS / "blind5")}
+        "4": (configs4, (8, 9), metrics.RESULTS / "blind4"), "5": (configs5, (10, 11), metrics.RESULTS / "blind5"),
+        "6": (configs6, (12, 13), metrics.RESULTS / "blind6")}
 
 
 def main(argv=None) -> int:
