@@ -341,13 +341,14 @@ def test_pending_rows_saved_before_buffers_load_with_nan_there(strip):
     np.testing.assert_array_equal(np.concatenate(rows), full)
 
 
-def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement():
-    """Weights set to NaN between two measurements (a bad write): the next measuring row has a NaN
-    parameter norm and NaN statistics; the row is read all the same and the statistics reported."""
+@pytest.mark.parametrize("every, at", [(10, 60), (1, 55)])
+def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement(every, at):
+    """Weights set to NaN before step 55 (a bad write): the next measuring row has a NaN parameter
+    norm and NaN statistics; the row is read all the same and the statistics reported."""
     torch.manual_seed(0)
     m = Net()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
-    guard = gg.Guard(m, opt, on_nonfinite="skip", nonfinite_budget=None)
+    guard = gg.Guard(m, opt, on_nonfinite="skip", nonfinite_budget=None, param_norm_every=every)
     rows = []
     guard.add_row_observer(lambda s, r: rows.extend(zip(s, np.array(r))))
     for i in range(70):
@@ -359,9 +360,10 @@ def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement
         guard.step()
     guard.flush()
     lay = guard.run.layout
-    assert math.isnan(dict(rows)[60][lay.index("param_norm")])
+    assert math.isnan(dict(rows)[at][lay.index("param_norm")])
     ev = [e for e in guard.events if e.kind == "running_stats"]
-    assert [(e.step, e.severity, e.data["since"]) for e in ev] == [(60, "critical", 50)], [str(e) for e in ev]
+    assert [(e.step, e.severity, e.data["since"]) for e in ev] == [(at, "critical", at - every)], \
+        [str(e) for e in ev]
 
 
 @pytest.mark.parametrize("cuts", [[], [1, 2, 3], [151, 152], list(range(5, 260, 11))])

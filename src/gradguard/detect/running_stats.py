@@ -69,16 +69,17 @@ class RunningStatsDetector(Detector):
         if self._every > 0:
             read |= steps % self._every == 0
         idx = np.flatnonzero(read)
+        if not len(idx):
+            return Scan([], len(rows), idx)
         b = self.layout.buffer_norms(rows[idx]).astype(np.float64)
         # each measurement against the one before it (the state's for the first)
-        prev = np.vstack([self._prev[None], b[:-1]]) if len(idx) else b
-        prev_step = np.r_[self._prev_step, steps[idx][:-1]] if len(idx) else np.empty(0, np.int64)
+        prev = np.vstack([self._prev[None], b[:-1]])
+        prev_step = np.r_[self._prev_step, steps[idx][:-1]]
         finite = np.isfinite(b)
         with np.errstate(all="ignore"):
             ratio = np.where((prev > 0) & finite & (prev_step >= self.warmup)[:, None], b / prev, 0.0)
         # non-finite: report a buffer the first time, not again while it stays so
-        was_bad = np.vstack([self._bad[None], ~finite[:-1]]) if len(idx) else ~finite
-        new_bad = ~finite & ~was_bad
+        new_bad = ~finite & ~np.vstack([self._bad[None], ~finite[:-1]])
         fired = np.flatnonzero((ratio >= self.jump).any(1) | new_bad.any(1))
         return Scan(idx[fired].tolist(), len(rows), idx, steps=steps, b=b, ratio=ratio,  # numpy, no host sync
                     new_bad=new_bad, prev_step=prev_step)
