@@ -106,8 +106,9 @@ def test_layout_puts_the_buffers_last():
 # ------------------------------------------------------------------ the row block, both lanes
 @pytest.mark.parametrize("backend", ["auto", "device"])
 @pytest.mark.parametrize("every", [1, 3])
-def test_rows_hold_the_running_variance_norms_on_measuring_steps(backend, every):
-    """Against torch's own norm of each buffer, read right after each step."""
+def test_rows_hold_the_running_variance_norms_on_every_step(backend, every):
+    """Against torch's own norm of each buffer, read right after each step; the parameter norms
+    keep their own schedule."""
     torch.manual_seed(0)
     m = Net()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -125,11 +126,8 @@ def test_rows_hold_the_running_variance_norms_on_measuring_steps(backend, every)
     lay = guard.run.layout
     assert len(rows) == 7
     for s, r in rows:
-        got = lay.buffer_norms(r)
-        if s % every == 0:
-            np.testing.assert_allclose(got, ref[s], rtol=1e-6)
-        else:
-            assert np.isnan(got).all()
+        np.testing.assert_allclose(lay.buffer_norms(r), ref[s], rtol=1e-6)
+        assert np.isnan(lay.param_norms(r)).all() == bool(s % every)
 
 
 # ------------------------------------------------------------------ the store
@@ -141,10 +139,10 @@ def test_store_keeps_buffer_norms_bit_for_bit(tmp_path):
     got = store.buffer_norms("bn")
     lay = guard.run.layout
     assert got["names"] == list(guard.run.buffers)
-    assert got["step"].tolist() == list(range(0, 40, 4))
-    np.testing.assert_array_equal(got["norm"].view(np.uint32), lay.buffer_norms(rows[::4]).view(np.uint32))
+    assert got["step"].tolist() == list(range(40))  # every step (the parameters: one in 4)
+    np.testing.assert_array_equal(got["norm"].view(np.uint32), lay.buffer_norms(rows).view(np.uint32))
     sub = store.buffer_norms("bn", 10, 20)
-    assert sub["step"].tolist() == [12, 16, 20]
+    assert sub["step"].tolist() == list(range(10, 21))
     # the parameter norms are unchanged by the extra block
     np.testing.assert_array_equal(store.param_norms("bn")["norm"], lay.param_norms(rows[::4]))
 
@@ -158,7 +156,7 @@ def test_a_v2_store_takes_the_buffers_when_a_run_resumes_into_it(tmp_path):
     layers = [{"name": f"l{i}", "shape": [2, 2], "order": i} for i in range(L)]
     rng = np.random.default_rng(0)
     rows = rng.lognormal(0, 1, (60, G + 3 * L + B)).astype(np.float32)
-    rows[1::5, G + 2 * L:] = np.nan  # not every step measures
+    rows[1::5, G + 2 * L:G + 3 * L] = np.nan  # not every step measures the parameters
     rec = open_recorder(tmp_path, run_name="old", layers=layers)
     rec.write_steps(np.arange(30), rows[:30, :G + 3 * L], GLOBAL_COLS)
     rec.close()
@@ -179,11 +177,11 @@ def test_a_v2_store_takes_the_buffers_when_a_run_resumes_into_it(tmp_path):
     store = RunStore(tmp_path)
     assert store.steps("old")["step"].tolist() == list(range(60))
     got = store.buffer_norms("old")
-    measured = [s for s in range(60) if not np.isnan(rows[s, G + 2 * L:]).all()]
-    assert got["step"].tolist() == measured
-    want = rows[measured, G + 3 * L:].copy()
-    want[np.array(measured) < 20] = np.nan  # the rows kept from the v2 store had no buffers
+    assert got["step"].tolist() == list(range(60))
+    want = rows[:, G + 3 * L:].copy()
+    want[:20] = np.nan  # the rows kept from the v2 store had no buffers
     np.testing.assert_array_equal(got["norm"], want)
+    assert store.param_norms("old")["step"].tolist() == [s for s in range(60) if s % 5 != 1]
 
 
 def test_resuming_with_other_buffers_starts_a_new_run_and_loses_nothing(tmp_path):
@@ -218,10 +216,10 @@ def test_a_batch_x1000_is_named_at_its_step_by_the_layer_it_entered():
     assert [(e.step, e.kind) for e in ev] == [(150, "running_stats")], [str(e) for e in ev]
     e = ev[0]
     assert e.layers[:2] == ["c1.weight", "b1.running_var"] and e.severity == "warning"
-    assert e.data["since"] == 140 and e.data["growth"] > 1e4
+    assert e.data["since"] == 149 and e.data["growth"] > 1e4 and "at step 150" in e.message
     assert "c1" in e.message and "running variance of b1" in e.message
     assert any("reset_running_stats" in a for a in e.advice)
-    assert lay.buffer_norms(rows[150])[0] > 1e4 * lay.buffer_norms(rows[140])[0]
+    assert lay.buffer_norms(rows[150])[0] > 1e4 * lay.buffer_norms(rows[149])[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -341,10 +339,10 @@ def test_pending_rows_saved_before_buffers_load_with_nan_there(strip):
     np.testing.assert_array_equal(np.concatenate(rows), full)
 
 
-@pytest.mark.parametrize("every, at", [(10, 60), (1, 55)])
-def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement(every, at):
-    """Weights set to NaN before step 55 (a bad write): the next measuring row has a NaN parameter
-    norm and NaN statistics; the row is read all the same and the statistics reported."""
+@pytest.mark.parametrize("every, at", [(10, 55), (1, 55), (0, None)])
+def test_statistics_poisoned_by_nan_weights_are_reported_at_once(every, at):
+    """Weights set to NaN before step 55 (a bad write): that step's statistics are NaN, whatever
+    the parameter norms' schedule; ``param_norm_every=0`` watches no buffers at all."""
     torch.manual_seed(0)
     m = Net()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -360,10 +358,12 @@ def test_statistics_poisoned_by_nan_weights_are_reported_at_the_next_measurement
         guard.step()
     guard.flush()
     lay = guard.run.layout
-    assert math.isnan(dict(rows)[at][lay.index("param_norm")])
+    assert math.isnan(dict(rows)[60][lay.index("param_norm")])  # NaN weights, or not measured (0)
     ev = [e for e in guard.events if e.kind == "running_stats"]
-    assert [(e.step, e.severity, e.data["since"]) for e in ev] == [(at, "critical", at - every)], \
+    assert [(e.step, e.severity, e.data["since"]) for e in ev] == ([(at, "critical", at - 1)] if at else []), \
         [str(e) for e in ev]
+    if at:
+        assert "the forward pass of step 55" in ev[0].message
 
 
 @pytest.mark.parametrize("cuts", [[], [1, 2, 3], [151, 152], list(range(5, 260, 11))])
@@ -375,41 +375,55 @@ def test_nan_statistics_are_reported_once_in_any_chunking(cuts):
     assert [(s, sev) for s, sev, *_ in ev] == [(150, "critical")], ev
     lay = guard.run.layout
     healed = rows.copy()
-    healed[200:, lay.buffer_norms_slice] = np.where(np.isnan(rows[200:, lay.buffer_norms_slice]), np.nan, 1.0)
-    healed[210::10, lay.buffer_norms_slice.start] = 1.0  # b1 finite on 210, 220, ... 
-    healed[230, lay.buffer_norms_slice.start] = math.nan  # and NaN again at 230: reported again
+    b1 = lay.buffer_norms_slice.start
+    healed[200:230, b1] = 1.0  # b1 finite from 200 (reset) ...
+    healed[230, b1] = math.nan  # ... and NaN again at 230, a poisoned step: reported again
+    healed[230, lay.index("bad")] = 1.0
     ev = _events(RunningStatsDetector(cooldown=0), guard.run, steps, healed, cuts)
     assert [(s, sev) for s, sev, *_ in ev] == [(150, "critical"), (230, "critical")], ev
 
 
 def _synthetic(buffer_norms, every=10):
-    """A run of one weight and one watched buffer whose measured norms are ``buffer_norms`` (one
-    per measuring step, every ``every`` steps from 0)."""
+    """A clean run of one weight and one watched buffer whose norm is ``buffer_norms[step]``
+    (parameters measured every ``every`` steps)."""
     run = RunInfo(("c.weight", "b.weight"), ((2, 2), (2,)), (True, True), {}, frozenset(), every,
                   np.ones(2), ("b.running_var",), ("c.weight",))
     lay = run.layout
-    steps = np.arange(len(buffer_norms) * every, dtype=np.int64)
+    steps = np.arange(len(buffer_norms), dtype=np.int64)
     rows = np.full((len(steps), lay.width), np.nan, np.float32)
     rows[:, :lay.param_norms_slice.start] = 1.0
+    rows[:, [lay.index("bad"), lay.index("skipped"), lay.index("loss_bad")]] = 0.0
+    rows[:, lay.index("param_norm")] = np.nan
+    rows[::every, lay.index("param_norm")] = math.sqrt(2)
     rows[::every, lay.param_norms_slice] = 1.0
-    pn = lay.index("param_norm")
-    rows[:, pn] = np.nan  # measured on the measuring steps only
-    rows[::every, pn] = math.sqrt(2)
-    rows[::every, lay.buffer_norms_slice] = np.asarray(buffer_norms, np.float32)[:, None]
+    rows[:, lay.buffer_norms_slice] = np.asarray(buffer_norms, np.float32)[:, None]
     return run, steps, rows
 
 
 @pytest.mark.parametrize("after, fires", [(100.0, True), (99.99, False), (1e30, True), (0.0, False)])
 def test_a_jump_is_judged_from_its_threshold_on(after, fires):
-    run, steps, rows = _synthetic([1.0] * 8 + [after, 1.0])
+    run, steps, rows = _synthetic([1.0] * 80 + [after] + [1.0] * 19)
     ev = _events(RunningStatsDetector(), run, steps, rows, [])
     assert [s for s, *_ in ev] == ([80] if fires else [])
     if fires:
         assert ev[0][2] == ("c.weight", "b.running_var")
 
 
-@pytest.mark.parametrize("warmup, fires", [(60, True), (61, False), (0, True)])
+@pytest.mark.parametrize("warmup, fires", [(69, True), (70, False), (0, True)])
 def test_warmup_is_the_previous_measurements_step(warmup, fires):
-    run, steps, rows = _synthetic([1.0] * 7 + [500.0])  # measured at 60, jumped by 70
+    run, steps, rows = _synthetic([1.0] * 70 + [500.0] * 5)  # jumped at 70, measured at 69 before
     ev = _events(RunningStatsDetector(warmup=warmup), run, steps, rows, [])
     assert [s for s, *_ in ev] == ([70] if fires else [])
+
+
+def test_an_all_nan_block_on_a_clean_step_is_not_a_measurement():
+    """Rows restored from an older guard's state have no buffer norms (NaN): not reported, and the
+    next measurement is compared with the last real one."""
+    run, steps, rows = _synthetic([1.0] * 100 + [300.0] * 5)
+    rows[60:100, run.layout.buffer_norms_slice] = np.nan
+    ev = _events(RunningStatsDetector(cooldown=0), run, steps, rows, [])
+    assert [(s, sev) for s, sev, *_ in ev] == [(100, "warning")]
+    assert "between steps 59 and 100" in ev[0][3]
+    rows[70, run.layout.index("bad")] = 1.0  # a poisoned step's NaN statistics are a measurement
+    ev = _events(RunningStatsDetector(cooldown=0), run, steps, rows, [])
+    assert [(s, sev) for s, sev, *_ in ev] == [(70, "critical")]

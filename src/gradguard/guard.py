@@ -93,7 +93,8 @@ class Guard:
             ``"auto"`` (or ``gg.Autopilot(...)``): the built-in skip/rollback/back-off policy.
         param_norm_every: steps between measurements of the total parameter
             norm and of each tensor's (the ``param_norm`` column and the rows'
-            per-tensor parameter norms, read by weight_growth); 0: never.
+            per-tensor parameter norms, read by weight_growth); 0: never, nor the
+            BatchNorm running variances (``RunInfo.buffers``, read every step otherwise).
         backend: ``"auto"``: decide on host numbers for CPU parameters, on
             device tensors elsewhere; ``"device"``: the accelerator lane on CPU too.
         scheduler: an LR scheduler the guard steps after each *applied* update
@@ -127,18 +128,16 @@ class Guard:
         self.param_norm_every = check_int("param_norm_every", param_norm_every, 0)
         # for advice and rollback; a torch.compile'd model's own module (its names have no _orig_mod.)
         self.model = getattr(model, "_orig_mod", model) if isinstance(model, torch.nn.Module) else None
-        self.names = [n for n, _ in pairs]
-        self.params = [p for _, p in pairs]
-        # What detectors and remedies see of the run (and the BatchNorm running variances read
-        # with the parameters); the per-tensor norms are WeightGrowthDetector's reference
-        # (full-tensor norms, DTensor shards included).
+        self.names, self.params = [n for n, _ in pairs], [p for _, p in pairs]
+        # What detectors and remedies see of the run (and the BatchNorm running variances); the
+        # per-tensor norms are WeightGrowthDetector's reference (full norms, DTensor shards too).
         init_norms = compute_stats(self.names, [p.detach() for p in self.params]).norms
         bufs = watched_buffers(self.model, self.params[0].device) if self.param_norm_every else []
-        self._buffers = [b for _, b in bufs]
+        self._bnames, self._buffers = [n for n, _ in bufs], [b for _, b in bufs]
         self.run = RunInfo.describe(self.names, self.params, self.model, param_norm_every,
-                                    init_norms.double().cpu().numpy(), [n for n, _ in bufs])  # host sync: construction only
+                                    init_norms.double().cpu().numpy(), self._bnames)  # host sync: construction only
         self._sharded = local_grads(self.params) is not self.params  # any DTensor parameter
-        self.optimizer = optimizer
+        self.optimizer, self.clip = optimizer, clip
         check_watched(optimizer, self.params, "holds")
         self._groups_seen = group_sizes(optimizer)
         self._group_lrs = GroupLRs(optimizer)  # groups 1..: extra store columns lr_group1...
@@ -146,7 +145,6 @@ class Guard:
         self.scheduler, self.ema = scheduler, ema
         self._busy = threading.Lock()  # one step at a time (steps from two threads are refused)
         self.failures = {"detectors": 0, "observers": 0}
-        self.clip = clip
         if clip is not None:
             clip.bind(self.names)
             refuse_unitwise_on_shards(clip, self.params)
@@ -171,6 +169,7 @@ class Guard:
         self._stepper = stepper_for(optimizer, scaler if self._scaler_active() else None)
         self._no_step = NoStep(optimizer)
         self._statistics = Statistics(self.params, self._xp)  # how, chosen once
+        self._bstats = Statistics(self._buffers, self._xp) if self._buffers else None  # one kernel
         lay = self.run.layout
         self._buffer = StepBuffer(lay.width, self.flush_every, self.device, nan_from=lay.param_norms_slice.start)
         self._writer = RowWriter(self._buffer, self.names, self._xp)
@@ -364,11 +363,12 @@ class Guard:
         return report
 
     def _param_norm(self):
-        """The parameters' and the watched buffers' norms every ``param_norm_every`` steps, None
-        in between: reading every parameter each step would double the memory traffic."""
-        if not self.param_norm_every or self._step % self.param_norm_every:
-            return None
-        return param_stats(self.params, self._xp), param_stats(self._buffers, self._xp) if self._buffers else None
+        """Parameter norms every ``param_norm_every`` steps (every step would double the memory
+        traffic), the watched buffers' every step; None: neither."""
+        every = self.param_norm_every
+        p = param_stats(self.params, self._xp) if every and not self._step % every else None
+        b = self._bstats(self._bnames, self._buffers, []) if self._bstats is not None else None
+        return None if p is None and b is None else (p, b)
 
     def _raise(self, stats, d, loss_v, pnorm, grads):
         """``on_nonfinite="raise"``: the step is withheld and recorded like a skip (row,

@@ -21,18 +21,19 @@ class RunningStatsDetector(Detector):
     wrong until it decays.  A NaN/Inf activation poisons it for good (``0.9 * NaN`` stays NaN),
     even when the guard skips the step: skipping withholds the update, not the forward pass.
 
-    The guard measures the buffers' L2 norms with the parameters, every ``param_norm_every``
-    steps (NaN rows in between are ignored).  Rules, per buffer:
+    The guard measures the buffers' L2 norms on every step (a few small tensors: one kernel).
+    Rules, per buffer:
 
-    - a jump: the norm >= ``jump`` x its previous measurement (default 100: activations 10x
-      their scale), judged once the previous measurement is at least ``warmup`` steps into
-      the run (a running variance starts at 1 and moves to the activations' variance during
-      the first tens of steps);
+    - a jump: the norm >= ``jump`` x its previous measurement (default 100: one batch's
+      activations at least 10x their scale), judged once the previous measurement is at least
+      ``warmup`` steps into the run (a running variance starts at 1 and moves to the
+      activations' variance during the first tens of steps);
     - non-finite (critical), once until the buffer is finite again.
 
     The event names the weight of the layer feeding the normalisation (``RunInfo.buffer_inputs``,
-    e.g. the convolution before a BatchNorm2d) first, then the buffer.  It is dated at the
-    measuring step; the jump happened after the previous measurement (``data["since"]``).
+    e.g. the convolution before a BatchNorm2d) first, then the buffer.  It is dated at the step
+    that measured it; ``data["since"]`` is the measurement before (the step before, unless rows
+    were not measured).
 
     Args:
         jump: growth of a running variance between two measurements (default 100).
@@ -57,7 +58,6 @@ class RunningStatsDetector(Detector):
         super().bind(run)
         self.buffers = list(run.buffers)
         self.inputs = list(run.buffer_inputs) or [None] * len(self.buffers)
-        self._every = int(run.param_norm_every or 0)
         if self._prev is None or len(self._prev) != len(self.buffers):
             self._prev = np.full(len(self.buffers), np.nan)
             self._bad = np.zeros(len(self.buffers), bool)
@@ -65,13 +65,14 @@ class RunningStatsDetector(Detector):
     def _scan(self, steps, rows):
         if not self.buffers:
             return Scan([], len(rows), np.empty(0, np.intp))
-        read = ~np.isnan(rows[:, COL["param_norm"]])
-        if self._every > 0:
-            read |= steps % self._every == 0
-        idx = np.flatnonzero(read)
+        # every row measures the buffers; an all-NaN block on a clean step was not measured (rows
+        # restored from an older guard's state), while a forward that poisons the statistics
+        # poisons its own step (the normalised output is NaN too)
+        bn = self.layout.buffer_norms(rows)
+        idx = np.flatnonzero(~np.isnan(bn).all(1) | (rows[:, COL["bad"]] > 0))
         if not len(idx):
             return Scan([], len(rows), idx)
-        b = self.layout.buffer_norms(rows[idx]).astype(np.float64)
+        b = bn[idx].astype(np.float64)
         # each measurement against the one before it (the state's for the first)
         prev = np.vstack([self._prev[None], b[:-1]])
         prev_step = np.r_[self._prev_step, steps[idx][:-1]]
@@ -101,8 +102,8 @@ class RunningStatsDetector(Detector):
             names = [self.buffers[i] for i in bad]
             layers = self._layers(bad)
             return self._emit(step, "critical", layers,
-                              f"the running statistics of {', '.join(names)} hold NaN/Inf: a forward pass "
-                              f"since step {since + 1} put a non-finite activation into them.  Skipping the "
+                              f"the running statistics of {', '.join(names)} hold NaN/Inf: "
+                              f"{self._when(since, step)} put a non-finite activation into them.  Skipping the "
                               f"step does not undo that; in eval mode the layer outputs NaN until they are "
                               f"reset.", {"buffers": names, "since": since})
         i = int(np.argmax(s.ratio[j]))
@@ -111,12 +112,18 @@ class RunningStatsDetector(Detector):
         grown = [int(x) for x in order if s.ratio[j][x] >= self.jump]
         src = self.inputs[i]
         feed = f" (the output of {src.rpartition('.')[0] or src})" if src else ""
-        msg = (f"the running variance of {self.buffers[i].rpartition('.')[0]} grew {r:.3g}x between steps "
-               f"{since} and {step}: the activations entering it{feed} were at least {math.sqrt(r):.3g}x "
-               f"their usual scale on a batch in between.  Training-mode normalisation hides such a batch "
+        when = f"at step {step}" if since == step - 1 else f"between steps {since} and {step}"
+        msg = (f"the running variance of {self.buffers[i].rpartition('.')[0]} grew {r:.3g}x {when}: the "
+               f"activations entering it{feed} were at least {math.sqrt(r):.3g}x their usual scale on "
+               f"that batch.  Training-mode normalisation hides such a batch "
                f"from the gradients and the loss; evaluation divides by these statistics until they decay.")
         return self._emit(step, "warning", self._layers(grown), msg,
                           {"buffers": [self.buffers[x] for x in grown], "growth": r, "since": since})
+
+    @staticmethod
+    def _when(since: int, step: int) -> str:
+        return f"the forward pass of step {step}" if since == step - 1 else \
+            f"a forward pass of steps {since + 1}-{step}"
 
     def _layers(self, which) -> list[str]:
         """The feeding layers' weights (where known), then the buffers themselves."""

@@ -10,8 +10,8 @@
   ``norms`` / ``maxabs`` float32[n, L] (gradients); parameter norms only for
   the m rows that measured them (one in ``param_norm_every``): ``pidx``
   int32[m] (row offsets in the chunk) and ``pnorms`` float32[m, L] (NULL in
-  chunks written by schema v1); the watched buffers' norms on the same rows,
-  ``bnorms`` float32[m, B] (meta ``buffers`` names them; NULL before schema v3).
+  chunks written by schema v1); the watched buffers' norms, every row,
+  ``bnorms`` float32[n, B] (meta ``buffers`` names them; NULL without buffers or before v3).
   One INSERT per chunk instead of 300M rows.
 - ``summary``: a min/max pyramid over the same rows.  Level ``k`` bucket
   ``b`` aggregates rows ``[b*8^k, (b+1)*8^k)`` in write order: count, first
@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "LOCK_NAME", "FACTOR_BITS", "LEVELS", "RUN_NAME_RE", "DDL",
            "check_run_name", "level_aggregates", "reduce_groups", "AGG_FIELDS", "pack_pnorms",
-           "unpack_pnorms"]
+           "unpack_pnorms", "unpack_bnorms"]
 
 SCHEMA_VERSION = 3
 _NAN_BITS = np.float32(np.nan).view(np.int32)  # what an unmeasured parameter norm holds
@@ -102,25 +102,28 @@ def reduce_groups(agg: dict, starts: np.ndarray) -> dict:
     return out
 
 
-def pack_pnorms(block: np.ndarray, L: int | None = None) -> tuple[bytes, bytes, bytes | None]:
-    """``(pidx, pnorms, bnorms)`` BLOBs of a chunk's measured block (float32[n, L + B]: the
-    parameter norms, then the buffers'): the rows holding anything but the unmeasured NaN, bit
-    for bit (a NaN weight's norm is kept); ``bnorms`` is None without buffers."""
-    L = block.shape[1] if L is None else L
+def pack_pnorms(block: np.ndarray) -> tuple[bytes, bytes]:
+    """``(pidx, pnorms)`` BLOBs of a chunk's parameter-norm block (float32[n, L]): the rows
+    holding anything but the unmeasured NaN, bit for bit (a NaN weight's norm is kept)."""
     keep = np.flatnonzero((block.view(np.int32) != _NAN_BITS).any(axis=1)).astype(np.int32)
-    kept = block[keep]
-    return (keep.tobytes(), kept[:, :L].tobytes(),
-            kept[:, L:].tobytes() if block.shape[1] > L else None)
+    return keep.tobytes(), block[keep].tobytes()
 
 
 def unpack_pnorms(pidx, pnorms, n: int, L: int) -> np.ndarray:
     """The chunk's parameter-norm block, float32[n, L] (NaN where not measured, and everywhere
-    in a chunk written by schema v1; ``bnorms`` unpack the same way, NULL before v3)."""
+    in a chunk written by schema v1)."""
     out = np.full((n, L), np.nan, np.float32)
     if pidx is not None and pnorms is not None:
         idx = np.frombuffer(pidx, np.int32)
         out[idx] = np.frombuffer(pnorms, np.float32).reshape(len(idx), L)
     return out
+
+
+def unpack_bnorms(bnorms, n: int, B: int) -> np.ndarray:
+    """The chunk's buffer-norm block, float32[n, B] (NaN in a chunk written without it)."""
+    if bnorms is None:
+        return np.full((n, B), np.nan, np.float32)
+    return np.frombuffer(bnorms, np.float32).reshape(n, B)
 
 
 def raw_aggregates(steps: np.ndarray, glob: np.ndarray, norms: np.ndarray, maxabs: np.ndarray) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 from .._json import json_safe
 from .._validate import check_int
 from ..events import Event, event_order
-from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, unpack_pnorms,
+from .schema import (DB_NAME, LEVELS, LOCK_NAME, RUN_NAME_RE, SCHEMA_VERSION, raw_aggregates, unpack_bnorms,
                      reduce_groups)
 
 try:
@@ -288,12 +288,12 @@ class RunStore:
 
     @_readable
     def buffer_norms(self, run: str, start: int | None = None, end: int | None = None) -> dict:
-        """The watched buffers' L2 norms (BatchNorm running variances) on the steps that
-        measured them, in the inclusive step range.
+        """The watched buffers' L2 norms (BatchNorm running variances, measured every step) in the
+        inclusive step range.
 
         Returns:
-            dict: ``names`` (the buffers), ``step`` (int64) and ``norm`` (steps x buffers
-            float32; NaN on measuring steps of a chunk written before buffers were stored).
+            dict: ``names`` (the buffers), ``step`` (int64) and ``norm`` (steps x buffers float32;
+            NaN in rows written before buffers were stored).
         """
         lo, hi = _range(start, end)
         con = self._connect(run)
@@ -301,17 +301,13 @@ class RunStore:
             meta = dict(con.execute("SELECT key, value FROM meta WHERE key = 'buffers'").fetchall())
             names = json.loads(meta.get("buffers", "[]"))
             has = names and any(c[1] == "bnorms" for c in con.execute("PRAGMA table_info(chunks)"))
-            rows = con.execute("SELECT n, steps, pidx, bnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
-                               "AND pidx IS NOT NULL ORDER BY seq0", (lo, hi)).fetchall() if has else []
+            rows = con.execute("SELECT n, steps, bnorms FROM chunks WHERE step_hi >= ? AND step_lo <= ? "
+                               "ORDER BY seq0", (lo, hi)).fetchall() if has else []
         finally:
             con.close()
         B = len(names)
-        steps, norms = [np.empty(0, np.int64)], [np.empty((0, B), _F32)]
-        for n, st, pidx, bn in rows:
-            idx = np.frombuffer(pidx, np.int32)
-            steps.append(np.frombuffer(st, np.int64)[idx])
-            norms.append(unpack_pnorms(pidx, bn, n, B)[idx])
-        steps, norms = np.concatenate(steps), np.concatenate(norms)
+        steps = np.concatenate([np.frombuffer(r[1], np.int64) for r in rows] or [np.empty(0, np.int64)])
+        norms = np.concatenate([unpack_bnorms(r[2], r[0], B) for r in rows] or [np.empty((0, B), _F32)])
         keep = (steps >= lo) & (steps <= hi)
         return {"names": names, "step": steps[keep], "norm": norms[keep]}
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._files import TMP_NAME, _dumps, _text, _Vanished
 from .schema import (DDL, FACTOR_BITS, LEVELS, SCHEMA_VERSION, level_aggregates, pack_pnorms,
-                     raw_aggregates, reduce_groups, unpack_pnorms)
+                     raw_aggregates, reduce_groups, unpack_bnorms, unpack_pnorms)
 
 __all__ = ["CHUNK_ROWS", "HEARTBEAT_SECONDS"]
 
@@ -165,7 +165,7 @@ class _StoreWriter:
                                        np.frombuffer(norms, np.float32).reshape(n, L),
                                        np.frombuffer(maxabs, np.float32).reshape(n, L),
                                        unpack_pnorms(pidx, pnorms, n, L),
-                                       unpack_pnorms(pidx, bnorms, n, B)], axis=1)
+                                       unpack_bnorms(bnorms, n, B)], axis=1)
                 keep = steps < resume_at
                 if keep.any():
                     self._write_rows(con, steps[keep], rows[keep], cols)
@@ -253,7 +253,8 @@ class _StoreWriter:
         elif tuple(global_cols) != self.global_cols:
             raise ValueError(f"global columns changed from {self.global_cols} to {tuple(global_cols)}")
         # Views, not copies: tobytes() below writes each chunk's slice contiguously anyway.
-        glob, norms, maxabs, pnorms = rows[:, :G], rows[:, G:G + L], rows[:, G + L:G + 2 * L], rows[:, G + 2 * L:]
+        glob, norms, maxabs = rows[:, :G], rows[:, G:G + L], rows[:, G + L:G + 2 * L]
+        pnorms, bnorms = rows[:, G + 2 * L:G + 3 * L], rows[:, G + 3 * L:]
         n = len(steps)
         for a in range(0, n, CHUNK_ROWS):
             b = min(n, a + CHUNK_ROWS)
@@ -261,7 +262,7 @@ class _StoreWriter:
             con.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (self.seq + a, b - a, int(s.min()), int(s.max()), s.tobytes(),
                          glob[a:b].tobytes(), norms[a:b].tobytes(), maxabs[a:b].tobytes(),
-                         *pack_pnorms(pnorms[a:b], L)))
+                         *pack_pnorms(pnorms[a:b]), bnorms[a:b].tobytes() if B else None))
         # Pyramid: each level groups the batch-only segments of the level below
         # (sums must not count earlier rows twice), then merges with the
         # in-memory partial bucket and upserts every bucket it touched.
