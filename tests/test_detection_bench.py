@@ -91,6 +91,7 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     ("3", {"z_deep.tanh_gain3_sgd.s7"}, 10, 2, 4),
     ("4", set(), 0, 0, 0),
     ("5", set(), 6, 2, 2),
+    ("6", set(), 6, 2, 2),
 ])
 def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
@@ -104,7 +105,8 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     Batch-4 SGD near zero loss used to get "exploding" warnings from single hard batches: the
     trend reads the median loss of its window.  Weights corrupted between two measurements
     (steps 237, 173, 187) used to be dated at the next measurement: now at the fault's step, and
-    listed before the loss spike they cause on that step."""
+    listed before the loss spike they cause on that step.  A batch x1000 into a BatchNorm network
+    (set 6) changes nothing but the running variances: named from them."""
     import blind
     from gradguard.detect import default_detectors
 
@@ -122,6 +124,10 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     weights = [s for s in scores if s["fault"] == "corrupt_weight"]
     assert len(weights) == n_weights and all(s["onset_err"] == 0 and s["culprit_ok"] for s in weights)
     assert res["all"]["nan_faults"] == n_nan and (n_nan == 0 or res["all"]["producer_ok"] == 1.0)
+    if which == "6":  # a batch x1000 into five BatchNorm networks: named at its step, by its layer
+        batches = [s for s in scores if s["fault"] == "corrupt_batch"]
+        assert len(batches) == 10 and all(s["onset_err"] == 0 and s["culprit_ok"] for s in batches)
+        assert {s["first_kind"] for s in batches} == {"running_stats"}
     if which == "1":
         assert next(s for s in scores if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0
         assert sum(s["label"] == "healthy" and not s["fault"] and s["id"].startswith("x_noisy") for s in scores) == 4

@@ -8,10 +8,10 @@ imports the orchestrator.
 A row is the global columns (``GLOBAL_COLS``) followed by one gradient L2 norm
 per watched tensor, one max |g| per watched tensor, then one *parameter* L2 norm
 per watched tensor, in model order, then one L2 norm per watched *buffer* (the
-normalisation layers' running variances, ``RunInfo.buffers``).  A tensor without a
-gradient on a step has a NaN norm and a 0 max |g|.  Parameter and buffer norms are
-measured with the ``param_norm`` column, every ``param_norm_every`` steps, and are NaN
-in between.
+normalisation layers' running variances, ``RunInfo.buffers``, measured every step).  A
+tensor without a gradient on a step has a NaN norm and a 0 max |g|.  Parameter norms are
+measured with the ``param_norm`` column, every ``param_norm_every`` steps, and are NaN in
+between.
 
 ``RunInfo`` is the small description of the run that detectors and remedies
 are bound to (names, shapes, owning module types, which tensors are weight
@@ -84,7 +84,7 @@ class RowLayout:
         return rows[..., self.param_norms_slice]
 
     def buffer_norms(self, rows):
-        """Per-buffer L2 norms (``RunInfo.buffers``; NaN on steps that do not measure them)."""
+        """Per-buffer L2 norms (``RunInfo.buffers``, every step)."""
         return rows[..., self.buffer_norms_slice]
 
     def globals(self, rows):
