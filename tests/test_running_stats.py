@@ -241,6 +241,23 @@ def test_a_nan_activation_poisons_the_statistics_once_reported_critical():
     assert np.isnan(guard.run.layout.buffer_norms(rows[250])).any()
 
 
+@pytest.mark.parametrize("fault", ["x1000", "nan"])
+def test_the_autopilot_rolls_poisoned_statistics_back(fault):
+    """Skipping a step withholds its update, not its forward pass: only a rollback returns the
+    running statistics a bad batch wrote.  Without the autopilot they stay wrong (the control)."""
+    plain, _, prow = _train(Net(), 200, fault)
+    guard, steps, rows = _train(Net(), 200, fault, guard_kw={"remedies": "auto"})
+    lay = guard.run.layout
+    (rescue,) = [e for e in guard.events if e.kind == "rescue"]
+    assert rescue.data["trigger_kind"] == "running_stats" and rescue.data["trigger_step"] == 150
+    before, later = (lay.buffer_norms(rows[np.flatnonzero(steps == s)[-1]]) for s in (149, 170))
+    assert np.isfinite(later).all() and (later < 3 * before).all(), (before, later)
+    control = lay.buffer_norms(prow[170])
+    assert not (control < 3 * before).all()  # NaN, or still >100x after 20 steps of decay
+    assert np.isfinite(lay.buffer_norms(rows[-1])).all()
+    assert not [e for e in guard.events if e.kind == "running_stats" and e.step > 150]
+
+
 def test_a_jump_before_warmup_is_not_judged():
     guard, _, _ = _train(Net(), 80, "x1000", fstep=20)
     assert not [e for e in guard.events if e.kind == "running_stats"]

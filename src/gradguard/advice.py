@@ -32,6 +32,8 @@ RUNNING_STATS_ADVICE = [
     "normalisation layers named and run a few hundred training batches through the model in train "
     "mode under torch.no_grad() (as torch.optim.swa_utils.update_bn does), or restore them from a "
     "checkpoint.",
+    "Guard(..., remedies=\"auto\") rolls the model, its running statistics included, back to its "
+    "last snapshot on this event.",
 ]
 AMP_OVERFLOW_ADVICE = ["Nothing to do unless this happens on most steps; then check the loss for NaN."]
 CLIP_ADVICE = ("Clip the gradients: Guard(..., clip=gg.GlobalNorm(1.0)) (norm), gg.Value(0.5) (value) "

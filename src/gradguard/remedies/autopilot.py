@@ -26,8 +26,9 @@ as three or more losses after the suspect are all above that level, or when the 
 percent that lasts).  The
 rollback's snapshot comes from before the earliest loss above that level among the
 ``confirm`` steps before the trigger: a fault shows late, and a snapshot that already holds
-it would be restored.  A ``diverging`` or
-``weight_growth`` warning, a 1e4x spike, or a parameter norm ``blowup`` x the
+it would be restored.  A ``diverging``,
+``weight_growth`` or ``running_stats`` warning (a batch x100 or NaN into a BatchNorm: the
+loss never shows it, the running statistics keep it), a 1e4x spike, or a parameter norm ``blowup`` x the
 last snapshot's (read from the rows: the detector reports once per cooldown, and
 a fault may come back after a rollback) is acted on at once.
 Each decision is an event of kind ``"rescue"`` (step = the flush that decided),
@@ -66,9 +67,11 @@ SOFT = ("loss_spike", "spike", "exploding", "weight_growth")  # need the loss to
 
 
 def _hard(ev) -> bool:
-    """Damage without waiting for the loss: the detector already waited (diverging), or the
-    weights themselves blew up (10x RMS growth, or a huge RMS), or a 1e4x jump."""
-    return (ev.kind in ("diverging", "weight_growth") and ev.severity != "info") or \
+    """Damage without waiting for the loss: the detector already waited (diverging), the
+    weights themselves blew up (10x RMS growth, or a huge RMS), a 1e4x jump, or a batch
+    poisoned a normalisation layer's running statistics (the loss never shows that: training
+    mode normalises by the batch's own; the snapshot holds the buffers as they were)."""
+    return (ev.kind in ("diverging", "weight_growth", "running_stats") and ev.severity != "info") or \
         (ev.kind in ("spike", "loss_spike") and ev.severity == "critical")
 
 
