@@ -1389,10 +1389,10 @@ def test_regrowth_after_a_shrink_still_ranks_by_growth_since_the_start():
     np.testing.assert_allclose(ev[0].data["culprit_scores"], [0.9, 0.6], rtol=1e-6)
 
 
-def _jump_between_measurements(at, factor, gap=None, gap_at=25, n=40):
+def _jump_between_measurements(at, factor, gap=None, gap_at=25, n=40, loss=None):
     """``n`` steps, parameter norms measured every 10; from step ``at`` on, NAMES[1]'s weights are
     x30 (seen at the next measuring step) and its gradient norm is /``factor``; the other
-    gradients wander by up to 2x a step.  Row ``gap_at`` holds no usable gradient for NAMES[1]:
+    gradients wander by up to 2x a step; ``loss``: the loss of each step (default 1).  Row ``gap_at`` holds no usable gradient for NAMES[1]:
     ``gap`` "bad" (poisoned, NaN gradients), "bad-finite" (poisoned by its loss, its gradient
     norms finite but NAMES[1]'s 100x off), "missing" (a NaN norm, the row fine) or "zero"."""
     rng = np.random.default_rng(0)
@@ -1403,7 +1403,7 @@ def _jump_between_measurements(at, factor, gap=None, gap_at=25, n=40):
             g[1] /= factor
         pn = [3.0, 90.0 if t >= at else 3.0, 3.0, 3 ** 0.5]
         measured = t % 10 == 0
-        rows.append(row(gnorm=float(np.linalg.norm(g)), layers=(*g, 0.1),
+        rows.append(row(gnorm=float(np.linalg.norm(g)), layers=(*g, 0.1), loss=1.0 if loss is None else loss[t],
                         param_norm=float(np.linalg.norm(pn)) if measured else math.nan,
                         param_norms=pn if measured else None))
         if t == gap_at and gap == "bad":
@@ -1417,12 +1417,12 @@ def _jump_between_measurements(at, factor, gap=None, gap_at=25, n=40):
 
 @pytest.mark.parametrize("chunk,resume", [(1, False), (7, True), (40, False)])
 @pytest.mark.parametrize("at,factor,dated,gap", [
-    (23, 30.0, 23, None), (23, 4.0, 30, None), (21, 30.0, 21, None), (30, 30.0, 30, None),
+    (23, 30.0, 23, None), (23, 4.0, 23, None), (21, 30.0, 21, None), (30, 30.0, 30, None),
     *[(26, f, d, gap) for gap in ("bad", "bad-finite", "missing", "zero") for f, d in ((30.0, 26), (2.0, 30))]])
 def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated, gap, chunk, resume):
     """A weight x30 between two measurements is seen at the next one (step 30); its gradient norm
-    falling 30x at once dates it (a 4x change, under onset_break, does not; nor 2x across a gap,
-    where two steps of noise add up), also on the first
+    falling 30x at once dates it, as does a 4x fall (out of twice the range of the 20 steps
+    before, where it wandered 2x); 2x, inside that range, does not (nor across a gap), also on the first
     step after a measurement, on the measuring step itself, and across a row without that
     gradient (25: poisoned, or the tensor's gradient missing or zero: the change at 26 is
     measured against 24, and the gap itself is no change).  Any chunking, with or without a
@@ -1430,20 +1430,93 @@ def test_a_jump_between_measurements_is_dated_by_its_gradient(at, factor, dated,
     make = lambda: D.WeightGrowthDetector(growth=1e9)  # noqa: E731  only the jump rule
     events = _fed_in_chunks(make, _jump_between_measurements(at, factor, gap), chunk, resume)
     assert [(e.step, e.layers[0], e.data["seen_at"]) for e in events] == [(dated, NAMES[1], 30)]
-    assert ("when the jump most likely happened" in events[0].message) == (factor >= 5)
+    assert ("when the jump most likely happened" in events[0].message) == (factor > 2)
+
+
+@pytest.mark.parametrize("chunk,resume", [(1, False), (7, True), (40, False)])
+def test_a_jump_is_dated_by_the_first_step_out_of_range_not_the_largest_change(chunk, resume):
+    """Logits x30 into a softmax (measured: a CNN's conv x30, a batch-2 MLP's output layer): the
+    loss jumps on the first step (23) while the tensor's gradient barely moves, so its gradient
+    per unit of loss falls 27x; the saturated steps after swing its gradient norm 1e6x (26).
+    The largest one-step change would date the jump 3 steps late; the first step out of the
+    range before the interval dates it."""
+    loss = [1.0] * 40
+    loss[23] = 27.0
+    rows = _jump_between_measurements(23, 1.0, loss=loss)
+    rows[26][len(GLOBAL_COLS) + 1] *= 1e-6
+    make = lambda: D.WeightGrowthDetector(growth=1e9)  # noqa: E731
+    events = _fed_in_chunks(make, rows, chunk, resume)
+    assert [(e.step, e.data["seen_at"]) for e in events] == [(23, 30)]
+    assert "at step 23 its gradient norm per unit of loss left 2x the range" in events[0].message
+    rows[23][GLOBAL_COLS.index("loss")] = 1.0  # without the loss: the largest change dates it
+    assert [e.step for e in _fed_in_chunks(make, rows, chunk, resume)] == [26]
+
+
+@pytest.mark.parametrize("loss_too, dated", [(True, 25), (False, 22)])
+def test_an_easy_batch_is_not_a_jump(loss_too, dated):
+    """An easy batch at step 22 lowers the gradient norm 5x, out of its range, and the loss
+    with it: its gradient per unit of loss is where it was, so the 30x fall at 25 dates the jump.
+    The same fall of the gradient with the loss unchanged is the first step out of range."""
+    loss = [1.0] * 40
+    loss[22] = 0.2 if loss_too else 1.0
+    rows = _jump_between_measurements(25, 30.0, loss=loss)
+    rows[22][len(GLOBAL_COLS) + 1] /= 5.0
+    det = D.WeightGrowthDetector(growth=1e9)
+    ev = feed(det, bound(det), rows)
+    assert [(e.step, e.data["seen_at"]) for e in ev] == [(dated, 30)]
+
+
+@pytest.mark.parametrize("loss_at_23, dated", [(0.0, 23), (math.nan, 26), (-1.0, 26)])
+def test_a_gradient_at_a_loss_of_zero_is_out_of_range(loss_at_23, dated):
+    """A finite gradient at a loss of exactly 0 (a softmax saturated by the jump) is out of any
+    range; a NaN or negative loss is no evidence (the largest change dates the jump, 26)."""
+    loss = [1.0] * 40
+    loss[23] = loss_at_23
+    rows = _jump_between_measurements(23, 1.0, loss=loss)
+    rows[26][len(GLOBAL_COLS) + 1] *= 1e-6
+    det = D.WeightGrowthDetector(growth=1e9)
+    assert [e.step for e in feed(det, bound(det), rows)] == [dated]
+
+
+def test_negative_losses_give_no_range():
+    """A negative log-likelihood: no gradient-per-loss ratio on any step, so no range; the
+    largest change of the tensor's gradient dates the jump."""
+    rows = _jump_between_measurements(23, 30.0, loss=[-1.0] * 40)
+    det = D.WeightGrowthDetector(growth=1e9)
+    ev = feed(det, bound(det), rows)
+    assert [e.step for e in ev] == [23] and "changed" in ev[0].message and "per unit of loss" not in ev[0].message
+
+
+@pytest.mark.parametrize("onset_range, dated", [(2.0, 23), (100.0, 26)])
+def test_onset_range_sets_how_far_out_a_step_must_be(onset_range, dated):
+    """The loss 27x at the jump's first step: out of twice the range, inside 100x of it (the
+    largest change dates it then)."""
+    loss = [1.0] * 40
+    loss[23] = 27.0
+    rows = _jump_between_measurements(23, 1.0, loss=loss)
+    rows[26][len(GLOBAL_COLS) + 1] *= 1e-6
+    det = D.WeightGrowthDetector(growth=1e9, onset_range=onset_range)
+    assert [e.step for e in feed(det, bound(det), rows)] == [dated]
+
+
+@pytest.mark.parametrize("kw, match", [({"onset_range": 0.5}, "onset_range"), ({"onset_range": math.nan}, "onset_range"),
+                                       ({"onset_context": 0}, "onset_context"), ({"onset_context": 2.5}, "onset_context")])
+def test_bad_dating_arguments_are_named(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        D.WeightGrowthDetector(**kw)
 
 
 @pytest.mark.parametrize("factor, dated", [(30.0, 26), (4.0, 30)])
 def test_a_state_saved_before_jump_dating_resumes_mid_interval(factor, dated):
     """A state without the dating fields (saved by an older version) loaded at step 23: the
-    interval's first row has no earlier gradient, so it is no change; a 30x change at 26 dates
-    the jump, a 4x one does not."""
+    interval's first row has no earlier gradient, so it is no change, and there is no range
+    before it; a 30x change at 26 dates the jump, a 4x one does not."""
     rows = np.stack(_jump_between_measurements(26, factor))
     old = D.WeightGrowthDetector(growth=1e9)
     guard = bound(old)
     assert old.update(np.arange(23), rows[:23], guard.run) == []
     state = json.loads(json.dumps(old.state_dict()))
-    for key in ("glast", "gbest", "gat"):
+    for key in ("glast", "gbest", "gat", "ctx", "lo", "hi", "gfirst"):
         del state[key]
     det = D.WeightGrowthDetector(growth=1e9)
     det.bind(guard.run)

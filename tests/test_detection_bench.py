@@ -92,6 +92,7 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     ("4", set(), 0, 0, 0),
     ("5", set(), 6, 2, 2),
     ("6", set(), 6, 2, 2),
+    ("7", {"w_multilabel.sgdm_lr20.s14", "w_multilabel.sgdm_lr20.s15"}, 8, 6, 4),
 ])
 def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
@@ -106,7 +107,11 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     trend reads the median loss of its window.  Weights corrupted between two measurements
     (steps 237, 173, 187) used to be dated at the next measurement: now at the fault's step, and
     listed before the loss spike they cause on that step.  A batch x1000 into a BatchNorm network
-    (set 6) changes nothing but the running variances: named from them."""
+    (set 6) changes nothing but the running variances: named from them.  Set 7: a jump is dated
+    at the first step its tensor's gradient per unit of loss leaves its range (within a step of
+    the fault; the largest change was 2-3 steps late in 3 of 6); the two "healthy" runs flagged
+    are networks whose every ReLU died (the loss fell to the class prior's), which the detectors
+    say."""
     import blind
     from gradguard.detect import default_detectors
 
@@ -122,12 +127,17 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     flagged = {s["id"] for s in scores if s["label"] == "healthy" and not s["fault"] and s["n_flags"]}
     assert flagged == flagged_ids
     weights = [s for s in scores if s["fault"] == "corrupt_weight"]
-    assert len(weights) == n_weights and all(s["onset_err"] == 0 and s["culprit_ok"] for s in weights)
+    tol = 1 if which == "7" else 0
+    assert len(weights) == n_weights and all(abs(s["onset_err"]) <= tol and s["culprit_ok"] for s in weights)
     assert res["all"]["nan_faults"] == n_nan and (n_nan == 0 or res["all"]["producer_ok"] == 1.0)
     if which == "6":  # a batch x1000 into five BatchNorm networks: named at its step, by its layer
         batches = [s for s in scores if s["fault"] == "corrupt_batch"]
         assert len(batches) == 10 and all(s["onset_err"] == 0 and s["culprit_ok"] for s in batches)
         assert {s["first_kind"] for s in batches} == {"running_stats"}
+    if which == "7":  # the flagged "healthy" runs: no weight learns after step ~20, and it is said
+        for rid in flagged_ids:
+            assert any(e["kind"] == "vanishing" and e["severity"] == "warning"
+                       for e in metrics.replay(next(r for r in runs if r["id"] == rid), default_detectors))
     if which == "1":
         assert next(s for s in scores if s["id"] == "x_reg.adam_long.s2")["n_flags"] == 0
         assert sum(s["label"] == "healthy" and not s["fault"] and s["id"].startswith("x_noisy") for s in scores) == 4

@@ -8,7 +8,8 @@ Metrics (a "flag" is an event of severity warning or critical):
 
 - recall: diverging runs (no injected fault) with a flag no later than ``WITHIN`` steps after
   the loss left its early range;
-- lead time: divergence step minus the first such flag's step (median; over all diverging runs
+- lead time: divergence step minus the step the first such flag was raised at (median; a weight
+  jump dated back to where it happened counts from the measuring step that saw it; over all diverging runs
   and over the gradual ones: more than 5 steps between the loss's last visit at or below its
   first value and the divergence);
 - false warnings per 10,000 healthy steps, and healthy runs with any flag;
@@ -77,8 +78,11 @@ def replay(run: dict, make_detectors) -> list[dict]:
         for d in dets:
             new += d.update(s, r, info)
         add_events(events, new)  # as the guard keeps them: in step order, cause first
-    return [{"step": e.step, "kind": e.kind, "severity": e.severity, "layers": list(e.layers[:3]),
-             "message": e.message, "count": (e.data or {}).get("count", 1)} for e in events]
+    # "known": the step whose rows raised the event (a weight jump is dated back to where it most
+    # likely happened, but raised at the measuring step that saw it: ``seen_at``)
+    return [{"step": e.step, "known": int((e.data or {}).get("seen_at", e.step)), "kind": e.kind,
+             "severity": e.severity, "layers": list(e.layers[:3]), "message": e.message,
+             "count": (e.data or {}).get("count", 1)} for e in events]
 
 
 def _module(name: str | None) -> str | None:
@@ -105,9 +109,10 @@ def score_run(run: dict, events: list[dict]) -> dict:
             out["named"] = top
     elif run["label"] == "diverging":
         d = run["diverge_step"]
-        hit = [e for e in flags if e["step"] <= d + WITHIN]
+        known = sorted(e.get("known", e["step"]) for e in flags)  # a lead counts from when it was known
+        hit = [k for k in known if k <= d + WITHIN]
         out["caught"] = bool(hit)
-        out["lead"] = d - hit[0]["step"] if hit else None
+        out["lead"] = d - hit[0] if hit else None
         out["gradual"] = run["gradual"]
     elif run["label"] == "vanishing":
         out["caught"] = any(e["kind"] == "vanishing" for e in events)

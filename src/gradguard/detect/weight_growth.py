@@ -33,9 +33,16 @@ class WeightGrowthDetector(Detector):
       large factors in a healthy run.
 
     When a jump happened: the weights are measured every ``param_norm_every`` steps, the
-    gradients every step.  A weight multiplied by 30 changes its own gradient norm at once
-    (behind a normalisation or a saturating activation it falls by about the same factor),
-    so a jump's event is dated at the step in the interval where that tensor's gradient norm
+    gradients and the loss every step.  A weight multiplied by 30 shows on the first step that
+    uses it in the tensor's gradient norm per unit of loss: the gradient falls by about that
+    factor behind a normalisation or a saturating activation, or the loss jumps with the
+    gradient unchanged (logits x30 into a softmax).  The ratio, not the gradient norm alone: an
+    easy batch lowers both (a gradient norm 3x under its range at a loss 3x under is no jump).
+    Later steps of such a run swing further (a saturated softmax gives a gradient of ~0 on one
+    batch and a full one on the next), so the largest change is often not the first.  A jump's
+    event is dated at the first step in the interval whose ratio for that tensor left
+    ``onset_range`` x the range it held over the ``onset_context`` steps before the interval;
+    when none did (or no positive loss was recorded), at the step where its gradient norm
     changed most from the step before, if it changed at least ``onset_break``x; otherwise at
     the measuring step that saw it.  ``data["seen_at"]`` is the measuring step.
 
@@ -53,8 +60,11 @@ class WeightGrowthDetector(Detector):
         cooldown: steps between two events (default 200).
         layer_jump: growth of one weight tensor between two measurements (default 10).
         layer_floor: smallest previous RMS judged, relative to the total RMS (default 0.01).
+        onset_range: how far outside the range of the steps before an interval a loss or a
+            gradient norm must be to date a jump there, as a factor (default 2).
+        onset_context: steps before an interval whose range that is (default 20).
         onset_break: one-step change of a jumped tensor's gradient norm that dates the jump
-            (default 5).
+            when nothing left that range (default 5).
     """
 
     kind = "weight_growth"
@@ -64,7 +74,7 @@ class WeightGrowthDetector(Detector):
 
     def __init__(self, growth: float = 10.0, window: int = 200, max_rms: float = 100.0,
                  cooldown: int = 200, layer_jump: float = 10.0, layer_floor: float = 0.01,
-                 onset_break: float = 5.0):
+                 onset_break: float = 5.0, onset_range: float = 2.0, onset_context: int = 20):
         super().__init__(cooldown)
         self.growth = check_pos("growth", growth)
         self.window = check_int("window", window, 1)
@@ -74,6 +84,10 @@ class WeightGrowthDetector(Detector):
         self.onset_break = check_pos("onset_break", onset_break)
         if self.onset_break < 1:
             raise ValueError(f"onset_break must be >= 1 (a factor of change), got {onset_break!r}")
+        self.onset_range = check_pos("onset_range", onset_range)
+        if self.onset_range < 1:
+            raise ValueError(f"onset_range must be >= 1 (a factor), got {onset_range!r}")
+        self.onset_context = check_int("onset_context", onset_context, 1)
         self._hist: deque = deque()  # (step, rms)
         self._prev: np.ndarray | None = None  # each weight tensor's RMS at the last measurement
         self._init: np.ndarray | None = None  # per-tensor reference norms (see the class doc)
@@ -83,6 +97,12 @@ class WeightGrowthDetector(Detector):
         self._glast: np.ndarray | None = None
         self._gbest: np.ndarray | None = None
         self._gat: np.ndarray | None = None
+        # log(gradient norm / loss) of each weight tensor over the latest ``onset_context`` rows;
+        # the range it held when the interval began (lo, hi: NaN until there are that many
+        # rows); per tensor, the first step of the interval outside it (-1: none)
+        self._ctx: deque = deque(maxlen=self.onset_context)
+        self._lo = self._hi = self._gfirst = None
+        self._dated = None  # (gbest, gat, gfirst) of the interval that ended with the last row folded
 
     def bind(self, run):
         super().bind(run)
@@ -94,6 +114,9 @@ class WeightGrowthDetector(Detector):
             self._glast = np.full(len(self._w), np.nan)
             self._gbest = np.full(len(self._w), -1.0)
             self._gat = np.full(len(self._w), -1, np.int64)
+        if self._gfirst is None or len(self._gfirst) != len(self._w):
+            self._lo = self._hi = np.full(len(self._w), np.nan)
+            self._gfirst = np.full(len(self._w), -1, np.int64)
         if self._init is None and run.init_layer_norms is not None:
             self._init, self._ref = np.asarray(run.init_layer_norms, np.float64), "weights"
 
@@ -171,9 +194,8 @@ class WeightGrowthDetector(Detector):
                               f"parameter norm is {W.fmt(pn)}: the weights hold NaN/Inf{grads}.",
                               {"param_norm": pn})
         rms, lo, ratio = s.rms[j], s.lo[j], s.jump[j]
-        self._fold(s, k, k + 1, reset=False)  # this row's gradients, to date a jump
-        gbest, gat = self._gbest.copy(), self._gat.copy()
         self._absorb(s, k, k + 1)
+        gbest, gat, gfirst = self._dated  # the interval this measuring row ended, to date a jump
         data = {"rms": rms, "param_norm": pn, "growth": rms / lo if lo > 0 else math.inf}
         if rms >= self.max_rms:
             sev, msg = "critical", (f"RMS weight {rms:.3g} (parameter norm {pn:.3g}) is above the limit "
@@ -191,7 +213,12 @@ class WeightGrowthDetector(Detector):
             layers, scores = self._ranked(ratio)
             i = int(np.argmax(ratio))
             data["seen_at"] = step
-            if gbest[i] >= math.log(self.onset_break):
+            if gfirst[i] >= 0:
+                msg += (f"; at step {int(gfirst[i])} its gradient norm per unit of loss left "
+                        f"{self.onset_range:g}x the range of the {self.onset_context} steps before, "
+                        f"when the jump most likely happened")
+                step = int(gfirst[i])
+            elif gbest[i] >= math.log(self.onset_break):
                 msg += (f"; its gradient norm changed {math.exp(gbest[i]):.3g}x at step {int(gat[i])}, "
                         f"when the jump most likely happened")
                 step = int(gat[i])
@@ -208,14 +235,22 @@ class WeightGrowthDetector(Detector):
                 msg += f"; largest gradient relative to {what}: {layers[0]} ({scores[0]:.3g}x)"
         return self._emit(step, sev, layers, msg + ".", {**data, "culprit_scores": scores})
 
-    def _fold(self, s, a: int, b: int, reset: bool = True) -> None:
+    def _fold(self, s, a: int, b: int) -> None:
         """Take rows ``a:b``'s gradient norms into the per-tensor largest one-step change since
-        the last measuring row (reset after each measuring row, unless ``reset`` is False)."""
+        the last measuring row and the first step outside the range before it (both reset after
+        each measuring row, which also takes the range anew)."""
         if b <= a:
             return
         rows = s.rows[a:b]
         with np.errstate(all="ignore"):
             lg = np.log(self.layout.norms(rows)[:, self._w], dtype=np.float64)
+            loss = rows[:, COL["loss"]].astype(np.float64)
+            # no ratio for a negative loss (a log-likelihood); a gradient at a loss of exactly 0
+            # is +inf: out of any range (a softmax saturated by a jump), never part of one
+            vals = lg - np.log(np.where(loss >= 0, loss, np.nan))[:, None]
+        # a poisoned row is no evidence, nor a gradient of 0 (none reached the tensor on that
+        # step): such values stay out of the range and out of the comparison
+        vals[np.isnan(vals) | (vals == -np.inf) | (rows[:, COL["bad"]] > 0)[:, None]] = np.nan
         steps, m = s.steps[a:b], b - a
         bad = rows[:, COL["bad"]] > 0
         if not bad.any() and np.isfinite(lg).all():  # the usual rows: a plain difference
@@ -233,19 +268,39 @@ class WeightGrowthDetector(Detector):
             d[np.isnan(d)] = -1.0
             self._glast = filled[-1].copy()
         # the largest change per interval; an interval ends with a measuring row
-        ends = (s.idx[(s.idx >= a) & (s.idx < b)] - a + 1).tolist() if reset else []  # numpy, no host sync
+        ends = (s.idx[(s.idx >= a) & (s.idx < b)] - a + 1).tolist()  # numpy, no host sync
         start = 0
-        for end in ends + [m]:
+        for end in ends + ([m] if not ends or ends[-1] < m else []):
             if end > start:
                 r = d[start:end].argmax(0)
                 best = d[start:end][r, np.arange(d.shape[1])]
                 better = best > self._gbest
                 self._gbest[better] = best[better]
                 self._gat[better] = steps[start + r[better]]
+                v = vals[start:end]
+                with np.errstate(invalid="ignore"):
+                    out = (v < self._lo) | (v > self._hi)
+                hit = out.any(0) & (self._gfirst < 0)
+                self._gfirst[hit] = steps[start + out[:, hit].argmax(0)]
+                self._ctx.extend(v)
             if end in ends:
+                self._dated = (self._gbest.copy(), self._gat.copy(), self._gfirst.copy())
                 self._gbest[:] = -1.0
                 self._gat[:] = -1
+                self._gfirst[:] = -1
+                self._take_range()
             start = end
+
+    def _take_range(self) -> None:
+        """The range the next interval is judged against: the last ``onset_context`` rows'
+        min and max per column, ``onset_range`` x wider (NaN: a column without a value, or
+        fewer rows than that so far: a run's first steps say little of its range)."""
+        ctx = np.array(self._ctx, np.float64).reshape(len(self._ctx), len(self._w))
+        seen = np.isfinite(ctx)
+        w = math.log(self.onset_range)
+        none = ~seen.any(0) | (len(ctx) < self.onset_context)
+        self._lo = np.where(none, np.nan, np.min(ctx, 0, initial=np.inf, where=seen) - w)
+        self._hi = np.where(none, np.nan, np.max(ctx, 0, initial=-np.inf, where=seen) + w)
 
     def _judged_ratio(self, cur: np.ndarray, ref: np.ndarray, total: float) -> np.ndarray:
         """``cur / ref`` per weight tensor; 0 (not judged) where ``ref`` is 0 or below
@@ -274,7 +329,11 @@ class WeightGrowthDetector(Detector):
                 "prev": None if self._prev is None else array_to_list(self._prev),
                 "glast": None if self._glast is None else array_to_list(self._glast),
                 "gbest": None if self._gbest is None else array_to_list(self._gbest),
-                "gat": None if self._gat is None else self._gat.tolist()}  # numpy, no host sync
+                "gat": None if self._gat is None else self._gat.tolist(),  # numpy, no host sync
+                "ctx": [array_to_list(v) for v in self._ctx],
+                "lo": None if self._lo is None else array_to_list(self._lo),
+                "hi": None if self._hi is None else array_to_list(self._hi),
+                "gfirst": None if self._gfirst is None else self._gfirst.tolist()}  # numpy, no host sync
 
     def load_state_dict(self, sd):
         self._load_base(sd)
@@ -286,6 +345,10 @@ class WeightGrowthDetector(Detector):
         if sd.get("glast") is not None:  # absent from older states: the next interval starts fresh
             self._glast, self._gbest = list_to_array(sd["glast"]), list_to_array(sd["gbest"])
             self._gat = np.asarray(sd["gat"], np.int64)
+        if sd.get("gfirst") is not None:  # absent from older states: no range until the next interval
+            self._ctx = deque((list_to_array(v) for v in sd["ctx"]), maxlen=self.onset_context)
+            self._lo, self._hi = list_to_array(sd["lo"]), list_to_array(sd["hi"])
+            self._gfirst = np.asarray(sd["gfirst"], np.int64)
 
 
 def _top(score: np.ndarray, names: list[str], k: int = 5) -> tuple[list[str], list[float]]:
