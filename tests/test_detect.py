@@ -1478,13 +1478,43 @@ def test_a_gradient_at_a_loss_of_zero_is_out_of_range(loss_at_23, dated):
     assert [e.step for e in feed(det, bound(det), rows)] == [dated]
 
 
-def test_negative_losses_give_no_range():
+@pytest.mark.parametrize("factor", [30.0, 5.5])
+def test_negative_losses_give_no_range(factor):
     """A negative log-likelihood: no gradient-per-loss ratio on any step, so no range; the
-    largest change of the tensor's gradient dates the jump."""
-    rows = _jump_between_measurements(23, 30.0, loss=[-1.0] * 40)
+    largest change of the tensor's gradient dates the jump (5.5x: just over ``onset_break``)."""
+    rows = _jump_between_measurements(23, factor, loss=[-1.0] * 40)
     det = D.WeightGrowthDetector(growth=1e9)
     ev = feed(det, bound(det), rows)
     assert [e.step for e in ev] == [23] and "changed" in ev[0].message and "per unit of loss" not in ev[0].message
+
+
+def test_a_tensor_without_a_ratio_in_the_context_has_no_range():
+    """Negative losses until step 20, positive after: the interval 21-30 has no range to leave
+    (not an empty one that every value leaves); the largest change dates the jump at 25."""
+    rows = _jump_between_measurements(25, 30.0, loss=[-1.0] * 21 + [1.0] * 19)
+    det = D.WeightGrowthDetector(growth=1e9)
+    ev = feed(det, bound(det), rows)
+    assert [e.step for e in ev] == [25] and "changed" in ev[0].message
+
+
+@pytest.mark.parametrize("chunk,resume", [(1, False), (7, True)])
+def test_a_rise_out_of_range_is_dated_across_a_resume(chunk, resume):
+    """The gradient 5x up at 23 (above the range; the range is taken at 20 and saved with the
+    state), then a 1e6x fall at 26: dated 23."""
+    rows = _jump_between_measurements(23, 0.2)
+    rows[26][len(GLOBAL_COLS) + 1] *= 1e-6
+    events = _fed_in_chunks(lambda: D.WeightGrowthDetector(growth=1e9), rows, chunk, resume)
+    assert [e.step for e in events] == [23]
+
+
+def test_a_poisoned_row_is_no_evidence_of_a_jump():
+    """A row flagged bad (its global norm overflowed) with a finite loss and that tensor's
+    gradient 100x: no evidence; the jump at 26 is dated there."""
+    rows = _jump_between_measurements(26, 30.0)
+    rows[24][len(GLOBAL_COLS) + 1] *= 100.0
+    rows[24][GLOBAL_COLS.index("bad")] = 1.0
+    det = D.WeightGrowthDetector(growth=1e9)
+    assert [e.step for e in feed(det, bound(det), rows)] == [26]
 
 
 @pytest.mark.parametrize("onset_range, dated", [(2.0, 23), (100.0, 26)])
@@ -1504,6 +1534,7 @@ def test_onset_range_sets_how_far_out_a_step_must_be(onset_range, dated):
 def test_bad_dating_arguments_are_named(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         D.WeightGrowthDetector(**kw)
+    assert D.WeightGrowthDetector(onset_range=1.0, onset_context=1).onset_range == 1.0  # the bounds hold
 
 
 @pytest.mark.parametrize("factor, dated", [(30.0, 26), (4.0, 30)])

@@ -114,7 +114,7 @@ class WeightGrowthDetector(Detector):
             self._glast = np.full(len(self._w), np.nan)
             self._gbest = np.full(len(self._w), -1.0)
             self._gat = np.full(len(self._w), -1, np.int64)
-        if self._gfirst is None or len(self._gfirst) != len(self._w):
+        if self._gfirst is None:  # not loaded from a state
             self._lo = self._hi = np.full(len(self._w), np.nan)
             self._gfirst = np.full(len(self._w), -1, np.int64)
         if self._init is None and run.init_layer_norms is not None:
