@@ -79,6 +79,14 @@ def test_default_detectors_meet_the_targets_on_the_corpus(replayed, part):
     assert m["producer_ok"] >= 0.9
 
 
+def test_the_table_prints_the_documented_medians(replayed):
+    """A median of an even count of lead times is a half step: printed as is, not rounded
+    to an integer (2.5 was printed "2", half to even)."""
+    m = replayed["all"]
+    assert (m["lead_median"], m["lead_gradual_median"]) == (2.5, 12.5)
+    assert "| **all** | 82 | 100% of 22 | 2.5 (12.5, n=10) |" in metrics.table(replayed["scores"], "all")
+
+
 def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     out = fresh_python.run_module("gradguard.cli", "bench", "detection", "--dir", tmp_path, cwd=tmp_path,
                                   env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})

@@ -156,8 +156,7 @@ def table(scores: list[dict], title: str) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     def num(x, f="{:.1f}"):
-        t = "-" if x is None else f.format(x)
-        return "0" if t == "-0" else t  # a median of -0.5 rounds to "-0"
+        return "-" if x is None else f.format(x)
     head = ("| runs | recall (div) | lead med (gradual) | healthy flagged | false /10k steps | "
             "faults: culprit top-1 | onset ±1 | vanishing caught |")
     lines = [f"**{title}**", "", "| family " + head, "|---" * 9 + "|"]
@@ -166,7 +165,7 @@ def table(scores: list[dict], title: str) -> str:
         m = summarize(sub)
         lines.append(
             f"| {name} | {m['runs']} | {pct(m['recall'])} of {m['diverging']} | "
-            f"{num(m['lead_median'], '{:.0f}')} ({num(m['lead_gradual_median'], '{:.0f}')}, n={m['gradual']}) | "
+            f"{num(m['lead_median'], '{:g}')} ({num(m['lead_gradual_median'], '{:g}')}, n={m['gradual']}) | "
             f"{m['healthy_flagged']} of {m['healthy']} | {num(m['false_per_10k'])} | "
             f"{pct(m['culprit_top1'])} | {pct(m['onset_pm1'])} of {m['faults']} | {pct(m['vanishing_caught'])} |")
     return "\n".join(lines)
@@ -193,9 +192,9 @@ def compare_table(tags=("before", "after")) -> str:
     res = {t: json.loads((RESULTS / f"summary_{t}.json").read_text()) for t in tags}
     rows = [("diverging runs flagged within %d steps (recall)" % WITHIN,
              lambda m: f"{100 * m['recall']:.0f}% of {m['diverging']}"),
-            ("median lead time, all diverging (steps)", lambda m: f"{m['lead_median']:.0f}"),
+            ("median lead time, all diverging (steps)", lambda m: f"{m['lead_median']:g}"),
             ("median lead time, gradual divergence (steps)",
-             lambda m: f"{m['lead_gradual_median']:.0f} (n={m['gradual']})"),
+             lambda m: f"{m['lead_gradual_median']:g} (n={m['gradual']})"),
             ("healthy runs with a warning/critical event",
              lambda m: f"{m['healthy_flagged']} of {m['healthy']}"),
             ("false warnings per 10,000 healthy steps",
