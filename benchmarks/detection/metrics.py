@@ -180,9 +180,9 @@ def evaluate(runs, make_detectors, tag: str, write: bool = True) -> dict:
            "held_out": summarize([s for s in scores if s["held_out"]])}
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        # gzip: a dead run has one nonfinite event per step
-        with gzip.open(RESULTS / f"events_{tag}.json.gz", "wt") as f:
-            json.dump(events, f, separators=(",", ":"))
+        # gzip: a dead run has one nonfinite event per step; mtime 0: the same events, the same bytes
+        data = json.dumps(events, separators=(",", ":")).encode()
+        (RESULTS / f"events_{tag}.json.gz").write_bytes(gzip.compress(data, mtime=0))
         (RESULTS / f"summary_{tag}.json").write_text(json.dumps(res, indent=1))
     return res
 
