@@ -76,6 +76,35 @@ def test_watched_buffers_and_the_layers_feeding_them():
     assert buffer_input(seq, "2.running_var", ["2.weight"]) is None  # 1.weight not watched
 
 
+class _ListsNet(nn.Module):
+    """Convolutions in one ModuleList, their norms in another (a residual CNN's layout): in
+    registration order ``convs.3`` comes just before ``bns.0``, which it does not feed."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, w, 3), nn.BatchNorm2d(w)
+        self.convs = nn.ModuleList(nn.Conv2d(w, w, 3) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for _ in range(4))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(w, w, 1), nn.BatchNorm2d(w)) for _ in range(2))
+        self.body = nn.Sequential(nn.BatchNorm2d(w), nn.ReLU())
+
+
+def test_a_norm_layer_is_fed_from_inside_its_parent():
+    """Only a module inside the norm layer's parent can be named as feeding it: the norms of a
+    ModuleList of their own are named alone, not after the last convolution of another list;
+    a block's own convolution is found; a norm first in its Sequential has none."""
+    m = _ListsNet()
+    names = [n for n, _ in m.named_parameters()]
+    got = {b: buffer_input(m, b, names) for b, _ in watched_buffers(m)}
+    assert got == {"bn0.running_var": "stem.weight",
+                   **{f"bns.{k}.running_var": None for k in range(4)},
+                   "blocks.0.1.running_var": "blocks.0.0.weight", "blocks.1.1.running_var": "blocks.1.0.weight",
+                   "body.0.running_var": None}
+    # a norm layer as the whole model, or one not in it: nothing feeds it
+    assert buffer_input(nn.BatchNorm1d(3), "running_var", []) is None
+    assert buffer_input(m, "nope.running_var", names) is None
+
+
 @pytest.mark.parametrize("layer, watched", [
     (nn.BatchNorm2d(3), True), (nn.BatchNorm2d(3, track_running_stats=False), False),
     (nn.InstanceNorm2d(3), False), (nn.InstanceNorm2d(3, track_running_stats=True), True),

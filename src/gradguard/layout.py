@@ -183,9 +183,15 @@ def watched_buffers(model, device=None) -> list[tuple[str, object]]:
 def buffer_input(model, buffer: str, names) -> str | None:
     """The watched weight of the layer whose output the norm layer owning ``buffer`` normalises:
     the nearest module before it (in registration order, how ``Sequential`` and most models list
-    them) whose weight has as many output features as the norm layer has channels.  ``None`` when
-    there is none (the statistics are then named alone)."""
+    them) inside the norm layer's parent, whose weight has as many output features as the norm
+    layer has channels.  ``None`` when there is none (the statistics are then named alone).
+
+    Inside the parent: a model that keeps its convolutions in one ``ModuleList`` and its norms
+    in another registers ``convs.3`` just before ``bns.0``; the registration order says nothing
+    of which feeds which there, and a wrong name is worse than none."""
     owner = buffer.rpartition(".")[0]
+    parent = owner.rpartition(".")[0]
+    inside = (lambda n: True) if not parent else (lambda n: n.startswith(parent + "."))
     watched = set(names)
     mods = list(model.named_modules())
     pos = next((i for i, (n, _) in enumerate(mods) if n == owner), None)
@@ -193,6 +199,8 @@ def buffer_input(model, buffer: str, names) -> str | None:
     if pos is None or feats is None:
         return None
     for n, m in reversed(mods[:pos]):
+        if not inside(n):
+            return None
         w = getattr(m, "weight", None)
         if getattr(m, "track_running_stats", None) is not None:  # another norm layer: stop there
             return None
