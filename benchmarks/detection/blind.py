@@ -607,9 +607,176 @@ def configs7() -> list[Config]:
     return c + fault_runs(faults)
 
 
+# ----------------------------------------------------------------------------- the eighth set
+# Written (2026-12-02) before any of its runs was replayed, with the detectors of the commit that
+# writes it: objectives and data that no other set has -- a variational autoencoder (ELBO),
+# a contrastive InfoNCE loss on two noisy views, focal loss, mixup with soft targets, 30% of the
+# labels wrong, regression targets in the hundreds (not standardised), a curriculum whose
+# sequences grow during training, a summed (not averaged) loss, AdamW with weight decay 0.5 --
+# healthy, diverging, and with faults at steps 160-240.
+class VAE(nn.Module):
+    """A small variational autoencoder on the digits (Kingma & Welling 2014): 64-128-(8, 8)-128-64."""
+
+    def __init__(self, z=8):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+        self.mu, self.logvar = nn.Linear(128, z), nn.Linear(128, z)
+        self.dec = nn.Sequential(nn.Linear(z, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    def forward(self, x):
+        h = self.enc(x)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.dec(z), mu, logvar
+
+
+def vae_loss(out, x):
+    """The negative ELBO per example: Bernoulli reconstruction (summed over pixels) + KL."""
+    logits, mu, logvar = out
+    rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+    return rec + kl
+
+
+class Views:
+    """Two noisy views of each digit (Gaussian noise, 20% of pixels dropped), stacked: (2B, 64)."""
+
+    def __init__(self, batch=32):
+        self.d = Digits("flat", batch)
+
+    def __call__(self, g):
+        x, y = self.d(g)
+        views = []
+        for _ in range(2):
+            keep = (torch.rand(x.shape, generator=g) > 0.2).float()
+            views.append(x * keep + 0.1 * torch.randn(x.shape, generator=g))
+        return torch.cat(views), y
+
+
+def info_nce(out, y, tau=0.1):
+    """InfoNCE (van den Oord et al. 2018; SimCLR's symmetric form): each view's pair among the batch."""
+    z = F.normalize(out, dim=1)
+    a, b = z.chunk(2)
+    sim = a @ b.T / tau
+    target = torch.arange(len(a))
+    return 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
+
+
+def focal(out, y, gamma=2.0):
+    """Focal loss (Lin et al. 2017): cross-entropy down-weighted on well-classified examples."""
+    logp = F.log_softmax(out, 1).gather(1, y[:, None])[:, 0]
+    return (-(1 - logp.exp()).pow(gamma) * logp).mean()
+
+
+class Mixup:
+    """Mixup (Zhang et al. 2018) with a uniform mixing weight (alpha 1): mixed digits, soft targets."""
+
+    def __init__(self, batch=32):
+        self.d = Digits("flat", batch)
+
+    def __call__(self, g):
+        x, y = self.d(g)
+        lam = float(torch.rand(1, generator=g))
+        perm = torch.randperm(len(y), generator=g)
+        t = F.one_hot(y, 10).float()
+        return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+
+
+def soft_ce(out, t):
+    return -(t * F.log_softmax(out, 1)).sum(1).mean()
+
+
+class NoisyLabels:
+    """The digits with 30% of the training examples given a fixed wrong label."""
+
+    def __init__(self, batch=32, frac=0.3, seed=99):
+        self.d = Digits("flat", batch)
+        g = torch.Generator().manual_seed(seed)
+        n = len(self.d.y)
+        flip = torch.rand(n, generator=g) < frac
+        wrong = (self.d.y + torch.randint(1, 10, (n,), generator=g)) % 10
+        self.y = torch.where(flip, wrong, self.d.y)
+
+    def __call__(self, g):
+        i = torch.randint(0, len(self.y), (self.d.batch,), generator=g)
+        return self.d.x[i].reshape(len(i), 64), self.y[i]
+
+
+class Unscaled:
+    """Regression on targets in the hundreds, as raw prices or counts are: 300 <w, x> + 500 + noise."""
+
+    def __init__(self, dim=16, batch=32, seed=11):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(dim, 1, generator=g) / math.sqrt(dim)
+        self.dim, self.batch = dim, batch
+
+    def __call__(self, g):
+        x = torch.randn(self.batch, self.dim, generator=g)
+        return x, 300.0 * (x @ self.w) + 500.0 + 30.0 * torch.randn(self.batch, 1, generator=g)
+
+
+class GrowingAdding(Adding):
+    """A curriculum: the adding problem's sequences grow from 10 to 60 steps, 1 every 30 batches."""
+
+    def __init__(self, batch=32):
+        super().__init__(10, batch)
+        self.calls = 0
+
+    def __call__(self, g):
+        self.length = 10 + min(self.calls // 30, 50)
+        self.calls += 1
+        return super().__call__(g)
+
+
+def sum_ce(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def configs8() -> list[Config]:
+    dflat, rec = (lambda: Digits("flat")), (lambda: Reconstruct())
+    views, mix, noisy = (lambda: Views()), (lambda: Mixup()), (lambda: NoisyLabels())
+    unscaled, growing = (lambda: Unscaled()), (lambda: GrowingAdding())
+    m2 = lambda: mlp([64, 128, 10])  # noqa: E731
+    enc = lambda: mlp([64, 128, 32])  # noqa: E731
+    umlp = lambda: mlp([16, 64, 64, 1])  # noqa: E731
+    gru_add = lambda: SeqRegressor("gru", 2, 32)  # noqa: E731
+    wd = opt_of(torch.optim.AdamW, lr=3e-3, weight_decay=0.5)
+    c = [
+        Config("v_vae", "adam_long", VAE, rec, adam(1e-3), 1500, vae_loss),
+        Config("v_vae", "sgdm", VAE, rec, sgd(0.01, 0.9), 1000, vae_loss),
+        Config("v_vae", "adam_lr0.05", VAE, rec, adam(0.05), 300, vae_loss),
+        Config("v_nce", "adam_long", enc, views, adam(1e-3), 1500, info_nce),
+        Config("v_nce", "sgdm_lr10", enc, views, sgd(10.0, 0.9), 300, info_nce),
+        Config("v_focal", "adam_long", m2, dflat, adam(1e-3), 1500, focal),
+        Config("v_focal", "sgdm_lr15", m2, dflat, sgd(15.0, 0.9), 300, focal),
+        Config("v_mixup", "sgdm_long", m2, mix, sgd(0.05, 0.9), 2000, soft_ce),
+        Config("v_noisy", "adam_long", m2, noisy, adam(1e-3), 2000),
+        Config("v_unscaled", "adam_long", umlp, unscaled, adam(1e-2), 1500, F.mse_loss),
+        Config("v_unscaled", "sgd_lr1e-5", umlp, unscaled, sgd(1e-5), 1500, F.mse_loss),
+        Config("v_unscaled", "sgd_lr1e-3", umlp, unscaled, sgd(1e-3), 300, F.mse_loss),
+        Config("v_curric", "gru_adam_long", gru_add, growing, adam(3e-3), 1500, F.mse_loss),
+        Config("v_curric", "gru_sgdm_lr20", gru_add, growing, sgd(20.0, 0.9), 300, F.mse_loss),
+        Config("v_sum", "sgd_long", m2, dflat, sgd(0.002), 1500, sum_ce),
+        Config("v_sum", "sgd_lr0.1", m2, dflat, sgd(0.1), 300, sum_ce),
+        Config("v_wd", "adamw_wd0.5_long", m2, dflat, wd, 2000),
+    ]
+    faults = [
+        ("v_vae", VAE, rec, adam(1e-3), vae_loss, "dec.2", "nan_grad", 187),
+        ("v_vae", VAE, rec, adam(1e-3), vae_loss, "enc.0", "corrupt_weight", 163),
+        ("v_nce", enc, views, adam(1e-3), info_nce, "0", "corrupt_batch", 173),
+        ("v_focal", m2, dflat, adam(1e-3), focal, "2", "corrupt_weight", 201),
+        ("v_mixup", m2, mix, sgd(0.05, 0.9), soft_ce, None, "lr_spike", 209),
+        ("v_unscaled", umlp, unscaled, adam(1e-2), F.mse_loss, "2", "inf_forward", 195),
+        ("v_curric", gru_add, growing, adam(3e-3), F.mse_loss, "rnn", "nan_grad", 222),
+        ("v_wd", m2, dflat, wd, F.cross_entropy, "0", "corrupt_weight", 238),
+    ]
+    return c + fault_runs(faults)
+
+
 SETS = {"1": (configs, SEEDS, OUT), "2": (configs2, SEEDS2, OUT2), "3": (configs3, (6, 7), metrics.RESULTS / "blind3"),
         "4": (configs4, (8, 9), metrics.RESULTS / "blind4"), "5": (configs5, (10, 11), metrics.RESULTS / "blind5"),
-        "6": (configs6, (12, 13), metrics.RESULTS / "blind6"), "7": (configs7, (14, 15), metrics.RESULTS / "blind7")}
+        "6": (configs6, (12, 13), metrics.RESULTS / "blind6"), "7": (configs7, (14, 15), metrics.RESULTS / "blind7"),
+        "8": (configs8, (16, 17), metrics.RESULTS / "blind8")}
 
 
 def main(argv=None) -> int:
