@@ -914,7 +914,8 @@ def test_divergence_shock_thresholds_are_inclusive(x, after, fires):
     losses = [1.0] * 10 + [x, after] + [1.0] * 8
     g = [1.0] * 10 + [20.0] + [1.0] * 9
     events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
-    assert [(e.step, e.severity) for e in events] == ([(11, "critical")] if fires else [])
+    # dated at the shock's own step, raised on the next
+    assert [(e.step, e.data.get("seen_at"), e.severity) for e in events] == ([(10, 11, "critical")] if fires else [])
 
 
 @pytest.mark.parametrize("patience", [1, 5, 20])
@@ -1007,7 +1008,8 @@ def test_nonfinite_event_names_the_producer_first():
 def test_divergence_severity_follows_the_rise(case, severity):
     """2.5x the start for good: a warning; 30x for good: critical; one step at 30x with the
     gradient norm 20x its start, and the next loss still above 1.2x (the shock rule, the last
-    3 losses not yet all high): critical, on the confirming step."""
+    3 losses not yet all high): critical.  Each raised when the rule holds (the third high loss,
+    the confirming step) and dated where the loss left its range (the first high loss)."""
     start = [2.0] * 10
     if case == "doubled":
         losses, g = start + [5.0] * 10, [1.0] * 20
@@ -1017,7 +1019,47 @@ def test_divergence_severity_follows_the_rise(case, severity):
         losses, g = start + [60.0, 2.5] + [2.0] * 8, [1.0] * 10 + [20.0] + [1.0] * 9
     det = D.DivergenceDetector()
     events = feed(det, bound(det), _loss_rows(losses, gnorms=g))
-    assert [(e.kind, e.step, e.severity) for e in events][:1] == [("diverging", 11 if case == "shock" else 12, severity)]
+    assert [(e.kind, e.step, e.data["seen_at"], e.severity) for e in events][:1] == [
+        ("diverging", 10, 11 if case == "shock" else 12, severity)]
+    assert ("loss 60 at step 10 was" if case == "shock" else "(lowest of steps 10-12)") in events[0].message
+
+
+@pytest.mark.parametrize("chunk,resume", [(1, False), (11, False), (11, True), (64, False)])
+@pytest.mark.parametrize("case, dated, seen", [
+    ("level", 10, 12),        # three losses at 2.5x from step 10: raised at 12, dated 10
+    ("nan_inside", 10, 13),   # a NaN loss among them is no loss of the stretch: 10, 12, 13
+    ("persist1", 10, None),   # persist=1: the one loss is the stretch, raised where it is
+    ("shock_persist1", 10, None),  # persist=1: the level rule holds on the shock's own step
+    ("trend", 16, None),      # 1.6x (under 2x) from 10: the CUSUM, +0.247 a step from 12, reaches 1 at 16: not dated
+])
+def test_divergence_is_dated_where_the_loss_left_its_range(case, dated, seen, chunk, resume):
+    """``diverging`` says since when: the event is dated at the first of the losses that stayed
+    high (``data["seen_at"]``: the step that raised it, absent when the same), across any
+    chunking and a resume from the state."""
+    persist = 1 if case.endswith("persist1") else 3
+    losses = [2.0] * 10 + {"level": [5.0] * 10, "nan_inside": [5.0, NAN] + [5.0] * 8,
+                           "persist1": [5.0] * 10, "shock_persist1": [60.0, 2.5] + [2.0] * 8,
+                           "trend": [3.2] * 10}[case]
+    g = [1.0] * 10 + ([20.0] if case == "shock_persist1" else [1.0]) + [1.0] * 9
+    events = _fed_in_chunks(lambda: D.DivergenceDetector(persist=persist), _loss_rows(losses, gnorms=g), chunk, resume)
+    assert [(e.step, e.data.get("seen_at")) for e in events][:1] == [(dated, seen)]
+
+
+def test_divergence_state_without_loss_steps_dates_from_the_steps_it_knows():
+    """A state saved before events were dated holds the last losses, not their steps: a stretch
+    that began before the resume is dated at its first step seen after it."""
+    rows = _loss_rows([2.0] * 10 + [5.0] * 10)
+    det = D.DivergenceDetector()
+    guard = bound(det)
+    assert det.update(np.arange(11), np.stack(rows[:11]), guard.run) == []
+    state = json.loads(json.dumps(det.state_dict()))
+    assert state["recent_steps"] == [9, 10]
+    del state["recent_steps"]
+    det = D.DivergenceDetector()
+    det.bind(guard.run)
+    det.load_state_dict(state)
+    (ev,) = det.update(np.arange(11, 20), np.stack(rows[11:]), guard.run)
+    assert (ev.step, ev.data["seen_at"]) == (11, 12) and "(lowest of steps 11-12)" in ev.message
 
 
 @pytest.mark.parametrize("after", [2.0, 2.39, 2.41, math.nan])
@@ -1025,18 +1067,19 @@ def test_divergence_severity_follows_the_rise(case, severity):
 def test_divergence_shock_needs_the_next_loss_to_stay_high(after, chunk, resume):
     """One batch 30x the start with the gradient 20x (a heavy-tailed batch, or a wrecking
     update): the next finite loss decides.  Back below ``respond`` x the start (1.2 x 2.0):
-    nothing; still above: critical on that step, naming both losses.  A NaN loss in between is
-    not a step the rule reads (the next finite one decides); any chunking gives the same, and so
-    does a detector rebuilt from ``state_dict()`` between the shock (the 11th row) and the next."""
+    nothing; still above: critical, raised on that step and dated at the shock's, naming both
+    losses.  A NaN loss in between is not a step the rule reads (the next finite one decides);
+    any chunking gives the same, and so does a detector rebuilt from ``state_dict()`` between
+    the shock (the 11th row) and the next."""
     nxt = [after, 2.0] if math.isnan(after) else [after]
     losses = [2.0] * 10 + [60.0] + nxt + [2.0] * (9 - len(nxt))
     g = [1.0] * 10 + [20.0] + [1.0] * 9
     events = _fed_in_chunks(D.DivergenceDetector, _loss_rows(losses, gnorms=g), chunk, resume)
     if after > 2.4:
         (ev,) = events
-        assert (ev.step, ev.severity) == (11, "critical")
-        assert ev.message.startswith("loss 60 on the step before was 30.0x its value at the start (2)")
-        assert f"and {after:.4g} now" in ev.message
+        assert (ev.step, ev.data["seen_at"], ev.severity) == (10, 11, "critical")
+        assert ev.message.startswith("loss 60 at step 10 was 30.0x its value at the start (2)")
+        assert f"and {after:.4g} at step 11" in ev.message
     else:
         assert events == []
 
@@ -1688,6 +1731,7 @@ def test_divergence_start_reference(first, start, ref):
         rest[37:40] = [15.4, 43.2, 14.6]  # heavy-tailed batches, the lowest of the three 1.4x the start
     events = feed(det, guard, _loss_rows(list(first) + list(rest)))
     if start is None:  # three losses at 2.1x the reference: the level rule names it
-        assert [e.step for e in events] == [7] and f"at the start ({ref:.4g})" in events[0].message
+        assert [(e.step, e.data["seen_at"]) for e in events] == [(5, 7)]
+        assert f"at the start ({ref:.4g})" in events[0].message
     else:
         assert events == []

@@ -101,6 +101,7 @@ def test_bench_detection_command_without_a_checkout(tmp_path, fresh_python):
     ("5", set(), 6, 2, 2),
     ("6", set(), 6, 2, 2),
     ("7", {"w_multilabel.sgdm_lr20.s14", "w_multilabel.sgdm_lr20.s15"}, 8, 6, 4),
+    ("8", {"v_nce.sgdm_lr10.s17"}, 6, 6, 6),
 ])
 def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan):
     """The blind runs (benchmarks/detection/blind.py), replayed: every diverging run caught, and
@@ -119,7 +120,9 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     at the first step its tensor's gradient per unit of loss leaves its range (within a step of
     the fault; the largest change was 2-3 steps late in 3 of 6); the two "healthy" runs flagged
     are networks whose every ReLU died (the loss fell to the class prior's), which the detectors
-    say."""
+    say.  Set 8: the "healthy" run flagged collapsed to chance for 85 steps after its weights grew
+    37x in one step; a one-step lr x100 under mixup is dated where the loss rose (step 210), not
+    two steps later where the level rule holds."""
     import blind
     from gradguard.detect import default_detectors
 
@@ -138,6 +141,9 @@ def test_blind_checks_as_documented(which, flagged_ids, n_div, n_weights, n_nan)
     tol = 1 if which == "7" else 0
     assert len(weights) == n_weights and all(abs(s["onset_err"]) <= tol and s["culprit_ok"] for s in weights)
     assert res["all"]["nan_faults"] == n_nan and (n_nan == 0 or res["all"]["producer_ok"] == 1.0)
+    if which == "8":
+        spikes = {s["id"]: s["onset_err"] for s in scores if s["fault"] == "lr_spike"}
+        assert spikes == {"v_mixup.fault_lr_spike_None.s16": 0, "v_mixup.fault_lr_spike_None.s17": 0}
     if which == "6":  # a batch x1000 into five BatchNorm networks: named at its step, by its layer
         batches = [s for s in scores if s["fault"] == "corrupt_batch"]
         assert len(batches) == 10 and all(s["onset_err"] == 0 and s["culprit_ok"] for s in batches)

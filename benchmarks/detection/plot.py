@@ -35,7 +35,11 @@ def main(run_id="rnn_tanh.demo_lr1.s0", out=ROOT / "docs" / "img" / "detection.p
     for t, c in (("before", "tab:red"), ("after", "tab:green")):
         flags = [e for e in ev[t][run_id] if e["severity"] in ("warning", "critical") and e["step"] < n]
         if flags:
-            a.axvline(flags[0]["step"], color=c, lw=2, label=f"{t}: first warning, step {flags[0]['step']} ({flags[0]['kind']})")
+            f = flags[0]
+            when = f"step {f['step']}" if f.get("known", f["step"]) == f["step"] else \
+                f"step {f['known']}, dated {f['step']}"  # raised at "known", dated where it began
+            a.axvline(f["known"] if "known" in f else f["step"], color=c, lw=2,
+                      label=f"{t}: first warning, {when} ({f['kind']})")
         else:
             a.plot([], [], color=c, lw=2, label=f"{t}: no warning before step {n}")
     a.set_title("gradguard demo, unguarded (tanh RNN, SGD lr 1)")

@@ -76,6 +76,7 @@ class DivergenceDetector(Detector):
         self._ref: list = []          # (loss, log global norm) of the first ref_steps valid steps
         self._ref_layers = None       # log per-layer norms of the first valid step
         self._recent: deque = deque(maxlen=max(self.persist - 1, 1))  # last finite losses
+        self._recent_steps: deque = deque(maxlen=max(self.persist - 1, 1))  # and their steps
         self._cusum = 0.0
         self._shock = False           # the last valid step was a shock, not yet confirmed or not
 
@@ -105,6 +106,15 @@ class DivergenceDetector(Detector):
             cat = np.concatenate([pad, np.asarray(prev, np.float64), x])
             w = np.lib.stride_tricks.sliding_window_view(cat, self.persist)[j0:]
             med = w[:, -1] if self.persist == 1 else np.nanmin(w, axis=1)
+            # the steps of those losses (-1: before the run, or a state saved without them)
+            st_all = steps[idx]
+            prev_st = list(self._recent_steps)[-(self.persist - 1):] if self.persist > 1 else []
+            cat_st = np.concatenate([np.full(self.persist - 1 - len(prev_st), -1, np.int64),
+                                     np.asarray(prev_st, np.int64), st_all])
+            ws = np.lib.stride_tricks.sliding_window_view(cat_st, self.persist)[j0:]
+            first_st = np.where(ws >= 0, ws, np.iinfo(np.int64).max).min(1)
+            last = self._recent_steps[-1] if self._recent_steps else -1
+            before_st = np.concatenate([[last], st_all])[j0:k]  # each row's previous finite loss
             on = l0 > 0  # the rule needs positive losses
             rel = np.where(on, W.log(med) - W.log(l0), -np.inf)
             # the CUSUM recursion in step order, one float operation at a time, so that any
@@ -118,13 +128,18 @@ class DivergenceDetector(Detector):
             struck = big_g & on & (lx >= math.log(self.critical))  # this step: a shock, if it lasts
             after = np.concatenate([[self._shock], struck[:-1]])  # the step before was one
             shock = after & on & (lx >= math.log(self.respond))
-            hit = (rel >= math.log(self.ratio)) | (cusum >= self.h) | grows | shock
+            level = rel >= math.log(self.ratio)
+            hit = level | (cusum >= self.h) | grows | shock
+            # since when: the first of the losses that stayed high (level, growth), the shock's
+            # own step; the CUSUM's slow rise has no one step, it is dated when it fires
+            st = steps[idx[j0:]]
+            date = np.where(level | grows, np.minimum(first_st, st), st)
+            date = np.where(shock & (before_st >= 0), np.minimum(date, before_st), date)
             sev = np.where((rel >= math.log(self.critical)) | shock, SEV["critical"], SEV["warning"])
             # the cooldown, judged here so that a run that stays diverged is scanned once per flush
-            st = steps[idx[j0:]]
             hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
             fired = idx[j0:][hit].tolist()  # numpy, no host sync
-            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck)
+            keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck, date=date)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
 
     def _start_loss(self, first: list) -> float:
@@ -149,6 +164,7 @@ class DivergenceDetector(Detector):
                 self._ref_layers = W.log(self.layout.norms(s.rows[s.idx[ja]])).astype(np.float64)
             self._ref += list(zip(s.x[ja:ja + take].tolist(), s.lg[ja:ja + take].tolist()))  # numpy, no host sync
         self._recent.extend(s.x[max(ja, jb - self._recent.maxlen):jb].tolist())  # numpy, no host sync
+        self._recent_steps.extend(s.steps[s.idx[max(ja, jb - self._recent.maxlen):jb]].tolist())  # numpy, no host sync
         if jb > s.j0 and hasattr(s, "cusum"):
             self._cusum = float(s.cusum[jb - 1 - s.j0])
             self._shock = bool(s.struck[jb - 1 - s.j0])
@@ -165,27 +181,35 @@ class DivergenceDetector(Detector):
         norms = self.layout.norms(s.rows[k])
         layers, shares = W.jump_culprits(self.names, norms, self._ref_layers)
         top = f"; {shares[0]:.0%} of the gradient growth from {layers[0]}" if layers else ""
+        step, date = int(s.steps[k]), int(s.date[t])
         if rel >= math.log(self.respond):
-            what = f"loss {med:.4g} (lowest of the last {self.persist}) is {math.exp(rel):.1f}x"
+            since = f"steps {date}-{step}" if date < step else f"the last {self.persist}"
+            what = f"loss {med:.4g} (lowest of {since}) is {math.exp(rel):.1f}x"
             msg = (f"{what} its value at the start ({l0:.4g}) and the gradient norm is {gratio:.3g}x its "
                    f"start: the run is diverging{top}.")
         else:  # the shock rule: the step before, and this step still high
-            msg = (f"loss {before:.4g} on the step before was {before / l0:.1f}x its value at the start "
-                   f"({l0:.4g}), and {float(s.x[j]):.4g} now ({float(s.x[j]) / l0:.1f}x) is still high, with the "
-                   f"gradient norm {gratio:.3g}x its start: the update wrecked the run{top}.")
-        return self._emit(s.steps[k], "critical" if sev == SEV["critical"] else "warning", layers, msg, {
-            "loss": med, "start_loss": l0, "loss_ratio": math.exp(rel), "grad_ratio": gratio,
-            "cusum": float(s.cusum[t]), "shares": shares})
+            at = f"at step {date}" if date < step else "on the step before"
+            msg = (f"loss {before:.4g} {at} was {before / l0:.1f}x its value at the start "
+                   f"({l0:.4g}), and {float(s.x[j]):.4g} at step {step} ({float(s.x[j]) / l0:.1f}x) is still high, "
+                   f"with the gradient norm {gratio:.3g}x its start: the update wrecked the run{top}.")
+        data = {"loss": med, "start_loss": l0, "loss_ratio": math.exp(rel), "grad_ratio": gratio,
+                "cusum": float(s.cusum[t]), "shares": shares}
+        if date < step:  # dated where the loss left its range; raised (known) at this step
+            data["seen_at"] = step
+        return self._emit(date, "critical" if sev == SEV["critical"] else "warning", layers, msg, data)
 
     def state_dict(self):
         return {**self._base_state(), "ref": [list(r) for r in self._ref],
                 "ref_layers": None if self._ref_layers is None else array_to_list(self._ref_layers),
-                "recent": list(self._recent), "cusum": self._cusum, "shock": self._shock}
+                "recent": list(self._recent), "recent_steps": list(self._recent_steps),
+                "cusum": self._cusum, "shock": self._shock}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
         self._ref = [tuple(float(v) for v in r) for r in sd["ref"]]
         self._ref_layers = None if sd["ref_layers"] is None else list_to_array(sd["ref_layers"])
         self._recent = deque((float(v) for v in sd["recent"]), maxlen=max(self.persist - 1, 1))
+        # states saved before events were dated: their losses' steps unknown (the next ones date)
+        self._recent_steps = deque((int(v) for v in sd.get("recent_steps", ())), maxlen=max(self.persist - 1, 1))
         self._cusum = float(sd["cusum"])
         self._shock = bool(sd.get("shock", False))  # states saved before the confirmation: no shock pending
