@@ -1045,6 +1045,16 @@ def test_divergence_is_dated_where_the_loss_left_its_range(case, dated, seen, ch
     assert [(e.step, e.data.get("seen_at")) for e in events][:1] == [(dated, seen)]
 
 
+def test_divergence_cooldown_counts_between_the_steps_events_are_dated_at():
+    """cooldown=10, a first stretch dated 10: a second stretch from step 19 is raised at 22, dated
+    20, the first of its windows whose date clears the cooldown (raised at 21 it would be dated
+    19, nine steps after the first)."""
+    losses = [2.0] * 10 + [5.0] * 3 + [2.0] * 6 + [5.0] * 6
+    det = D.DivergenceDetector(cooldown=10)
+    events = feed(det, bound(det), _loss_rows(losses))
+    assert [(e.step, e.data.get("seen_at")) for e in events] == [(10, 12), (20, 22)]
+
+
 def test_divergence_state_without_loss_steps_dates_from_the_steps_it_knows():
     """A state saved before events were dated holds the last losses, not their steps: a stretch
     that began before the resume is dated at its first step seen after it."""

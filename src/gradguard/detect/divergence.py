@@ -136,8 +136,9 @@ class DivergenceDetector(Detector):
             date = np.where(level | grows, np.minimum(first_st, st), st)
             date = np.where(shock & (before_st >= 0), np.minimum(date, before_st), date)
             sev = np.where((rel >= math.log(self.critical)) | shock, SEV["critical"], SEV["warning"])
-            # the cooldown, judged here so that a run that stays diverged is scanned once per flush
-            hit &= (st - self._last_step >= self.cooldown) | (sev > self._last_sev)
+            # the cooldown, judged here (on the step an event would be dated, as ``_emit`` does)
+            # so that a run that stays diverged is scanned once per flush
+            hit &= (date - self._last_step >= self.cooldown) | (sev > self._last_sev)
             fired = idx[j0:][hit].tolist()  # numpy, no host sync
             keep = dict(l0=l0, g0=g0, med=med, rel=rel, cusum=cusum, sev=sev, struck=struck, date=date)
         return Scan(fired, len(rows), idx, rows=rows, steps=steps, x=x, lg=lg, j0=j0, **keep)
