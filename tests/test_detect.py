@@ -1055,6 +1055,47 @@ def test_divergence_cooldown_counts_between_the_steps_events_are_dated_at():
     assert [(e.step, e.data.get("seen_at")) for e in events] == [(10, 12), (20, 22)]
 
 
+def test_divergence_level_is_inclusive_and_an_undated_event_says_so():
+    """Three losses exactly ``ratio`` (2) x the start: the level rule holds (inclusive), dated at
+    the first of them.  With ``persist=1`` the one loss is raised where it is: not dated, and
+    the message reads "the last 1"."""
+    losses = [2.0] * 10 + [4.0] * 5
+    det = D.DivergenceDetector()
+    (ev,) = feed(det, bound(det), _loss_rows(losses))
+    assert (ev.step, ev.data["seen_at"]) == (10, 12) and "(lowest of steps 10-12)" in ev.message
+    det = D.DivergenceDetector(persist=1)
+    (ev,) = feed(det, bound(det), _loss_rows(losses))
+    assert ev.step == 10 and "seen_at" not in ev.data and "(lowest of the last 1)" in ev.message
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_divergence_cusum_held_back_by_the_cooldown_keeps_its_sum(chunk):
+    """cooldown=10, a first event dated 10; then the loss at 1.6x (under the level's 2x): the CUSUM
+    passes ``h`` at 16, inside the cooldown, and is neither reported nor reset there; it is
+    reported at 20, the first step out of the cooldown (reset at 16, it would be 21)."""
+    losses = [2.0] * 10 + [5.0] * 3 + [3.2] * 17
+    events = _fed_in_chunks(lambda: D.DivergenceDetector(cooldown=10), _loss_rows(losses), chunk)
+    assert [(e.step, e.data.get("seen_at")) for e in events] == [(10, 12), (20, None)]
+
+
+def test_divergence_shock_pending_in_a_state_without_loss_steps():
+    """A state saved between a shock and its confirmation by a version that kept no loss steps:
+    the shock's step is unknown, so the event stays at the confirming step (not dated at 0)."""
+    losses = [2.0] * 10 + [60.0, 2.5] + [2.0] * 8
+    rows = _loss_rows(losses, gnorms=[1.0] * 10 + [20.0] + [1.0] * 9)
+    det = D.DivergenceDetector()
+    guard = bound(det)
+    assert det.update(np.arange(11), np.stack(rows[:11]), guard.run) == []
+    state = json.loads(json.dumps(det.state_dict()))
+    del state["recent_steps"]
+    det = D.DivergenceDetector()
+    det.bind(guard.run)
+    det.load_state_dict(state)
+    (ev,) = det.update(np.arange(11, 20), np.stack(rows[11:]), guard.run)
+    assert ev.step == 11 and "seen_at" not in ev.data
+    assert ev.message.startswith("loss 60 on the step before was 30.0x")
+
+
 def test_divergence_state_without_loss_steps_dates_from_the_steps_it_knows():
     """A state saved before events were dated holds the last losses, not their steps: a stretch
     that began before the resume is dated at its first step seen after it."""

@@ -101,14 +101,14 @@ class DivergenceDetector(Detector):
             l0, g0 = np.asarray(table_l)[cnt], np.asarray(table_g)[cnt]
             # the smallest of the last `persist` finite losses; the first steps of a run
             # have fewer before them (NaN padding, ignored by nanmin)
-            prev = list(self._recent)[-(self.persist - 1):] if self.persist > 1 else []
+            prev = list(self._recent) if self.persist > 1 else []  # at most persist - 1 (maxlen)
             pad = np.full(self.persist - 1 - len(prev), np.nan)
             cat = np.concatenate([pad, np.asarray(prev, np.float64), x])
             w = np.lib.stride_tricks.sliding_window_view(cat, self.persist)[j0:]
             med = w[:, -1] if self.persist == 1 else np.nanmin(w, axis=1)
             # the steps of those losses (-1: before the run, or a state saved without them)
             st_all = steps[idx]
-            prev_st = list(self._recent_steps)[-(self.persist - 1):] if self.persist > 1 else []
+            prev_st = list(self._recent_steps) if self.persist > 1 else []
             cat_st = np.concatenate([np.full(self.persist - 1 - len(prev_st), -1, np.int64),
                                      np.asarray(prev_st, np.int64), st_all])
             ws = np.lib.stride_tricks.sliding_window_view(cat_st, self.persist)[j0:]
