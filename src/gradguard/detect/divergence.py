@@ -38,6 +38,10 @@ class DivergenceDetector(Detector):
       is the consequence: a batch from a heavy-tailed distribution gives one such loss and
       gradient, and the run's next loss is back in its range.
 
+    Since when: an event is dated at the first of the ``persist`` losses that stayed high
+    (level, growth), or at the shock's own step, and ``data["seen_at"]`` is the step that raised
+    it; the CUSUM's slow rise has no one step and is dated when it fires.
+
     Severity: critical when ``m >= critical * L0`` or on a shock, else warning.  Culprits: the layers
     holding most of the rise of the squared gradient norm over their start.  Needs
     positive losses (the rule is off when ``L0 <= 0``).  One event per ``cooldown`` steps
