@@ -1043,6 +1043,7 @@ def test_divergence_is_dated_where_the_loss_left_its_range(case, dated, seen, ch
     g = [1.0] * 10 + ([20.0] if case == "shock_persist1" else [1.0]) + [1.0] * 9
     events = _fed_in_chunks(lambda: D.DivergenceDetector(persist=persist), _loss_rows(losses, gnorms=g), chunk, resume)
     assert [(e.step, e.data.get("seen_at")) for e in events][:1] == [(dated, seen)]
+    assert events[0].seen_at == (dated if seen is None else seen)  # the step that raised it, either way
 
 
 def test_divergence_cooldown_counts_between_the_steps_events_are_dated_at():

@@ -80,7 +80,7 @@ def replay(run: dict, make_detectors) -> list[dict]:
         add_events(events, new)  # as the guard keeps them: in step order, cause first
     # "known": the step whose rows raised the event (a weight jump is dated back to where it most
     # likely happened, but raised at the measuring step that saw it: ``seen_at``)
-    return [{"step": e.step, "known": int((e.data or {}).get("seen_at", e.step)), "kind": e.kind,
+    return [{"step": e.step, "known": e.seen_at, "kind": e.kind,
              "severity": e.severity, "layers": list(e.layers[:3]), "message": e.message,
              "count": (e.data or {}).get("count", 1)} for e in events]
 

@@ -36,10 +36,9 @@ def main(run_id="rnn_tanh.demo_lr1.s0", out=ROOT / "docs" / "img" / "detection.p
         flags = [e for e in ev[t][run_id] if e["severity"] in ("warning", "critical") and e["step"] < n]
         if flags:
             f = flags[0]
-            when = f"step {f['step']}" if f.get("known", f["step"]) == f["step"] else \
-                f"step {f['known']}, dated {f['step']}"  # raised at "known", dated where it began
-            a.axvline(f["known"] if "known" in f else f["step"], color=c, lw=2,
-                      label=f"{t}: first warning, {when} ({f['kind']})")
+            known = f.get("known", f["step"])  # raised there, dated where it began (older files: no "known")
+            when = f"step {known}" if known == f["step"] else f"step {known}, dated {f['step']}"
+            a.axvline(known, color=c, lw=2, label=f"{t}: first warning, {when} ({f['kind']})")
         else:
             a.plot([], [], color=c, lw=2, label=f"{t}: no warning before step {n}")
     a.set_title("gradguard demo, unguarded (tanh RNN, SGD lr 1)")

@@ -62,7 +62,8 @@ class Event:
         layers: culprit parameter names, most responsible first.
         message: one sentence with the numbers.
         advice: concrete remedies, most specific first.
-        data: the numbers behind the message (JSON-serialisable).
+        data: the numbers behind the message (JSON-serialisable); ``data["seen_at"]``, when
+            the finding is dated before the step that raised it (see ``seen_at``).
     """
 
     step: int
@@ -76,6 +77,12 @@ class Event:
     def __post_init__(self):
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    @property
+    def seen_at(self) -> int:
+        """The step whose row raised the finding: ``step`` unless it was dated back to where it
+        began (a weight jump found at a parameter measurement, a loss that stayed high)."""
+        return int((self.data or {}).get("seen_at", self.step))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -79,8 +79,8 @@ class DivergenceDetector(Detector):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         self._ref: list = []          # (loss, log global norm) of the first ref_steps valid steps
         self._ref_layers = None       # log per-layer norms of the first valid step
-        self._recent: deque = deque(maxlen=max(self.persist - 1, 1))  # last finite losses
-        self._recent_steps: deque = deque(maxlen=max(self.persist - 1, 1))  # and their steps
+        # the last finite losses and their steps (-1: unknown, a state saved without them)
+        self._recent: deque = deque(maxlen=max(self.persist - 1, 1))
         self._cusum = 0.0
         self._shock = False           # the last valid step was a shock, not yet confirmed or not
 
@@ -105,19 +105,17 @@ class DivergenceDetector(Detector):
             l0, g0 = np.asarray(table_l)[cnt], np.asarray(table_g)[cnt]
             # the smallest of the last `persist` finite losses; the first steps of a run
             # have fewer before them (NaN padding, ignored by nanmin)
-            prev = list(self._recent) if self.persist > 1 else []  # at most persist - 1 (maxlen)
-            pad = np.full(self.persist - 1 - len(prev), np.nan)
-            cat = np.concatenate([pad, np.asarray(prev, np.float64), x])
+            prev = np.array(list(self._recent) if self.persist > 1 else [], np.float64).reshape(-1, 2)
+            pad = self.persist - 1 - len(prev)  # at most persist - 1 before (maxlen)
+            cat = np.concatenate([np.full(pad, np.nan), prev[:, 0], x])
             w = np.lib.stride_tricks.sliding_window_view(cat, self.persist)[j0:]
             med = w[:, -1] if self.persist == 1 else np.nanmin(w, axis=1)
-            # the steps of those losses (-1: before the run, or a state saved without them)
+            # the steps of those losses (-1: before the run, or unknown)
             st_all = steps[idx]
-            prev_st = list(self._recent_steps) if self.persist > 1 else []
-            cat_st = np.concatenate([np.full(self.persist - 1 - len(prev_st), -1, np.int64),
-                                     np.asarray(prev_st, np.int64), st_all])
+            cat_st = np.concatenate([np.full(pad, -1, np.int64), prev[:, 1].astype(np.int64), st_all])
             ws = np.lib.stride_tricks.sliding_window_view(cat_st, self.persist)[j0:]
             first_st = np.where(ws >= 0, ws, np.iinfo(np.int64).max).min(1)
-            last = self._recent_steps[-1] if self._recent_steps else -1
+            last = int(self._recent[-1][1]) if self._recent else -1
             before_st = np.concatenate([[last], st_all])[j0:k]  # each row's previous finite loss
             on = l0 > 0  # the rule needs positive losses
             rel = np.where(on, W.log(med) - W.log(l0), -np.inf)
@@ -168,8 +166,8 @@ class DivergenceDetector(Detector):
             if self._ref_layers is None:
                 self._ref_layers = W.log(self.layout.norms(s.rows[s.idx[ja]])).astype(np.float64)
             self._ref += list(zip(s.x[ja:ja + take].tolist(), s.lg[ja:ja + take].tolist()))  # numpy, no host sync
-        self._recent.extend(s.x[max(ja, jb - self._recent.maxlen):jb].tolist())  # numpy, no host sync
-        self._recent_steps.extend(s.steps[s.idx[max(ja, jb - self._recent.maxlen):jb]].tolist())  # numpy, no host sync
+        lo = max(ja, jb - self._recent.maxlen)
+        self._recent.extend(zip(s.x[lo:jb].tolist(), s.steps[s.idx[lo:jb]].tolist()))  # numpy, no host sync
         if jb > s.j0 and hasattr(s, "cusum"):
             self._cusum = float(s.cusum[jb - 1 - s.j0])
             self._shock = bool(s.struck[jb - 1 - s.j0])
@@ -180,7 +178,7 @@ class DivergenceDetector(Detector):
         med, rel, sev = float(s.med[t]), float(s.rel[t]), int(s.sev[t])
         l0 = float(s.l0[t])
         gratio = math.exp(float(s.lg[j]) - float(s.g0[t]))
-        before = self._recent[-1] if self._recent else math.nan  # the shock's own loss (absorbed)
+        before = self._recent[-1][0] if self._recent else math.nan  # the shock's own loss (absorbed)
         self._absorb(s, k, k + 1)
         self._cusum = 0.0
         norms = self.layout.norms(s.rows[k])
@@ -206,15 +204,16 @@ class DivergenceDetector(Detector):
     def state_dict(self):
         return {**self._base_state(), "ref": [list(r) for r in self._ref],
                 "ref_layers": None if self._ref_layers is None else array_to_list(self._ref_layers),
-                "recent": list(self._recent), "recent_steps": list(self._recent_steps),
+                "recent": [v for v, _ in self._recent], "recent_steps": [t for _, t in self._recent],
                 "cusum": self._cusum, "shock": self._shock}
 
     def load_state_dict(self, sd):
         self._load_base(sd)
         self._ref = [tuple(float(v) for v in r) for r in sd["ref"]]
         self._ref_layers = None if sd["ref_layers"] is None else list_to_array(sd["ref_layers"])
-        self._recent = deque((float(v) for v in sd["recent"]), maxlen=max(self.persist - 1, 1))
-        # states saved before events were dated: their losses' steps unknown (the next ones date)
-        self._recent_steps = deque((int(v) for v in sd.get("recent_steps", ())), maxlen=max(self.persist - 1, 1))
+        # states saved before events were dated hold no steps: unknown (-1), the next ones date
+        steps = sd.get("recent_steps") or [-1] * len(sd["recent"])
+        self._recent = deque(((float(v), int(t)) for v, t in zip(sd["recent"], steps)),
+                             maxlen=max(self.persist - 1, 1))
         self._cusum = float(sd["cusum"])
         self._shock = bool(sd.get("shock", False))  # states saved before the confirmation: no shock pending

@@ -160,7 +160,7 @@ class Autopilot(Action):
                 # the loss must stay up for a few steps before "diverging" fires: the fault is older
                 # than the step that raised it (seen_at; the event is dated where the loss rose)
                 lag = 4 if ev.kind == "diverging" else 0
-                at = ev.data.get("seen_at", ev.step) if ev.kind == "diverging" else ev.step
+                at = ev.seen_at if ev.kind == "diverging" else ev.step
                 trigger = trigger or {"step": at - lag, "kind": ev.kind, "why": ev.message, "event": ev}
             elif ev.kind in SOFT and self._suspect is None and trigger is None:
                 ref = self._baseline(ev.step, steps, loss, ok)

@@ -348,7 +348,7 @@ def run_demo(task: str = "digits", steps: int | None = None, clip: float = 1.0, 
     alarm = first_alarm(ung.events)
     if alarm is not None:
         layers = f" in {', '.join(alarm.layers[:2])}" if alarm.layers else ""
-        seen = (alarm.data or {}).get("seen_at", alarm.step)  # raised there, dated where it began
+        seen = alarm.seen_at  # raised there, dated where it began
         when = f"step {alarm.step}" if seen == alarm.step else f"step {seen}, since step {alarm.step}"
         say(f"\nWhat happened: gradguard flagged the unguarded run at {when} "
             f"({alarm.severity} {alarm.kind}{layers}): {alarm.message}")
