@@ -1,5 +1,6 @@
 """DDP and FSDP2 with real processes (gloo on CPU, 2 ranks), against single-process references."""
 from functools import partial
+import datetime
 import math
 import os
 
@@ -113,7 +114,14 @@ def _worker(rank, mode, store, out_dir):
             guard.close()
     finally:
         torch.save(res, os.path.join(out_dir, f"{mode}-{rank}.pt"))
-        dist.destroy_process_group()
+        # both ranks reach the teardown before either destroys the group: a rank that exits while
+        # its peer's gloo threads still hold their connection can abort the peer ("terminate
+        # called without an active exception", SIGABRT; seen twice in ten full runs under load).
+        # monitored: a rank that failed early makes the other raise, not hang.
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+        finally:
+            dist.destroy_process_group()
 
 
 def _run(mode, tmp_path):
